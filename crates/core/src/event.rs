@@ -1,0 +1,164 @@
+use std::{fmt, sync::Arc};
+
+use serde_json::value::RawValue;
+
+use crate::RunId;
+
+/// What an event says about its run. The well-known kinds drive run state;
+/// custom kinds (`[a-z0-9_-]{1,64}`) are stored and delivered like any other.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Progress,
+    Log,
+    Status,
+    Complete,
+    Error,
+    Custom(Arc<str>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event kind {0:?} is invalid: use progress, log, status, complete, error or 1-64 characters of [a-z0-9_-]")]
+pub struct ParseKindError(pub String);
+
+impl EventKind {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(s: &str) -> Result<Self, ParseKindError> {
+        Ok(match s {
+            "progress" => Self::Progress,
+            "log" => Self::Log,
+            "status" => Self::Status,
+            "complete" => Self::Complete,
+            "error" => Self::Error,
+            _ => {
+                let ok = !s.is_empty()
+                    && s.len() <= Self::MAX_LEN
+                    && s.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+                if !ok {
+                    return Err(ParseKindError(s.chars().take(80).collect()));
+                }
+                Self::Custom(Arc::from(s))
+            }
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Progress => "progress",
+            Self::Log => "log",
+            Self::Status => "status",
+            Self::Complete => "complete",
+            Self::Error => "error",
+            Self::Custom(s) => s,
+        }
+    }
+
+    /// `complete` and `error` end a run.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Complete | Self::Error)
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for EventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        EventKind::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An event as a publisher hands it to the bus, before it has a sequence
+/// number. `data` is kept as the publisher's JSON text, verbatim.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct NewEvent {
+    pub kind: EventKind,
+    pub data: Box<RawValue>,
+    /// W3C `traceparent` of the publishing span, carried to clients unchanged.
+    #[serde(default)]
+    pub traceparent: Option<String>,
+}
+
+impl NewEvent {
+    pub fn new(kind: EventKind, data: Box<RawValue>) -> Self {
+        Self { kind, data, traceparent: None }
+    }
+
+    /// Builds an event from any serializable value.
+    pub fn json<T: serde::Serialize + ?Sized>(kind: EventKind, data: &T) -> Result<Self, serde_json::Error> {
+        Ok(Self::new(kind, serde_json::value::to_raw_value(data)?))
+    }
+}
+
+/// A stored event: what the bus assigned (`seq`, `ts`) plus what the
+/// publisher sent. Shared by `Arc` between history and every live reader.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub run: RunId,
+    /// Strictly increasing per run, starting at 1.
+    pub seq: u64,
+    pub kind: EventKind,
+    pub data: Box<RawValue>,
+    /// Milliseconds since the Unix epoch, when the bus accepted the event.
+    pub ts: u64,
+    pub traceparent: Option<String>,
+}
+
+impl Event {
+    /// Approximate memory held by this event, for retention by size.
+    pub fn size(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.data.get().len()
+            + self.traceparent.as_ref().map_or(0, |t| t.len())
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip() {
+        for k in ["progress", "log", "status", "complete", "error", "my-kind_2"] {
+            assert_eq!(EventKind::parse(k).unwrap().as_str(), k);
+        }
+    }
+
+    #[test]
+    fn bad_kinds_are_rejected() {
+        for k in ["", "Progress", "a.b", "with space", "ü", &"k".repeat(65)] {
+            assert!(EventKind::parse(k).is_err(), "{k:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn terminal_kinds() {
+        assert!(EventKind::Complete.is_terminal());
+        assert!(EventKind::Error.is_terminal());
+        assert!(!EventKind::Progress.is_terminal());
+    }
+}
