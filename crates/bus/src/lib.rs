@@ -1,1 +1,94 @@
+//! The bus: where events are stored, sequenced and announced.
+//!
+//! Publishers (worker SDK, HTTP API) append events to a run through
+//! [`Bus::publish`]; gateways [`Bus::watch`] the runs their clients want and
+//! [`Bus::read`] history to replay. The gateway depends only on the [`Bus`]
+//! trait, so the embedded in-process bus ([`EmbeddedBus`], for `runcast up`)
+//! and the NATS JetStream bus give the same guarantees behind one interface:
+//!
+//! - `seq` starts at 1 and strictly increases per run, without holes;
+//! - history is ordered and kept within configured bounds (events, bytes, age);
+//! - a watch delivers every event published after it was opened, in order,
+//!   or says that it lagged so the reader can fill in from history;
+//! - run state is folded from events and survives as long as the run is retained.
 
+mod embedded;
+
+use async_trait::async_trait;
+use runcast_core::{Event, NewEvent, RunId, RunState};
+use std::sync::Arc;
+
+pub use embedded::{EmbeddedBus, Retention};
+
+/// Why a bus operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// The bus already holds `max_runs` runs; a new run cannot start.
+    #[error("the bus already holds its maximum of {0} runs")]
+    TooManyRuns(usize),
+    /// The bus holds as many bytes of history as it may.
+    #[error("the bus history is full ({0} bytes); retry after older runs expire")]
+    Full(usize),
+    /// A single event larger than the bus accepts.
+    #[error("event of {size} bytes is over the limit of {limit} bytes")]
+    EventTooLarge { size: usize, limit: usize },
+    /// The bus is unreachable or shutting down.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// One page of a run's history.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// Events with `seq >= from`, ascending, at most `limit` of them.
+    pub events: Vec<Arc<Event>>,
+    /// The oldest seq still retained (`head + 1` when nothing is retained).
+    /// Anything in `from..first` is gone for good.
+    pub first: u64,
+    /// The last seq assigned in the run (0 when the run has no events).
+    pub head: u64,
+}
+
+/// What a live watch yields.
+#[derive(Debug, Clone)]
+pub enum Live {
+    Event(Arc<Event>),
+    /// The watcher fell behind and events were skipped; read them from history.
+    Lagged,
+}
+
+/// A live feed of one run's new events.
+#[async_trait]
+pub trait Feed: Send {
+    /// The next live item; `None` when the bus closed the feed.
+    async fn next(&mut self) -> Option<Live>;
+}
+
+/// A live watch on a run, opened at `head`: every event with `seq > head`
+/// comes through `feed` (or a [`Live::Lagged`] marker in its place).
+pub struct Watch {
+    pub head: u64,
+    pub feed: Box<dyn Feed>,
+}
+
+/// The store-and-announce interface every bus implements.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Appends `events` to `run` atomically and in order; returns their seqs.
+    async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, BusError>;
+
+    /// Opens a live watch on `run` (which need not have events yet).
+    async fn watch(&self, run: &RunId) -> Result<Watch, BusError>;
+
+    /// Reads retained history of `run` from seq `from` (inclusive).
+    async fn read(&self, run: &RunId, from: u64, limit: usize) -> Result<Page, BusError>;
+
+    /// The current state of `run`; `None` if it has no retained events.
+    async fn state(&self, run: &RunId) -> Result<Option<RunState>, BusError>;
+
+    /// The state of every retained run, most recently updated first.
+    async fn runs(&self) -> Result<Vec<RunState>, BusError>;
+
+    /// Whether the bus can serve requests now; the reason if not.
+    fn health(&self) -> Result<(), String>;
+}

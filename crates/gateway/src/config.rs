@@ -1,0 +1,63 @@
+use std::time::Duration;
+
+/// Gateway limits and timings. The CLI maps each field to a flag and a
+/// `RUNCAST_*` environment variable; defaults suit a single small pod.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest client text frame the protocol accepts; larger frames get a
+    /// `too_large` error frame and the connection stays open.
+    pub max_frame_bytes: usize,
+    /// Frames beyond this are not even buffered: the socket closes with 1009.
+    pub hard_frame_bytes: usize,
+    /// Subscriptions allowed on one connection.
+    pub max_subscriptions: usize,
+    /// Outgoing live frames queued per connection before it counts as slow.
+    pub queue_messages: usize,
+    /// Outgoing live bytes queued per connection before it counts as slow.
+    pub queue_bytes: usize,
+    /// How often the server pings each WebSocket (and comments each SSE stream).
+    pub heartbeat_interval: Duration,
+    /// How long after a ping the client has to show signs of life.
+    pub heartbeat_timeout: Duration,
+    /// Largest publish request body.
+    pub max_publish_bytes: usize,
+    /// Most events in one publish request.
+    pub max_batch: usize,
+    /// How long readiness reports "draining" before clients are told to leave.
+    pub drain_delay: Duration,
+    /// How long shutdown waits for connections to finish after telling them to leave.
+    pub drain_timeout: Duration,
+    /// How long the server waits to deliver a close frame to a client.
+    pub close_timeout: Duration,
+    /// Connections served at once; more are refused with 503.
+    pub max_connections: usize,
+    /// Events read from the bus per replay step.
+    pub replay_page: usize,
+    /// Reconnect delay suggested to SSE clients (`retry:`).
+    pub sse_retry: Duration,
+    /// Time allowed to send request headers (slow clients are cut off).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 << 10,
+            hard_frame_bytes: 1 << 20,
+            max_subscriptions: 256,
+            queue_messages: 1024,
+            queue_bytes: 4 << 20,
+            heartbeat_interval: Duration::from_secs(20),
+            heartbeat_timeout: Duration::from_secs(20),
+            max_publish_bytes: 1 << 20,
+            max_batch: 1000,
+            drain_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            max_connections: 100_000,
+            replay_page: 256,
+            sse_retry: Duration::from_secs(2),
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! HTTP routes: the API, the WebSocket upgrade, SSE, health and metrics.
+//!
+//! Every error response is `{"error":{"code":..,"message":..}}` with the
+//! status [`ErrorCode::http_status`] gives, so HTTP and protocol errors share
+//! one vocabulary.
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+};
+use hyper_util::rt::TokioIo;
+use runcast_core::{ErrorCode, EventKind, NewEvent, ProtocolError, RunId, frame};
+use serde_json::value::RawValue;
+use tokio_tungstenite::{WebSocketStream, tungstenite::protocol::Role};
+
+use crate::{Gateway, server::ConnCtx, session::bus_error, session::SessionError};
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+const PAGE: &str = include_str!("page.html");
+
+pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let m = req.method().clone();
+    let resp = match (segs.as_slice(), &m) {
+        ([] | [""], &Method::GET) => text(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+        (["healthz"], &Method::GET) => text(StatusCode::OK, "text/plain", "ok\n"),
+        (["readyz"], &Method::GET) => readyz(&ctx.gw),
+        (["metrics"], &Method::GET) => {
+            text(StatusCode::OK, "text/plain; version=0.0.4", ctx.gw.metrics.render())
+        }
+        (["v1", "ws"], &Method::GET) => upgrade(ctx.clone(), req),
+        (["v1", "runs"], &Method::GET) => list_runs(&ctx.gw).await,
+        (["v1", "runs", run], &Method::GET) => with_run(run, |r| get_run(ctx.gw.clone(), r)).await,
+        (["v1", "runs", run, "events"], &Method::GET) => {
+            let q = req.uri().query().unwrap_or("").to_owned();
+            with_run(run, |r| history(ctx.gw.clone(), r, q)).await
+        }
+        (["v1", "runs", run, "events"], &Method::POST) => {
+            let run = run.to_string();
+            publish(ctx.gw.clone(), run, req).await
+        }
+        (["v1", "runs", run, "stream"], &Method::GET) => {
+            let run = run.to_string();
+            stream(ctx.clone(), run, req)
+        }
+        (["", ..] | [], _) | (["healthz" | "readyz" | "metrics"], _) | (["v1", "ws"], _) | (["v1", "runs"], _) | (["v1", "runs", _], _) | (["v1", "runs", _, "stream"], _) => {
+            method_not_allowed(allowed(&segs))
+        }
+        (["v1", "runs", _, "events"], _) => method_not_allowed("GET, POST"),
+        _ => error(ProtocolError::new(ErrorCode::NotFound, format!("no route for {}", truncate(&path)))),
+    };
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        tracing::debug!(method = %m, status = resp.status().as_u16(), "request failed");
+    }
+    resp
+}
+
+fn allowed(_segs: &[&str]) -> &'static str {
+    "GET"
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    text(status, "application/json", body)
+}
+
+pub fn error(err: ProtocolError) -> Response<Body> {
+    let body = serde_json::json!({ "error": { "code": err.code.as_str(), "message": err.message } });
+    let status = StatusCode::from_u16(err.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = json(status, body.to_string());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = error(ProtocolError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("method not allowed here; allowed: {allow}"),
+    ));
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+async fn with_run<F, Fut>(raw: &str, f: F) -> Response<Body>
+where
+    F: FnOnce(RunId) -> Fut,
+    Fut: Future<Output = Response<Body>>,
+{
+    match RunId::parse(raw) {
+        Ok(run) => f(run).await,
+        Err(e) => error(ProtocolError::new(ErrorCode::InvalidRunId, e.to_string())),
+    }
+}
+
+fn protocol_error(gw: &Gateway, e: SessionError) -> Response<Body> {
+    match e {
+        SessionError::Protocol(p) => {
+            gw.metrics.protocol_errors.with_label_values(&[p.code.as_str()]).inc();
+            error(p)
+        }
+        SessionError::Closed => error(ProtocolError::new(ErrorCode::Internal, "connection closed")),
+    }
+}
+
+fn readyz(gw: &Gateway) -> Response<Body> {
+    if gw.is_draining() {
+        return error(ProtocolError::new(ErrorCode::Draining, "gateway is draining"));
+    }
+    match gw.bus.health() {
+        Ok(()) => text(StatusCode::OK, "text/plain", "ready\n"),
+        Err(why) => error(ProtocolError::new(ErrorCode::Unavailable, format!("bus not ready: {why}"))),
+    }
+}
+
+async fn list_runs(gw: &Gateway) -> Response<Body> {
+    match gw.bus.runs().await {
+        Ok(runs) => json(StatusCode::OK, serde_json::json!({ "runs": runs }).to_string()),
+        Err(e) => error(ProtocolError::new(ErrorCode::Unavailable, e.to_string())),
+    }
+}
+
+async fn get_run(gw: Arc<Gateway>, run: RunId) -> Response<Body> {
+    match gw.bus.state(&run).await {
+        Ok(Some(s)) => json(StatusCode::OK, serde_json::to_string(&s).unwrap_or_default()),
+        Ok(None) => error(ProtocolError::for_run(ErrorCode::RunNotFound, &run, format!("run {run} has no retained events"))),
+        Err(e) => protocol_error(&gw, bus_error(e, &run)),
+    }
+}
+
+fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError> {
+    for pair in q.split('&') {
+        if let Some((k, v)) = pair.split_once('=')
+            && k == key
+        {
+            return frame::parse_since(v).map(Some).map_err(|e| ProtocolError::new(e.code, format!("{key}: {}", e.message)));
+        }
+    }
+    Ok(None)
+}
+
+/// `GET /v1/runs/<run>/events?since=N&limit=M`: one page of history.
+async fn history(gw: Arc<Gateway>, run: RunId, q: String) -> Response<Body> {
+    let (since, limit) = match (query_u64(&q, "since"), query_u64(&q, "limit")) {
+        (Ok(s), Ok(l)) => (s.unwrap_or(0), l.unwrap_or(100).clamp(1, 1000) as usize),
+        (Err(e), _) => return error(e),
+        (_, Err(e)) => return error(ProtocolError::new(ErrorCode::InvalidFrame, e.message)),
+    };
+    let page = match gw.bus.read(&run, since.saturating_add(1), limit).await {
+        Ok(p) => p,
+        Err(e) => return protocol_error(&gw, bus_error(e, &run)),
+    };
+    if since > page.head {
+        return error(ProtocolError::for_run(
+            ErrorCode::SinceOutOfRange,
+            &run,
+            format!("since {since} is past the run's last seq {}", page.head),
+        ));
+    }
+    let mut body = String::from("{\"run\":\"");
+    body.push_str(run.as_str());
+    body.push_str("\",\"events\":[");
+    for (i, ev) in page.events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&frame::encode_event(ev));
+    }
+    let next = page.events.last().map_or(since.max(page.first.saturating_sub(1)), |e| e.seq);
+    let gap = (since + 1 < page.first && page.first > 1).then(|| (since + 1, page.first - 1));
+    body.push_str(&format!(
+        "],\"first\":{},\"head\":{},\"next_since\":{},\"gap\":{}}}",
+        page.first,
+        page.head,
+        next,
+        gap.map_or("null".to_string(), |(f, t)| format!("{{\"from\":{f},\"to\":{t}}}"))
+    ));
+    json(StatusCode::OK, body)
+}
+
+#[derive(serde::Deserialize)]
+struct PublishItem {
+    kind: Option<serde_json::Value>,
+    data: Option<Box<RawValue>>,
+    traceparent: Option<String>,
+}
+
+fn parse_publish(body: &[u8], max_batch: usize, header_tp: Option<&str>) -> Result<Vec<NewEvent>, ProtocolError> {
+    let raw: &RawValue = serde_json::from_slice(body)
+        .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, format!("body is not valid JSON: {e}")))?;
+    let text = raw.get().trim_start();
+    let items: Vec<PublishItem> = if text.starts_with('[') {
+        serde_json::from_str(text).map_err(|e| ProtocolError::new(ErrorCode::InvalidEvent, format!("each event must be {{\"kind\":..,\"data\":..}}: {e}")))?
+    } else if text.starts_with('{') {
+        vec![serde_json::from_str(text).map_err(|e| ProtocolError::new(ErrorCode::InvalidEvent, format!("an event is {{\"kind\":..,\"data\":..}}: {e}")))?]
+    } else {
+        return Err(ProtocolError::new(ErrorCode::InvalidEvent, "body must be an event object or an array of them"));
+    };
+    if items.is_empty() {
+        return Err(ProtocolError::new(ErrorCode::InvalidEvent, "the array of events is empty"));
+    }
+    if items.len() > max_batch {
+        return Err(ProtocolError::new(
+            ErrorCode::TooManyEvents,
+            format!("{} events in one request; the limit is {max_batch}", items.len()),
+        ));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, it)| {
+            let kind = match it.kind {
+                Some(serde_json::Value::String(k)) => {
+                    EventKind::parse(&k).map_err(|e| ProtocolError::new(ErrorCode::InvalidKind, format!("event {i}: {e}")))?
+                }
+                Some(_) => return Err(ProtocolError::new(ErrorCode::InvalidKind, format!("event {i}: \"kind\" must be a string"))),
+                None => return Err(ProtocolError::new(ErrorCode::InvalidKind, format!("event {i} has no \"kind\""))),
+            };
+            let data = it
+                .data
+                .ok_or_else(|| ProtocolError::new(ErrorCode::InvalidEvent, format!("event {i} has no \"data\"")))?;
+            let traceparent = it.traceparent.or_else(|| header_tp.map(str::to_owned));
+            Ok(NewEvent { kind, data, traceparent })
+        })
+        .collect()
+}
+
+/// `POST /v1/runs/<run>/events`
+async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> Response<Body> {
+    let run = match RunId::parse(&raw_run) {
+        Ok(r) => r,
+        Err(e) => return error(ProtocolError::new(ErrorCode::InvalidRunId, e.to_string())),
+    };
+    if gw.is_draining() {
+        return error(ProtocolError::new(ErrorCode::Draining, "gateway is draining; publish to another"));
+    }
+    let limit = gw.config.max_publish_bytes;
+    let tp = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 256)
+        .map(str::to_owned);
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(ProtocolError::new(ErrorCode::TooLarge, format!("body is over the limit of {limit} bytes")));
+        }
+        Err(e) => return error(ProtocolError::new(ErrorCode::InvalidEvent, format!("could not read body: {e}"))),
+    };
+    let events = match parse_publish(&body, gw.config.max_batch, tp.as_deref()) {
+        Ok(ev) => ev,
+        Err(e) => {
+            gw.metrics.protocol_errors.with_label_values(&[e.code.as_str()]).inc();
+            return error(e);
+        }
+    };
+    let n = events.len() as u64;
+    match gw.bus.publish(&run, events).await {
+        Ok(seqs) => {
+            gw.metrics.events_published.inc_by(n);
+            json(StatusCode::OK, serde_json::json!({ "run": run, "seqs": seqs }).to_string())
+        }
+        Err(e) => protocol_error(&gw, bus_error(e, &run)),
+    }
+}
+
+fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// `GET /v1/ws`: the WebSocket handshake on hyper, then the session on the
+/// upgraded socket.
+fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
+    if !header_has(&req, header::UPGRADE, "websocket") || !header_has(&req, header::CONNECTION, "upgrade") {
+        let mut r = error(ProtocolError::new(
+            ErrorCode::InvalidFrame,
+            "this endpoint speaks WebSocket: send Upgrade: websocket (a proxy may have stripped it; use /v1/runs/<run>/stream for SSE)",
+        ));
+        *r.status_mut() = StatusCode::UPGRADE_REQUIRED;
+        r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        return r;
+    }
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        let mut r = error(ProtocolError::new(ErrorCode::InvalidFrame, "Sec-WebSocket-Version must be 13"));
+        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return r;
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return error(ProtocolError::new(ErrorCode::InvalidFrame, "missing Sec-WebSocket-Key"));
+    };
+    if ctx.gw.is_draining() {
+        return error(ProtocolError::new(ErrorCode::Draining, "gateway is draining; connect to another"));
+    }
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let span = tracing::debug_span!("ws");
+    let task = async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                let cfg = crate::ws::ws_config(&ctx.gw);
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+                let ConnCtx { gw, stop, done, _permit } = ctx;
+                crate::ws::serve(gw, ws, stop).await;
+                drop((done, _permit));
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    };
+    tokio::spawn(tracing::Instrument::instrument(task, span));
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+/// `GET /v1/runs/<run>/stream`: SSE, resuming after `Last-Event-ID` or `?since=`.
+fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Body> {
+    let run = match RunId::parse(&raw_run) {
+        Ok(r) => r,
+        Err(e) => return error(ProtocolError::new(ErrorCode::InvalidRunId, e.to_string())),
+    };
+    if ctx.gw.is_draining() {
+        return error(ProtocolError::new(ErrorCode::Draining, "gateway is draining; connect to another"));
+    }
+    let since = match req.headers().get("last-event-id") {
+        Some(v) => match v.to_str().map_err(|_| ()).and_then(|s| frame::parse_since(s).map_err(|_| ())) {
+            Ok(n) => Some(n),
+            Err(()) => return error(ProtocolError::new(ErrorCode::InvalidSince, "Last-Event-ID must be a non-negative integer")),
+        },
+        None => match query_u64(req.uri().query().unwrap_or(""), "since") {
+            Ok(s) => s,
+            Err(e) => return error(e),
+        },
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let ConnCtx { gw, stop, done, _permit } = ctx;
+    let task = async move {
+        crate::sse::serve(gw, run, since, tx, stop).await;
+        drop((done, _permit));
+    };
+    tokio::spawn(tracing::Instrument::instrument(task, tracing::debug_span!("sse")));
+    let mut r = Response::new(BodyExt::boxed(crate::sse::ChannelBody(rx)));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells nginx-style proxies not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_bodies() {
+        let ok = parse_publish(br#"{"kind":"progress","data":{"done": 1}}"#, 10, None).unwrap();
+        assert_eq!(ok[0].data.get(), r#"{"done": 1}"#);
+        let batch = parse_publish(br#"[{"kind":"log","data":"a"},{"kind":"x-y","data":null}]"#, 10, Some("tp")).unwrap();
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[1].traceparent.as_deref(), Some("tp"));
+        let code = |b: &[u8]| parse_publish(b, 2, None).unwrap_err().code;
+        assert_eq!(code(b"nope"), ErrorCode::InvalidJson);
+        assert_eq!(code(b"42"), ErrorCode::InvalidEvent);
+        assert_eq!(code(b"[]"), ErrorCode::InvalidEvent);
+        assert_eq!(code(br#"{"kind":"log"}"#), ErrorCode::InvalidEvent);
+        assert_eq!(code(br#"{"data":1}"#), ErrorCode::InvalidKind);
+        assert_eq!(code(br#"{"kind":"Bad.Kind","data":1}"#), ErrorCode::InvalidKind);
+        assert_eq!(code(br#"{"kind":7,"data":1}"#), ErrorCode::InvalidKind);
+        assert_eq!(code(br#"[{"kind":"log","data":1},{"kind":"log","data":1},{"kind":"log","data":1}]"#), ErrorCode::TooManyEvents);
+    }
+}

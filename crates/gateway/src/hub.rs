@@ -1,0 +1,298 @@
+//! Interest-based fan-out.
+//!
+//! The hub holds one bus watch per run that has at least one local
+//! subscriber, never one per client, and drops it when the last one leaves.
+//! Each event is serialized once into an [`OutFrame`] whose bytes are shared
+//! by every subscriber's queue. Queues are bounded in messages and bytes; a
+//! subscriber whose queue is full is marked slow and disconnected with a
+//! resumable close code instead of being allowed to grow.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use runcast_bus::{Bus, BusError, Live};
+use runcast_core::{CloseCode, Event, RunId, frame};
+use tokio::{sync::Notify, task::JoinHandle};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tracing::Instrument;
+
+use crate::Metrics;
+
+/// A frame serialized once per gateway and shared by all subscribers of its run.
+#[derive(Debug)]
+pub struct OutFrame {
+    pub run: RunId,
+    /// The seqs this frame covers: one event (`first == last`), or a gap.
+    pub first: u64,
+    pub last: u64,
+    pub text: Utf8Bytes,
+    /// The SSE encoding, built by the first SSE subscriber that needs it.
+    sse: OnceLock<Bytes>,
+}
+
+impl OutFrame {
+    pub fn new(run: RunId, first: u64, last: u64, text: String) -> Self {
+        Self { run, first, last, text: Utf8Bytes::from(text), sse: OnceLock::new() }
+    }
+
+    pub fn event(ev: &Event) -> Self {
+        Self::new(ev.run.clone(), ev.seq, ev.seq, frame::encode_event(ev))
+    }
+
+    pub fn sse(&self) -> &Bytes {
+        self.sse.get_or_init(|| crate::sse::encode(Some(self.last), self.text.as_str()))
+    }
+}
+
+/// The part of a connection the hub can reach: its bounded queue and its
+/// "please close" signal.
+pub struct Conn {
+    pub id: u64,
+    tx: tokio::sync::mpsc::Sender<Arc<OutFrame>>,
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
+    closing: AtomicBool,
+    close_code: OnceLock<CloseCode>,
+    /// Wakes the connection's task when it must close.
+    pub close_notify: Notify,
+}
+
+impl Conn {
+    /// A connection handle and the receiving end of its queue.
+    pub fn new(
+        id: u64,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> (Arc<Self>, tokio::sync::mpsc::Receiver<Arc<OutFrame>>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(max_messages.max(1));
+        let conn = Self {
+            id,
+            tx,
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
+            closing: AtomicBool::new(false),
+            close_code: OnceLock::new(),
+            close_notify: Notify::new(),
+        };
+        (Arc::new(conn), rx)
+    }
+
+    /// Queues a shared frame. Returns false when the queue is over its
+    /// message or byte bound, in which case the connection is told to close.
+    fn offer(&self, frame: &Arc<OutFrame>) -> bool {
+        if self.closing.load(Ordering::Relaxed) {
+            return true;
+        }
+        let len = frame.text.len();
+        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if before + len > self.max_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.close(CloseCode::SlowConsumer);
+            return false;
+        }
+        match self.tx.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                self.close(CloseCode::SlowConsumer);
+                false
+            }
+            // The connection is already gone; nothing to deliver to.
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => true,
+        }
+    }
+
+    /// Called by the connection when it takes a frame off its queue.
+    pub fn taken(&self, frame: &OutFrame) {
+        self.queued_bytes.fetch_sub(frame.text.len(), Ordering::Relaxed);
+    }
+
+    /// Asks the connection to close with `code` (the first request wins).
+    pub fn close(&self, code: CloseCode) {
+        if !self.closing.swap(true, Ordering::AcqRel) {
+            let _ = self.close_code.set(code);
+            self.close_notify.notify_one();
+        }
+    }
+
+    pub fn close_code(&self) -> Option<CloseCode> {
+        self.close_code.get().copied()
+    }
+}
+
+type Subscribers = Arc<Mutex<HashMap<u64, Arc<Conn>>>>;
+
+struct RunFanout {
+    subs: Subscribers,
+    task: JoinHandle<()>,
+}
+
+/// One per gateway process.
+pub struct Hub {
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+    replay_page: usize,
+    // Lock order: `runs`, then a run's `subs`. Both are std mutexes: every
+    // critical section is a map operation or a loop of `try_send`, never an
+    // `.await`.
+    runs: Mutex<HashMap<RunId, RunFanout>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hub {
+    pub fn new(bus: Arc<dyn Bus>, metrics: Arc<Metrics>, replay_page: usize) -> Self {
+        Self { bus, metrics, replay_page, runs: Mutex::new(HashMap::new()) }
+    }
+
+    /// Adds `conn` as a subscriber of `run`. When this returns, every event
+    /// published from now on will be offered to `conn` (the bus watch is
+    /// open), so a caller can read state/history next without a seam.
+    pub async fn add(&self, run: &RunId, conn: &Arc<Conn>) -> Result<(), BusError> {
+        if self.try_join(run, conn) {
+            return Ok(());
+        }
+        let watch = self.bus.watch(run).await?;
+        let mut runs = lock(&self.runs);
+        if let Some(f) = runs.get(run) {
+            // Another connection opened the watch while we awaited ours;
+            // join theirs and drop ours.
+            lock(&f.subs).insert(conn.id, conn.clone());
+            return Ok(());
+        }
+        let subs: Subscribers = Arc::new(Mutex::new(HashMap::from([(conn.id, conn.clone())])));
+        let span = tracing::info_span!("fanout", run = %run);
+        let task = tokio::spawn(
+            fanout(run.clone(), watch, subs.clone(), self.bus.clone(), self.metrics.clone(), self.replay_page)
+                .instrument(span),
+        );
+        runs.insert(run.clone(), RunFanout { subs, task });
+        self.metrics.watched_runs.set(runs.len() as i64);
+        Ok(())
+    }
+
+    fn try_join(&self, run: &RunId, conn: &Arc<Conn>) -> bool {
+        let runs = lock(&self.runs);
+        match runs.get(run) {
+            Some(f) => {
+                lock(&f.subs).insert(conn.id, conn.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes `conn` from `run`; closes the bus watch when it was the last.
+    pub fn remove(&self, run: &RunId, conn_id: u64) {
+        let mut runs = lock(&self.runs);
+        let empty = match runs.get(run) {
+            Some(f) => {
+                let mut subs = lock(&f.subs);
+                subs.remove(&conn_id);
+                subs.is_empty()
+            }
+            None => false,
+        };
+        if empty && let Some(f) = runs.remove(run) {
+            f.task.abort();
+        }
+        self.metrics.watched_runs.set(runs.len() as i64);
+    }
+
+    /// Runs with at least one local subscriber.
+    pub fn watched_runs(&self) -> usize {
+        lock(&self.runs).len()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        for (_, f) in lock(&self.runs).drain() {
+            f.task.abort();
+        }
+    }
+}
+
+/// Forwards one run's live events to its local subscribers, keeping the
+/// sequence contiguous: anything the watch skipped (lag, or a hole in the
+/// feed) is read back from history, and what history no longer holds is
+/// announced as a gap, so subscribers never wait for an event that will not come.
+async fn fanout(
+    run: RunId,
+    mut watch: runcast_bus::Watch,
+    subs: Subscribers,
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+    page: usize,
+) {
+    let mut last = watch.head;
+    let emit = |frame: OutFrame| {
+        let frame = Arc::new(frame);
+        let subs = lock(&subs);
+        let mut slow = 0;
+        for conn in subs.values() {
+            if !conn.offer(&frame) {
+                slow += 1;
+            }
+        }
+        if slow > 0 {
+            metrics.slow_consumer_disconnects.inc_by(slow);
+            tracing::info!(slow, "slow consumers disconnected");
+        }
+    };
+    loop {
+        let item = watch.feed.next().await;
+        let upto = match &item {
+            Some(Live::Event(ev)) if ev.seq <= last => continue,
+            Some(Live::Event(ev)) => ev.seq - 1,
+            Some(Live::Lagged) => u64::MAX,
+            None => {
+                tracing::warn!("bus closed the watch; closing subscribers so they resume");
+                for conn in lock(&subs).values() {
+                    conn.close(CloseCode::InternalError);
+                }
+                return;
+            }
+        };
+        if upto > last {
+            // Fill the hole from history before the live event.
+            loop {
+                let Ok(p) = bus.read(&run, last + 1, page).await else {
+                    tracing::warn!("history read failed while repairing the live feed");
+                    break;
+                };
+                if p.first > last + 1 {
+                    let to = (p.first - 1).min(upto).min(p.head);
+                    metrics.gap_notices.inc();
+                    emit(OutFrame::new(run.clone(), last + 1, to, frame::encode_gap(&run, last + 1, to)));
+                    last = to;
+                }
+                let mut progressed = false;
+                for ev in p.events.iter().take_while(|e| e.seq <= upto) {
+                    metrics.events_received.inc();
+                    emit(OutFrame::event(ev));
+                    last = ev.seq;
+                    progressed = true;
+                }
+                if !progressed || last >= upto.min(p.head) {
+                    break;
+                }
+            }
+        }
+        if let Some(Live::Event(ev)) = item
+            && ev.seq > last
+        {
+            metrics.events_received.inc();
+            emit(OutFrame::event(&ev));
+            last = ev.seq;
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Accept loop and graceful shutdown.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use hyper::{server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use runcast_bus::Bus;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+};
+use tracing::Instrument;
+
+use crate::{Config, Metrics, hub::Hub};
+
+/// Everything a gateway process shares across connections.
+pub struct Gateway {
+    pub bus: Arc<dyn Bus>,
+    pub hub: Hub,
+    pub metrics: Arc<Metrics>,
+    pub config: Config,
+    draining: AtomicBool,
+    next_conn: AtomicU64,
+    conn_limit: Arc<Semaphore>,
+}
+
+impl Gateway {
+    /// `source` labels received events in metrics (`embedded`, `nats`).
+    pub fn new(bus: Arc<dyn Bus>, config: Config, source: &str) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new(source));
+        Arc::new(Self {
+            hub: Hub::new(bus.clone(), metrics.clone(), config.replay_page),
+            bus,
+            metrics,
+            conn_limit: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            draining: AtomicBool::new(false),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// What every request handler of one TCP connection can reach.
+#[derive(Clone)]
+pub(crate) struct ConnCtx {
+    pub gw: Arc<Gateway>,
+    /// Flips to `true` when clients must leave.
+    pub stop: watch::Receiver<bool>,
+    /// Held by every task that must finish before shutdown completes.
+    pub done: mpsc::Sender<()>,
+    /// The connection's slot under `max_connections`, held by upgraded
+    /// WebSockets and SSE streams too.
+    pub _permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// Serves the gateway on `listener` until `shutdown` completes, then drains:
+/// readiness fails at once, new connections are still accepted for
+/// `drain_delay` (so load balancers can notice), then every client is told to
+/// reconnect elsewhere (WebSocket close 1001, SSE streams end) and the call
+/// returns when all connections are done or `drain_timeout` passes.
+pub async fn run(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    tokio::pin!(shutdown);
+    let mut drain_deadline = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown, if drain_deadline.is_none() => {
+                gw.draining.store(true, Ordering::Relaxed);
+                tracing::info!(delay = ?gw.config.drain_delay, "draining: readiness now fails");
+                drain_deadline = Some(tokio::time::Instant::now() + gw.config.drain_delay);
+                continue;
+            }
+            _ = async { tokio::time::sleep_until(drain_deadline.expect("guarded")).await }, if drain_deadline.is_some() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, addr)) => {
+                let ctx_parts = (gw.clone(), stop_rx.clone(), done_tx.clone());
+                let span = tracing::debug_span!("conn", %addr);
+                tokio::spawn(serve_tcp(tcp, ctx_parts).instrument(span));
+            }
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!("telling clients to reconnect elsewhere");
+    let _ = stop_tx.send(true);
+    drop(done_tx);
+    if tokio::time::timeout(gw.config.drain_timeout, done_rx.recv()).await.is_err() {
+        tracing::warn!(timeout = ?gw.config.drain_timeout, "drain timed out; dropping remaining connections");
+    }
+    Ok(())
+}
+
+async fn serve_tcp(mut tcp: TcpStream, (gw, mut stop, done): (Arc<Gateway>, watch::Receiver<bool>, mpsc::Sender<()>)) {
+    let Ok(permit) = gw.conn_limit.clone().try_acquire_owned() else {
+        gw.metrics.refused_connections.inc();
+        let body = r#"{"error":{"code":"capacity","message":"too many connections; try another gateway"}}"#;
+        let resp = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tcp.write_all(resp.as_bytes()).await;
+        let _ = tcp.shutdown().await;
+        return;
+    };
+    let _ = tcp.set_nodelay(true);
+    let ctx = ConnCtx { gw: gw.clone(), stop: stop.clone(), done, _permit: Arc::new(permit) };
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(crate::http::route(ctx, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(gw.config.header_read_timeout)
+        .serve_connection(TokioIo::new(tcp), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! One client's subscriptions, independent of the transport.
+//!
+//! A session keeps a cursor per subscribed run (the next seq that client
+//! needs) and is the only place that decides what reaches the client:
+//! the state snapshot first, then replayed history, then live frames, with
+//! duplicates dropped and holes filled from history by seq. Transports (WebSocket,
+//! SSE) plug in through [`Output`], so this logic is the same for both.
+
+use std::{collections::HashMap, sync::Arc};
+
+use runcast_bus::BusError;
+use runcast_core::{ErrorCode, ProtocolError, RunId, frame};
+use tokio::sync::mpsc;
+
+use crate::{
+    Gateway,
+    hub::{Conn, OutFrame},
+};
+
+/// The transport was closed or failed; the session is over.
+#[derive(Debug)]
+pub struct Closed;
+
+/// Where a session writes frames. `id` is the seq an SSE client should
+/// resume after; the WebSocket transport ignores it.
+pub trait Output: Send {
+    async fn send_shared(&mut self, frame: &Arc<OutFrame>) -> Result<(), Closed>;
+    async fn send_text(&mut self, text: String, id: Option<u64>) -> Result<(), Closed>;
+    async fn flush(&mut self) -> Result<(), Closed>;
+}
+
+#[derive(Debug)]
+pub enum SessionError {
+    Protocol(ProtocolError),
+    Closed,
+}
+
+impl From<Closed> for SessionError {
+    fn from(_: Closed) -> Self {
+        SessionError::Closed
+    }
+}
+
+/// How many queued frames are written before one flush.
+const BATCH: usize = 64;
+
+pub struct Session<O: Output> {
+    pub gw: Arc<Gateway>,
+    pub conn: Arc<Conn>,
+    pub rx: mpsc::Receiver<Arc<OutFrame>>,
+    pub out: O,
+    /// run → next seq the client needs.
+    cursors: HashMap<RunId, u64>,
+}
+
+impl<O: Output> Session<O> {
+    pub fn new(gw: Arc<Gateway>, out: O) -> Self {
+        let id = gw.next_conn_id();
+        let (conn, rx) = Conn::new(id, gw.config.queue_messages, gw.config.queue_bytes);
+        Self { gw, conn, rx, out, cursors: HashMap::new() }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.conn.id
+    }
+
+    /// Subscribes to `run`: registers interest, sends the state frame, and
+    /// replays everything after `since` when given.
+    pub async fn subscribe(&mut self, run: RunId, since: Option<u64>) -> Result<(), SessionError> {
+        let max = self.gw.config.max_subscriptions;
+        if self.cursors.contains_key(&run) {
+            return Err(SessionError::Protocol(ProtocolError::for_run(
+                ErrorCode::AlreadySubscribed,
+                &run,
+                "already subscribed to this run; unsubscribe first to change the cursor",
+            )));
+        }
+        if self.cursors.len() >= max {
+            return Err(SessionError::Protocol(ProtocolError::for_run(
+                ErrorCode::TooManySubscriptions,
+                &run,
+                format!("this connection already has the maximum of {max} subscriptions"),
+            )));
+        }
+        // Interest first, then state: every event after the state's seq is
+        // then either in the queue or in history.
+        self.gw.hub.add(&run, &self.conn).await.map_err(|e| bus_error(e, &run))?;
+        let state = match self.gw.bus.state(&run).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.gw.hub.remove(&run, self.conn.id);
+                return Err(bus_error(e, &run));
+            }
+        };
+        let head = state.as_ref().map_or(0, |s| s.seq);
+        if let Some(since) = since
+            && since > head
+        {
+            self.gw.hub.remove(&run, self.conn.id);
+            return Err(SessionError::Protocol(ProtocolError::for_run(
+                ErrorCode::SinceOutOfRange,
+                &run,
+                format!("since {since} is past the run's last seq {head}"),
+            )));
+        }
+        self.cursors.insert(run.clone(), since.unwrap_or(head) + 1);
+        self.gw.metrics.subscriptions.inc();
+        self.out.send_text(frame::encode_state(&run, state.as_ref()), Some(head)).await?;
+        if since.is_some() {
+            self.catch_up(&run, head).await?;
+        }
+        self.out.flush().await?;
+        Ok(())
+    }
+
+    pub async fn unsubscribe(&mut self, run: &RunId) -> Result<(), SessionError> {
+        if self.cursors.remove(run).is_none() {
+            return Err(SessionError::Protocol(ProtocolError::for_run(
+                ErrorCode::NotSubscribed,
+                run,
+                "not subscribed to this run",
+            )));
+        }
+        self.gw.hub.remove(run, self.conn.id);
+        self.gw.metrics.subscriptions.dec();
+        self.out.send_text(frame::encode_unsubscribed(run), None).await?;
+        self.out.flush().await?;
+        Ok(())
+    }
+
+    /// Sends an error frame and counts it.
+    pub async fn send_error(&mut self, err: &ProtocolError) -> Result<(), Closed> {
+        self.gw.metrics.protocol_errors.with_label_values(&[err.code.as_str()]).inc();
+        self.out.send_text(frame::encode_error(err), None).await?;
+        self.out.flush().await
+    }
+
+    /// Writes `first` and whatever else is already queued (up to a batch),
+    /// then flushes once.
+    pub async fn deliver_batch(&mut self, first: Arc<OutFrame>) -> Result<(), Closed> {
+        self.deliver(first).await?;
+        for _ in 1..BATCH {
+            match self.rx.try_recv() {
+                Ok(f) => self.deliver(f).await?,
+                Err(_) => break,
+            }
+        }
+        self.out.flush().await
+    }
+
+    async fn deliver(&mut self, f: Arc<OutFrame>) -> Result<(), Closed> {
+        self.conn.taken(&f);
+        let Some(&next) = self.cursors.get(&f.run) else {
+            return Ok(()); // unsubscribed since it was queued
+        };
+        if f.last < next {
+            return Ok(()); // already delivered by replay
+        }
+        if f.first > next {
+            // Only at the seam of a fresh subscription can the queue start
+            // ahead of the cursor; fill from history.
+            self.catch_up(&f.run, f.first - 1).await?;
+            if self.cursors.get(&f.run).is_none_or(|&n| f.last < n) {
+                return Ok(());
+            }
+        }
+        self.out.send_shared(&f).await?;
+        self.gw.metrics.events_delivered.inc();
+        self.cursors.insert(f.run.clone(), f.last + 1);
+        Ok(())
+    }
+
+    /// Replays history from the run's cursor up to `to` (inclusive), sending a
+    /// gap frame for anything retention already dropped.
+    async fn catch_up(&mut self, run: &RunId, to: u64) -> Result<(), Closed> {
+        let Some(&mut mut next) = self.cursors.get_mut(run) else { return Ok(()) };
+        while next <= to {
+            let page = match self.gw.bus.read(run, next, self.gw.config.replay_page).await {
+                Ok(p) => p,
+                Err(e) => {
+                    // The client keeps its cursor; it will be repaired by the
+                    // next live frame or a reconnect. Tell it why it waits.
+                    let err = bus_error(e, run);
+                    if let SessionError::Protocol(p) = err {
+                        self.send_error(&p).await?;
+                    }
+                    break;
+                }
+            };
+            if page.first > next {
+                let gap_to = (page.first - 1).min(to);
+                self.gw.metrics.gap_notices.inc();
+                self.out.send_text(frame::encode_gap(run, next, gap_to), Some(gap_to)).await?;
+                next = gap_to + 1;
+            }
+            let mut sent = false;
+            for ev in page.events.iter().take_while(|e| e.seq <= to) {
+                if ev.seq < next {
+                    continue;
+                }
+                self.out.send_text(frame::encode_event(ev), Some(ev.seq)).await?;
+                self.gw.metrics.replayed_events.inc();
+                next = ev.seq + 1;
+                sent = true;
+            }
+            if !sent {
+                break;
+            }
+        }
+        self.cursors.insert(run.clone(), next);
+        Ok(())
+    }
+}
+
+impl<O: Output> Drop for Session<O> {
+    fn drop(&mut self) {
+        for run in self.cursors.keys() {
+            self.gw.hub.remove(run, self.conn.id);
+        }
+        self.gw.metrics.subscriptions.sub(self.cursors.len() as i64);
+    }
+}
+
+/// Maps a bus failure to the protocol error a client sees.
+pub fn bus_error(e: BusError, run: &RunId) -> SessionError {
+    let code = match e {
+        BusError::TooManyRuns(_) | BusError::Full(_) => ErrorCode::Capacity,
+        BusError::EventTooLarge { .. } => ErrorCode::TooLarge,
+        BusError::Unavailable(_) => ErrorCode::Unavailable,
+    };
+    SessionError::Protocol(ProtocolError::for_run(code, run, e.to_string()))
+}

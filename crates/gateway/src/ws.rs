@@ -1,0 +1,178 @@
+//! The WebSocket transport: `GET /v1/ws`.
+
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use runcast_core::{
+    CloseCode, ErrorCode, ProtocolError,
+    frame::{self, ClientFrame},
+};
+use tokio::{sync::watch, time::Instant};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Message,
+        error::{CapacityError, Error as WsError},
+        protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode as WsCloseCode},
+    },
+};
+
+use crate::{
+    Gateway,
+    hub::OutFrame,
+    session::{Closed, Output, Session, SessionError},
+};
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// tungstenite settings that keep an idle connection small: the read buffer
+/// is allocated up front at this size, so it is 4 KiB rather than the
+/// default 128 KiB; writes are batched up to 16 KiB per flush.
+pub fn ws_config(gw: &Gateway) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 << 10)
+        .write_buffer_size(16 << 10)
+        .max_write_buffer_size(gw.config.queue_bytes.max(1 << 20) + (64 << 10))
+        .max_message_size(Some(gw.config.hard_frame_bytes))
+        .max_frame_size(Some(gw.config.hard_frame_bytes))
+}
+
+struct WsOut(SplitSink<Ws, Message>);
+
+impl Output for WsOut {
+    async fn send_shared(&mut self, frame: &Arc<OutFrame>) -> Result<(), Closed> {
+        self.0.feed(Message::Text(frame.text.clone())).await.map_err(|_| Closed)
+    }
+    async fn send_text(&mut self, text: String, _id: Option<u64>) -> Result<(), Closed> {
+        self.0.feed(Message::Text(text.into())).await.map_err(|_| Closed)
+    }
+    async fn flush(&mut self) -> Result<(), Closed> {
+        self.0.flush().await.map_err(|_| Closed)
+    }
+}
+
+enum Step {
+    Inbound(Option<Result<Message, WsError>>),
+    Frame(Arc<OutFrame>),
+    Heartbeat,
+}
+
+/// Serves one upgraded WebSocket until the client leaves, misbehaves, falls
+/// behind, or the server drains.
+pub async fn serve(gw: Arc<Gateway>, ws: Ws, mut shutdown: watch::Receiver<bool>) {
+    let (sink, mut stream) = ws.split();
+    let mut s = Session::new(gw.clone(), WsOut(sink));
+    let metrics = gw.metrics.clone();
+    let transport = metrics.connections.with_label_values(&["websocket"]);
+    transport.inc();
+    let cfg = &gw.config;
+    tracing::debug!(conn = s.id(), "websocket connected");
+
+    let hello = frame::encode_hello(
+        s.id(),
+        cfg.heartbeat_interval.as_millis() as u64,
+        cfg.max_frame_bytes,
+        cfg.max_subscriptions,
+    );
+    let mut close = match s.out.send_text(hello, None).await {
+        Ok(()) => None,
+        Err(Closed) => Some(None),
+    };
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + cfg.heartbeat_interval, cfg.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = Instant::now();
+
+    while close.is_none() {
+        let step = tokio::select! {
+            biased;
+            _ = s.conn.close_notify.notified() => { close = Some(s.conn.close_code()); break; }
+            _ = shutdown.changed() => { close = Some(Some(CloseCode::GoingAway)); break; }
+            msg = stream.next() => Step::Inbound(msg),
+            Some(f) = s.rx.recv() => Step::Frame(f),
+            _ = heartbeat.tick() => Step::Heartbeat,
+        };
+        // A step may block on a slow socket; a close request must still win.
+        let conn = s.conn.clone();
+        let outcome = tokio::select! {
+            biased;
+            _ = conn.close_notify.notified() => Err(conn.close_code()),
+            _ = shutdown.changed() => Err(Some(CloseCode::GoingAway)),
+            r = handle(&mut s, step, &mut last_seen) => r,
+        };
+        if let Err(code) = outcome {
+            close = Some(code);
+        }
+    }
+
+    if let Some(Some(code)) = close {
+        metrics.closes.with_label_values(&[&code.code().to_string()]).inc();
+        let frame = CloseFrame { code: WsCloseCode::from(code.code()), reason: code.reason().into() };
+        // The peer may not be reading (that is often why we close); give the
+        // close frame a bounded time, then drop the socket.
+        let _ = tokio::time::timeout(cfg.close_timeout, s.out.0.send(Message::Close(Some(frame)))).await;
+        tracing::debug!(conn = s.id(), code = code.code(), "websocket closed by server");
+    }
+    transport.dec();
+}
+
+/// Handles one step. `Err(Some(code))` closes with `code`; `Err(None)` means
+/// the socket is already gone.
+async fn handle(s: &mut Session<WsOut>, step: Step, last_seen: &mut Instant) -> Result<(), Option<CloseCode>> {
+    let cfg = &s.gw.config;
+    match step {
+        Step::Frame(f) => s.deliver_batch(f).await.map_err(|_| None),
+        Step::Heartbeat => {
+            if last_seen.elapsed() > cfg.heartbeat_interval + cfg.heartbeat_timeout {
+                return Err(Some(CloseCode::HeartbeatTimeout));
+            }
+            s.out.0.send(Message::Ping(Default::default())).await.map_err(|_| None)
+        }
+        Step::Inbound(None) => Err(None),
+        Step::Inbound(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })))) => {
+            tracing::debug!(conn = s.id(), size, max_size, "frame over the hard limit");
+            Err(Some(CloseCode::MessageTooBig))
+        }
+        Step::Inbound(Some(Err(_))) => Err(None),
+        Step::Inbound(Some(Ok(msg))) => {
+            *last_seen = Instant::now();
+            let result = match msg {
+                Message::Text(text) => {
+                    if text.len() > cfg.max_frame_bytes {
+                        Err(SessionError::Protocol(ProtocolError::new(
+                            ErrorCode::TooLarge,
+                            format!("frame of {} bytes is over the limit of {} bytes", text.len(), cfg.max_frame_bytes),
+                        )))
+                    } else {
+                        match frame::parse_client_frame(&text) {
+                            Ok(ClientFrame::Subscribe { run, since }) => s.subscribe(run, since).await,
+                            Ok(ClientFrame::Unsubscribe { run }) => s.unsubscribe(&run).await,
+                            Ok(ClientFrame::Ping) => match s.out.send_text(frame::PONG.to_owned(), None).await {
+                                Ok(()) => s.out.flush().await.map_err(SessionError::from),
+                                Err(c) => Err(c.into()),
+                            },
+                            Err(e) => Err(SessionError::Protocol(e)),
+                        }
+                    }
+                }
+                Message::Binary(_) => Err(SessionError::Protocol(ProtocolError::new(
+                    ErrorCode::BinaryNotSupported,
+                    "binary frames are not part of the protocol; send JSON text frames",
+                ))),
+                Message::Close(_) => return Err(None),
+                // tungstenite answers pings itself; any frame proves liveness.
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+            };
+            match result {
+                Ok(()) => Ok(()),
+                Err(SessionError::Protocol(e)) => {
+                    tracing::debug!(conn = s.id(), code = %e.code, "protocol error");
+                    s.send_error(&e).await.map_err(|_| None)
+                }
+                Err(SessionError::Closed) => Err(None),
+            }
+        }
+    }
+}
+
