@@ -76,7 +76,11 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws, mut shutdown: watch::Receiver<bool>
         cfg.max_frame_bytes,
         cfg.max_subscriptions,
     );
-    let mut close = match s.out.send_text(hello, None).await {
+    let greeted = match s.out.send_text(hello, None).await {
+        Ok(()) => s.out.flush().await,
+        Err(c) => Err(c),
+    };
+    let mut close = match greeted {
         Ok(()) => None,
         Err(Closed) => Some(None),
     };

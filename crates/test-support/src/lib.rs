@@ -1,1 +1,190 @@
+//! Test support for runcast: a real gateway on a loopback port, protocol
+//! clients over real sockets, a tiny HTTP client, and the bus behaviour
+//! tests ([`bus_conformance`]) every bus implementation must pass.
 
+pub mod bus_conformance;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use runcast_bus::{Bus, EmbeddedBus, Retention};
+use runcast_gateway::{Config, Gateway};
+use serde_json::Value;
+use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+
+/// How long a test waits for any single expected frame before failing.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A gateway on the embedded bus, listening on `127.0.0.1:0`.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gw: Arc<Gateway>,
+    pub bus: EmbeddedBus,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestGateway {
+    pub async fn start() -> Self {
+        Self::with(Config::default(), Retention::default()).await
+    }
+
+    pub async fn with(config: Config, retention: Retention) -> Self {
+        let bus = EmbeddedBus::new(retention);
+        let gw = Gateway::new(Arc::new(bus.clone()), config, "embedded");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(runcast_gateway::run(gw.clone(), listener, async move {
+            let _ = stopped.await;
+        }));
+        Self { addr, gw, bus, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn bus(&self) -> Arc<dyn Bus> {
+        Arc::new(self.bus.clone())
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts a graceful shutdown and returns a handle that completes when `run` returns.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<std::io::Result<()>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("shutdown once")
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A protocol client over a real WebSocket.
+pub struct WsClient {
+    pub ws: Ws,
+    pub hello: Value,
+}
+
+impl WsClient {
+    /// Connects and reads the `hello` frame.
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("websocket connect timed out")
+            .expect("websocket connect failed");
+        let mut c = Self { ws, hello: Value::Null };
+        c.hello = c.recv().await;
+        assert_eq!(c.hello["type"], "hello", "first frame must be hello, got {}", c.hello);
+        c
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, t: &str) {
+        self.ws.send(Message::Text(t.into())).await.expect("send frame");
+    }
+
+    /// The next message of any kind (pings included), or `None` when the stream ended.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        match tokio::time::timeout(WAIT, self.ws.next()).await {
+            Err(_) => panic!("no message within {WAIT:?}"),
+            Ok(None) => None,
+            Ok(Some(Err(e))) => panic!("websocket error: {e}"),
+            Ok(Some(Ok(m))) => Some(m),
+        }
+    }
+
+    /// The next JSON text frame; panics on anything else.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            match self.next_message().await {
+                Some(Message::Text(t)) => return serde_json::from_str(&t).expect("server sent invalid JSON"),
+                Some(Message::Ping(_) | Message::Pong(_)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Subscribes and returns the state frame.
+    pub async fn subscribe(&mut self, run: &str, since: Option<u64>) -> Value {
+        let mut f = serde_json::json!({"type": "subscribe", "run": run});
+        if let Some(s) = since {
+            f["since"] = s.into();
+        }
+        self.send(f).await;
+        let state = self.recv().await;
+        assert_eq!(state["type"], "state", "expected state frame after subscribe, got {state}");
+        state
+    }
+
+    /// Reads until the server closes; returns the close code (None if the
+    /// socket ended without a close frame) and the text frames seen before it.
+    pub async fn read_until_close(&mut self) -> (Option<u16>, Vec<Value>) {
+        let mut frames = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next()).await {
+                Err(_) => panic!("connection not closed within {WAIT:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return (None, frames),
+                Ok(Some(Ok(Message::Close(c)))) => return (c.map(|c| u16::from(c.code)), frames),
+                Ok(Some(Ok(Message::Text(t)))) => frames.push(serde_json::from_str(&t).expect("valid JSON")),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+}
+
+/// The seqs of event frames for `run` in `frames`.
+pub fn seqs(frames: &[Value], run: &str) -> Vec<u64> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "event" && f["run"] == run)
+        .map(|f| f["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+/// A minimal HTTP/1.1 request over a fresh connection: status, headers, body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> (u16, hyper::HeaderMap, String) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).expect("request");
+    let resp = tokio::time::timeout(WAIT, send.send_request(req)).await.expect("response in time").expect("response");
+    let status = resp.status().as_u16();
+    let hdrs = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, hdrs, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Parses a JSON body, failing the test with the body when it is not JSON.
+pub fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}

@@ -1,1 +1,207 @@
+//! The runcast worker SDK: how a long job reports its progress.
+//!
+//! A [`Publisher`] is a cheap, cloneable handle for one run. It sends events
+//! either straight to a [`Bus`] (in-process, as `runcast up --demo` does) or to
+//! a gateway's HTTP publish API ([`Publisher::http`]). Each call returns the
+//! seq the event was given, so a worker knows exactly what was accepted.
+//!
+//! ```no_run
+//! # async fn job() -> Result<(), runcast_worker::PublishError> {
+//! use runcast_worker::Publisher;
+//!
+//! let run = Publisher::http("http://127.0.0.1:8080", "nightly-scan-42")?;
+//! run.status("starting").await?;
+//! for done in 1..=10u64 {
+//!     run.progress(done, 10).await?;
+//!     run.log(&format!("scanned shard {done}")).await?;
+//! }
+//! run.complete(&serde_json::json!({ "findings": 0 })).await?;
+//! # Ok(()) }
+//! ```
 
+mod http;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use runcast_bus::{Bus, BusError};
+use runcast_core::{EventKind, NewEvent, ParseKindError, ParseRunIdError, RunId};
+use serde::Serialize;
+
+pub use http::HttpTarget;
+
+/// What went wrong with a publish, as a small enum callers can match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishErrorKind {
+    /// The run ID or kind is invalid; fix the call.
+    InvalidInput,
+    /// The server refused the events (bad data, too large, over capacity).
+    Rejected,
+    /// The bus or gateway could not be reached or failed; retrying may work.
+    Unavailable,
+}
+
+/// A publish failure: a [`PublishErrorKind`] and a message that says what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct PublishError {
+    pub kind: PublishErrorKind,
+    pub message: String,
+}
+
+impl PublishError {
+    pub fn new(kind: PublishErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+impl From<ParseRunIdError> for PublishError {
+    fn from(e: ParseRunIdError) -> Self {
+        Self::new(PublishErrorKind::InvalidInput, e.to_string())
+    }
+}
+
+impl From<ParseKindError> for PublishError {
+    fn from(e: ParseKindError) -> Self {
+        Self::new(PublishErrorKind::InvalidInput, e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for PublishError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::new(PublishErrorKind::InvalidInput, format!("event data does not serialize to JSON: {e}"))
+    }
+}
+
+impl From<BusError> for PublishError {
+    fn from(e: BusError) -> Self {
+        let kind = match e {
+            BusError::Unavailable(_) => PublishErrorKind::Unavailable,
+            _ => PublishErrorKind::Rejected,
+        };
+        Self::new(kind, e.to_string())
+    }
+}
+
+/// Where a [`Publisher`] sends events.
+#[async_trait]
+pub trait PublishTarget: Send + Sync {
+    /// Appends `events` to `run`; returns their seqs.
+    async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError>;
+}
+
+/// Publishes straight to a bus in the same process.
+pub struct BusTarget(pub Arc<dyn Bus>);
+
+#[async_trait]
+impl PublishTarget for BusTarget {
+    async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError> {
+        Ok(self.0.publish(run, events).await?)
+    }
+}
+
+/// A handle for publishing one run's events.
+#[derive(Clone)]
+pub struct Publisher {
+    target: Arc<dyn PublishTarget>,
+    run: RunId,
+}
+
+impl Publisher {
+    pub fn new(target: Arc<dyn PublishTarget>, run: &str) -> Result<Self, PublishError> {
+        Ok(Self { target, run: RunId::parse(run)? })
+    }
+
+    /// A publisher on an in-process bus.
+    pub fn on_bus(bus: Arc<dyn Bus>, run: &str) -> Result<Self, PublishError> {
+        Self::new(Arc::new(BusTarget(bus)), run)
+    }
+
+    /// A publisher that posts to a gateway at `base_url` (`http://host:port`).
+    pub fn http(base_url: &str, run: &str) -> Result<Self, PublishError> {
+        Self::new(Arc::new(HttpTarget::new(base_url)?), run)
+    }
+
+    /// The same target, another run.
+    pub fn for_run(&self, run: &str) -> Result<Self, PublishError> {
+        Ok(Self { target: self.target.clone(), run: RunId::parse(run)? })
+    }
+
+    pub fn run(&self) -> &RunId {
+        &self.run
+    }
+
+    /// `progress` with `{"done":done,"total":total}`.
+    pub async fn progress(&self, done: u64, total: u64) -> Result<u64, PublishError> {
+        self.event(EventKind::Progress, &serde_json::json!({ "done": done, "total": total })).await
+    }
+
+    /// `log` with `{"line":line}`.
+    pub async fn log(&self, line: &str) -> Result<u64, PublishError> {
+        self.event(EventKind::Log, &serde_json::json!({ "line": line })).await
+    }
+
+    /// `status` with `{"state":state}`.
+    pub async fn status(&self, state: &str) -> Result<u64, PublishError> {
+        self.event(EventKind::Status, &serde_json::json!({ "state": state })).await
+    }
+
+    /// `complete` with any summary; ends the run.
+    pub async fn complete<T: Serialize + ?Sized>(&self, summary: &T) -> Result<u64, PublishError> {
+        self.event(EventKind::Complete, summary).await
+    }
+
+    /// `error` with `{"message":message}`; ends the run as failed.
+    pub async fn error(&self, message: &str) -> Result<u64, PublishError> {
+        self.event(EventKind::Error, &serde_json::json!({ "message": message })).await
+    }
+
+    /// An event of a custom kind (`[a-z0-9_-]{1,64}`).
+    pub async fn custom<T: Serialize + ?Sized>(&self, kind: &str, data: &T) -> Result<u64, PublishError> {
+        self.event(EventKind::parse(kind)?, data).await
+    }
+
+    /// One event of any kind.
+    pub async fn event<T: Serialize + ?Sized>(&self, kind: EventKind, data: &T) -> Result<u64, PublishError> {
+        let seqs = self.target.publish(&self.run, vec![NewEvent::json(kind, data)?]).await?;
+        seqs.first()
+            .copied()
+            .ok_or_else(|| PublishError::new(PublishErrorKind::Unavailable, "publish returned no seq"))
+    }
+
+    /// Several events at once, stored atomically and in order.
+    pub async fn batch(&self, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError> {
+        self.target.publish(&self.run, events).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runcast_bus::{EmbeddedBus, Retention};
+
+    #[tokio::test]
+    async fn helpers_publish_in_order_with_expected_data() {
+        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new(Retention::default()));
+        let p = Publisher::on_bus(bus.clone(), "job-1").unwrap();
+        assert_eq!(p.status("starting").await.unwrap(), 1);
+        assert_eq!(p.progress(5, 10).await.unwrap(), 2);
+        assert_eq!(p.log("half way").await.unwrap(), 3);
+        assert_eq!(p.custom("metric", &serde_json::json!({"rps": 10})).await.unwrap(), 4);
+        assert_eq!(p.complete(&serde_json::json!({"ok": true})).await.unwrap(), 5);
+        let page = bus.read(p.run(), 1, 10).await.unwrap();
+        let kinds: Vec<_> = page.events.iter().map(|e| e.kind.to_string()).collect();
+        assert_eq!(kinds, ["status", "progress", "log", "metric", "complete"]);
+        assert_eq!(page.events[1].data.get(), r#"{"done":5,"total":10}"#);
+        let state = bus.state(p.run()).await.unwrap().unwrap();
+        assert_eq!(state.percent, Some(100.0));
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_an_invalid_input_error() {
+        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new(Retention::default()));
+        assert_eq!(Publisher::on_bus(bus.clone(), "a.b").err().unwrap().kind, PublishErrorKind::InvalidInput);
+        let p = Publisher::on_bus(bus, "ok").unwrap();
+        assert_eq!(p.custom("Not.Valid", &1).await.unwrap_err().kind, PublishErrorKind::InvalidInput);
+    }
+}

@@ -1,0 +1,437 @@
+//! Delivery guarantees over real sockets: order, exactly-once, resume, gaps,
+//! late joiners, many clients, slow consumers, SSE and shutdown.
+
+use std::{sync::Arc, time::Duration};
+
+use runcast_bus::{Bus, Retention};
+use runcast_core::{EventKind, NewEvent, RunId};
+use runcast_gateway::Config;
+use runcast_test_support::{TestGateway, WAIT, WsClient, http, json, seqs};
+use runcast_worker::Publisher;
+use serde_json::{Value, json};
+
+fn run(s: &str) -> RunId {
+    RunId::parse(s).unwrap()
+}
+
+async fn publish_n(bus: &Arc<dyn Bus>, r: &str, from: u64, to: u64) {
+    let r = run(r);
+    for i in from..=to {
+        bus.publish(&r, vec![NewEvent::json(EventKind::Progress, &json!({"i": i})).unwrap()]).await.unwrap();
+    }
+}
+
+/// Reads frames until `n` events of `run` arrived (ignoring other frames).
+async fn collect_events(c: &mut WsClient, want: &[(&str, usize)]) -> Vec<Value> {
+    let mut frames = Vec::new();
+    let total: usize = want.iter().map(|(_, n)| n).sum();
+    let mut got = 0;
+    while got < total {
+        let f = c.recv().await;
+        assert_ne!(f["type"], "error", "unexpected error frame {f}");
+        if f["type"] == "event" {
+            got += 1;
+        }
+        frames.push(f);
+    }
+    frames
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_clients_get_every_event_once_in_order_across_runs_and_publishers() {
+    let gw = TestGateway::start().await;
+    let runs = ["alpha", "beta", "gamma"];
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let mut c = WsClient::connect(&gw.ws_url()).await;
+        // Client i watches two of the three runs on one connection.
+        let mine = [runs[i % 3], runs[(i + 1) % 3]];
+        for r in mine {
+            let st = c.subscribe(r, None).await;
+            assert_eq!(st["seq"], 0);
+            assert_eq!(st["state"], Value::Null, "no events yet");
+        }
+        clients.push((c, mine));
+    }
+    // Two publishers per run, interleaving.
+    const PER_PUBLISHER: u64 = 150;
+    let mut pubs = Vec::new();
+    for r in runs {
+        for p in 0..2 {
+            let publ = Publisher::on_bus(gw.bus(), r).unwrap();
+            pubs.push(tokio::spawn(async move {
+                for i in 0..PER_PUBLISHER {
+                    publ.custom("tick", &json!({"publisher": p, "i": i})).await.unwrap();
+                }
+            }));
+        }
+    }
+    for p in pubs {
+        p.await.unwrap();
+    }
+    let n = (2 * PER_PUBLISHER) as usize;
+    for (c, mine) in &mut clients {
+        let frames = collect_events(c, &[(mine[0], n), (mine[1], n)]).await;
+        for r in mine.iter() {
+            assert_eq!(seqs(&frames, r), (1..=n as u64).collect::<Vec<_>>(), "run {r}: every seq once, in order");
+            // Each publisher's own events keep their order.
+            for p in 0..2 {
+                let is: Vec<u64> = frames
+                    .iter()
+                    .filter(|f| f["run"] == *r && f["data"]["publisher"] == p)
+                    .map(|f| f["data"]["i"].as_u64().unwrap())
+                    .collect();
+                assert_eq!(is, (0..PER_PUBLISHER).collect::<Vec<_>>());
+            }
+        }
+    }
+    let metrics = gw.gw.metrics.render();
+    assert!(metrics.contains("runcast_watched_runs 3"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_disconnect_loses_and_duplicates_nothing() {
+    let gw = TestGateway::start().await;
+    let bus = gw.bus();
+    publish_n(&bus, "job", 1, 10).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("job", Some(0)).await;
+    let first = collect_events(&mut c, &[("job", 10)]).await;
+    let last = *seqs(&first, "job").last().unwrap();
+    assert_eq!(last, 10);
+    // Keep publishing while the client is away, and while it reconnects.
+    let publisher = {
+        let bus = bus.clone();
+        tokio::spawn(async move { publish_n(&bus, "job", 11, 400).await })
+    };
+    c.ws.close(None).await.unwrap();
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("job", Some(last)).await;
+    let rest = collect_events(&mut c, &[("job", 390)]).await;
+    publisher.await.unwrap();
+    let mut all = seqs(&first, "job");
+    all.extend(seqs(&rest, "job"));
+    assert_eq!(all, (1..=400).collect::<Vec<u64>>(), "resume must be seamless");
+    // Nothing extra arrives afterwards.
+    c.send(json!({"type":"ping"})).await;
+    assert_eq!(c.recv().await["type"], "pong", "no duplicate events after the last one");
+}
+
+#[tokio::test]
+async fn resume_past_retention_gets_an_explicit_gap() {
+    let gw = TestGateway::with(Config::default(), Retention { max_events_per_run: 5, ..Retention::default() }).await;
+    publish_n(&gw.bus(), "short", 1, 20).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("short", Some(2)).await;
+    let gap = c.recv().await;
+    assert_eq!((gap["type"].as_str(), gap["from"].as_u64(), gap["to"].as_u64()), (Some("gap"), Some(3), Some(15)), "{gap}");
+    let frames = collect_events(&mut c, &[("short", 5)]).await;
+    assert_eq!(seqs(&frames, "short"), vec![16, 17, 18, 19, 20]);
+    // HTTP history reports the same gap.
+    let (status, _, body) = http(gw.addr, "GET", "/v1/runs/short/events?since=2", &[], "").await;
+    let v = json(&body);
+    assert_eq!(status, 200);
+    assert_eq!(v["gap"], json!({"from": 3, "to": 15}));
+    assert_eq!(v["events"][0]["seq"], 16);
+    assert!(gw.gw.metrics.render().contains("runcast_gap_notices_total 1"));
+}
+
+#[tokio::test]
+async fn late_joiner_receives_current_state_first() {
+    let gw = TestGateway::start().await;
+    let p = Publisher::on_bus(gw.bus(), "build-7").unwrap();
+    p.status("compiling").await.unwrap();
+    for d in 1..=3 {
+        p.progress(d, 10).await.unwrap();
+    }
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    let st = c.subscribe("build-7", None).await;
+    assert_eq!(st["seq"], 4);
+    assert_eq!(st["state"]["percent"], 30.0);
+    assert_eq!(st["state"]["status"], "running");
+    assert_eq!(st["state"]["progress"], json!({"done": 3, "total": 10}));
+    assert_eq!(st["state"]["last_status"], json!({"state": "compiling"}));
+    p.progress(4, 10).await.unwrap();
+    let ev = c.recv().await;
+    assert_eq!((ev["type"].as_str(), ev["seq"].as_u64()), (Some("event"), Some(5)), "live continues after state: {ev}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_on_one_run_all_receive_every_event() {
+    let gw = TestGateway::start().await;
+    let url = gw.ws_url();
+    let mut clients = Vec::new();
+    for _ in 0..1000 {
+        let mut c = WsClient::connect(&url).await;
+        c.subscribe("popular", None).await;
+        clients.push(c);
+    }
+    assert_eq!(gw.gw.hub.watched_runs(), 1, "one bus watch for 1,000 subscribers");
+    publish_n(&gw.bus(), "popular", 1, 50).await;
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let frames = collect_events(&mut c, &[("popular", 50)]).await;
+                seqs(&frames, "popular")
+            })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.await.unwrap(), (1..=50).collect::<Vec<u64>>());
+    }
+    let m = gw.gw.metrics.render();
+    assert!(m.contains("runcast_events_delivered_total 50000"), "{m}");
+    assert!(m.contains("runcast_events_received_total{source=\"embedded\"} 50"), "{m}");
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_cut_off_with_resumable_code_and_resumes_without_loss() {
+    let config = Config {
+        queue_messages: 1024,
+        queue_bytes: 1 << 20,
+        close_timeout: Duration::from_secs(30),
+        ..Config::default()
+    };
+    // History keeps 2,000 events (8 MiB) so the slow client can resume.
+    let gw = TestGateway::with(config, Retention { max_events_per_run: 2000, ..Retention::default() }).await;
+    let mut slow = WsClient::connect(&gw.ws_url()).await;
+    slow.subscribe("firehose", None).await;
+    let mut fast = WsClient::connect(&gw.ws_url()).await;
+    fast.subscribe("firehose", None).await;
+
+    let before = rss_kib();
+    const N: u64 = 20_000;
+    let payload = "x".repeat(4000);
+    let bus = gw.bus();
+    let publisher = tokio::spawn(async move {
+        let r = run("firehose");
+        for i in 1..=N {
+            bus.publish(&r, vec![NewEvent::json(EventKind::Log, &json!({"i": i, "pad": payload})).unwrap()])
+                .await
+                .unwrap();
+            // ~20,000 events/s (80 MB/s): fast, but a rate a reading client sustains.
+            if i % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    // The fast client keeps up with all 20,000 (80 MB) while `slow` reads nothing.
+    let mut next = 1;
+    let mut peak = 0;
+    while next <= N {
+        let f = fast.recv().await;
+        if f["type"] == "event" {
+            assert_eq!(f["seq"], next, "fast client must see every event in order");
+            next += 1;
+            if next % 1000 == 0 {
+                peak = peak.max(rss_kib());
+            }
+        }
+    }
+    publisher.await.unwrap();
+    let growth_mib = peak.saturating_sub(before) / 1024;
+    assert!(growth_mib < 64, "RSS grew {growth_mib} MiB while 80 MB flowed past a stalled client");
+    let m = gw.gw.metrics.render();
+    assert!(m.contains("runcast_slow_consumer_disconnects_total 1"), "{m}");
+
+    let (code, frames) = slow.read_until_close().await;
+    assert_eq!(code, Some(4000), "slow consumer close code");
+    let got = seqs(&frames, "firehose");
+    let last = *got.last().expect("the slow client got some events before it stalled");
+    assert_eq!(got, (1..=last).collect::<Vec<u64>>(), "what it got is contiguous");
+    assert!(last < N);
+
+    // It resumes from its cursor: retention holds the last 2,000 events, so
+    // a client this far behind gets an explicit gap, then the rest.
+    let mut again = WsClient::connect(&gw.ws_url()).await;
+    again.subscribe("firehose", Some(last)).await;
+    let first = again.recv().await;
+    let mut expect = last + 1;
+    if first["type"] == "gap" {
+        assert_eq!(first["from"], last + 1);
+        expect = first["to"].as_u64().unwrap() + 1;
+    } else {
+        assert_eq!(first["seq"], expect);
+        expect += 1;
+    }
+    while expect <= N {
+        let f = again.recv().await;
+        assert_eq!(f["seq"], expect, "resumed stream is contiguous");
+        expect += 1;
+    }
+}
+
+#[tokio::test]
+async fn resume_within_retention_after_slow_disconnect_has_no_gap() {
+    let config = Config { queue_messages: 16, queue_bytes: 1 << 20, close_timeout: Duration::from_secs(30), ..Config::default() };
+    let gw = TestGateway::with(config, Retention::default()).await;
+    let mut slow = WsClient::connect(&gw.ws_url()).await;
+    slow.subscribe("r", None).await;
+    // Enough to overflow 16 queued frames and the socket buffers.
+    let big = "y".repeat(16 << 10);
+    let bus = gw.bus();
+    for i in 1..=400u64 {
+        bus.publish(&run("r"), vec![NewEvent::json(EventKind::Log, &json!({"i": i, "pad": big})).unwrap()])
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+    }
+    let (code, frames) = slow.read_until_close().await;
+    assert_eq!(code, Some(4000));
+    let last = seqs(&frames, "r").last().copied().unwrap_or(0);
+    let mut again = WsClient::connect(&gw.ws_url()).await;
+    again.subscribe("r", Some(last)).await;
+    let rest = collect_events(&mut again, &[("r", (400 - last) as usize)]).await;
+    assert!(rest.iter().all(|f| f["type"] == "event"), "no gap within retention");
+    assert_eq!(seqs(&rest, "r"), ((last + 1)..=400).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn heartbeat_closes_a_silent_peer_with_resumable_code() {
+    let config = Config {
+        heartbeat_interval: Duration::from_millis(100),
+        heartbeat_timeout: Duration::from_millis(100),
+        ..Config::default()
+    };
+    let gw = TestGateway::with(config, Retention::default()).await;
+    // A peer that never reads never answers pings.
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (code, _) = c.read_until_close().await;
+    assert_eq!(code, Some(4001));
+    // A peer that reads (and so answers pings) stays connected.
+    let mut alive = WsClient::connect(&gw.ws_url()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
+    let mut pings = 0;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(50), futures_util::StreamExt::next(&mut alive.ws)).await {
+            match m.unwrap() {
+                tokio_tungstenite::tungstenite::Message::Ping(_) => pings += 1,
+                tokio_tungstenite::tungstenite::Message::Close(c) => panic!("live peer closed: {c:?}"),
+                _ => {}
+            }
+        }
+    }
+    assert!(pings >= 3, "server pings every interval (saw {pings})");
+}
+
+/// Reads SSE messages (the JSON in `data:` and the `id:`) from a streaming body.
+struct SseReader {
+    body: hyper::body::Incoming,
+    buf: String,
+}
+
+impl SseReader {
+    async fn open(gw: &TestGateway, path: &str, last_event_id: Option<u64>) -> (u16, SseReader) {
+        use hyper_util::rt::TokioIo;
+        let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        let mut req = hyper::Request::get(path).header("host", "x");
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id.to_string());
+        }
+        let resp = send.send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap()).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, SseReader { body: resp.into_body(), buf: String::new() })
+    }
+
+    /// The next message with data: (id, json).
+    async fn next(&mut self) -> Option<(Option<u64>, Value)> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let msg: String = self.buf.drain(..end + 2).collect();
+                let mut id = None;
+                let mut data = None;
+                for line in msg.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.parse().unwrap());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = Some(serde_json::from_str(v).unwrap());
+                    }
+                }
+                match data {
+                    Some(d) => return Some((id, d)),
+                    None => continue, // retry: or a heartbeat comment
+                }
+            }
+            let frame = tokio::time::timeout(WAIT, self.body.frame()).await.expect("sse data in time")?;
+            if let Ok(data) = frame.unwrap().into_data() {
+                self.buf.push_str(std::str::from_utf8(&data).unwrap());
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_streams_state_and_events_and_resumes_with_last_event_id() {
+    let gw = TestGateway::start().await;
+    publish_n(&gw.bus(), "sse-run", 1, 5).await;
+    let (status, mut s) = SseReader::open(&gw, "/v1/runs/sse-run/stream", None).await;
+    assert_eq!(status, 200);
+    let (id, state) = s.next().await.unwrap();
+    assert_eq!((id, state["type"].as_str(), state["seq"].as_u64()), (Some(5), Some("state"), Some(5)));
+    publish_n(&gw.bus(), "sse-run", 6, 10).await;
+    let mut last = 0;
+    for want in 6..=10 {
+        let (id, ev) = s.next().await.unwrap();
+        assert_eq!((id, ev["seq"].as_u64()), (Some(want), Some(want)));
+        last = want;
+    }
+    drop(s); // the browser loses the connection
+    publish_n(&gw.bus(), "sse-run", 11, 20).await;
+    let (_, mut s) = SseReader::open(&gw, "/v1/runs/sse-run/stream", Some(last)).await;
+    assert_eq!(s.next().await.unwrap().1["type"], "state");
+    for want in 11..=20 {
+        let (id, ev) = s.next().await.unwrap();
+        assert_eq!((id, ev["type"].as_str(), ev["seq"].as_u64()), (Some(want), Some("event"), Some(want)), "{ev}");
+    }
+    // A bad cursor is a clear 400, not a stream.
+    let (status, _, body) = http(gw.addr, "GET", "/v1/runs/sse-run/stream", &[("last-event-id", "abc")], "").await;
+    assert_eq!((status, json(&body)["error"]["code"].as_str()), (400, Some("invalid_since")));
+    let (status, _, body) = http(gw.addr, "GET", "/v1/runs/a.b/stream", &[], "").await;
+    assert_eq!((status, json(&body)["error"]["code"].as_str()), (400, Some("invalid_run_id")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_fails_readiness_closes_clients_resumably_and_finishes_in_time() {
+    let config = Config {
+        drain_delay: Duration::from_millis(300),
+        drain_timeout: Duration::from_secs(3),
+        ..Config::default()
+    };
+    let mut gw = TestGateway::with(config, Retention::default()).await;
+    let (status, _, _) = http(gw.addr, "GET", "/readyz", &[], "").await;
+    assert_eq!(status, 200);
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("r", None).await;
+    let (_, mut sse) = SseReader::open(&gw, "/v1/runs/r/stream", None).await;
+    assert_eq!(sse.next().await.unwrap().1["type"], "state");
+
+    let started = tokio::time::Instant::now();
+    let done = gw.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // During the drain delay: still accepting, but not ready.
+    let (status, _, body) = http(gw.addr, "GET", "/readyz", &[], "").await;
+    assert_eq!((status, json(&body)["error"]["code"].as_str()), (503, Some("draining")));
+    let (code, _) = c.read_until_close().await;
+    assert_eq!(code, Some(1001), "clients are told to reconnect and resume");
+    assert!(started.elapsed() >= Duration::from_millis(300), "clients are closed only after the drain delay");
+    assert!(sse.next().await.is_none(), "SSE streams end so EventSource reconnects");
+    tokio::time::timeout(Duration::from_secs(5), done).await.expect("shutdown within bounds").unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "listener closed");
+}
