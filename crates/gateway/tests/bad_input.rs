@@ -1,0 +1,239 @@
+//! The bad input table: every malformed frame, run ID, cursor and request
+//! gets a clear error, the connection and server survive where that makes
+//! sense, and nothing already accepted is lost.
+
+use runcast_bus::Retention;
+use runcast_core::{EventKind, NewEvent, RunId};
+use runcast_gateway::Config;
+use runcast_test_support::{TestGateway, WsClient, http, json, seqs};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn publish(gw: &TestGateway, run: &str, i: u64) {
+    gw.bus()
+        .publish(&RunId::parse(run).unwrap(), vec![NewEvent::json(EventKind::Progress, &json!({"i": i})).unwrap()])
+        .await
+        .unwrap();
+}
+
+/// Reads until an error frame; event frames seen on the way are collected.
+async fn expect_error(c: &mut WsClient, events: &mut Vec<Value>) -> Value {
+    loop {
+        let f = c.recv().await;
+        match f["type"].as_str() {
+            Some("error") => return f,
+            Some("event") => events.push(f),
+            _ => panic!("expected an error frame, got {f}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_bad_frames_get_error_frames_and_the_connection_stays_usable() {
+    let config = Config { max_subscriptions: 3, max_frame_bytes: 1024, hard_frame_bytes: 64 << 10, ..Config::default() };
+    let gw = TestGateway::with(config, Retention::default()).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("good", None).await;
+    let mut events = Vec::new();
+    let mut seq = 0;
+
+    let long_id = "x".repeat(129);
+    let big = format!(r#"{{"type":"subscribe","run":"r","pad":"{}"}}"#, "p".repeat(2000));
+    let rows: Vec<(&str, String, &str)> = vec![
+        ("invalid JSON", "{not json".into(), "invalid_json"),
+        ("not an object", "[1,2,3]".into(), "invalid_frame"),
+        ("no type", r#"{"run":"good"}"#.into(), "invalid_frame"),
+        ("unknown frame type", r#"{"type":"launch"}"#.into(), "unknown_type"),
+        ("missing run ID", r#"{"type":"subscribe"}"#.into(), "invalid_run_id"),
+        ("run ID a.b", r#"{"type":"subscribe","run":"a.b"}"#.into(), "invalid_run_id"),
+        ("run ID *", r#"{"type":"subscribe","run":"*"}"#.into(), "invalid_run_id"),
+        ("run ID >", r#"{"type":"subscribe","run":">"}"#.into(), "invalid_run_id"),
+        ("empty run ID", r#"{"type":"subscribe","run":""}"#.into(), "invalid_run_id"),
+        ("129-char run ID", format!(r#"{{"type":"subscribe","run":"{long_id}"}}"#), "invalid_run_id"),
+        ("non-ASCII run ID", r#"{"type":"subscribe","run":"prüfung"}"#.into(), "invalid_run_id"),
+        ("since in the future", r#"{"type":"subscribe","run":"other","since":99}"#.into(), "since_out_of_range"),
+        ("negative since", r#"{"type":"subscribe","run":"other","since":-1}"#.into(), "invalid_since"),
+        ("non-number since", r#"{"type":"subscribe","run":"other","since":"5"}"#.into(), "invalid_since"),
+        ("frame over the size limit", big, "too_large"),
+        ("subscribe twice", r#"{"type":"subscribe","run":"good"}"#.into(), "already_subscribed"),
+        ("unsubscribe unknown", r#"{"type":"unsubscribe","run":"nope"}"#.into(), "not_subscribed"),
+    ];
+    for (what, frame, code) in &rows {
+        // Events keep flowing between bad frames.
+        seq += 1;
+        publish(&gw, "good", seq).await;
+        c.send_text(frame).await;
+        let err = expect_error(&mut c, &mut events).await;
+        assert_eq!(err["code"], *code, "row {what:?}: {err}");
+        assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "row {what:?} has a message");
+    }
+    // The run ID is echoed (cut to a bounded length) so clients know which subscription failed.
+    c.send_text(r#"{"type":"subscribe","run":"a.b"}"#).await;
+    assert_eq!(expect_error(&mut c, &mut events).await["run"], "a.b");
+
+    // Binary frames are refused the same way.
+    seq += 1;
+    publish(&gw, "good", seq).await;
+    futures_util::SinkExt::send(&mut c.ws, Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    assert_eq!(expect_error(&mut c, &mut events).await["code"], "binary_not_supported");
+
+    // Subscription cap: "good" plus two more, then refused.
+    c.subscribe("s2", None).await;
+    c.subscribe("s3", None).await;
+    c.send(json!({"type":"subscribe","run":"s4"})).await;
+    assert_eq!(expect_error(&mut c, &mut events).await["code"], "too_many_subscriptions");
+
+    // Nothing sent to "good" was lost along the way.
+    seq += 1;
+    publish(&gw, "good", seq).await;
+    while seqs(&events, "good").len() < seq as usize {
+        let f = c.recv().await;
+        if f["type"] == "event" {
+            events.push(f);
+        }
+    }
+    assert_eq!(seqs(&events, "good"), (1..=seq).collect::<Vec<u64>>());
+    let m = gw.gw.metrics.render();
+    assert!(m.contains(r#"runcast_protocol_errors_total{code="invalid_run_id"} 8"#), "{m}");
+}
+
+#[tokio::test]
+async fn frames_over_the_hard_limit_close_with_1009_and_the_server_survives() {
+    let config = Config { max_frame_bytes: 1024, hard_frame_bytes: 8 << 10, ..Config::default() };
+    let gw = TestGateway::with(config, Retention::default()).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.send_text(&"z".repeat(20 << 10)).await;
+    let (code, _) = c.read_until_close().await;
+    assert_eq!(code, Some(1009));
+    let mut other = WsClient::connect(&gw.ws_url()).await;
+    other.subscribe("still-fine", None).await;
+}
+
+#[tokio::test]
+async fn http_bad_requests_get_clear_errors_and_lose_nothing() {
+    let config = Config { max_publish_bytes: 4096, max_batch: 3, ..Config::default() };
+    let gw = TestGateway::with(config, Retention { max_runs: 3, ..Retention::default() }).await;
+    let addr = gw.addr;
+    let ok = http(addr, "POST", "/v1/runs/job/events", &[], r#"{"kind":"progress","data":{"done":1,"total":4}}"#).await;
+    assert_eq!((ok.0, json(&ok.2)["seqs"].clone()), (200, json!([1])), "{}", ok.2);
+
+    let big = format!(r#"{{"kind":"log","data":"{}"}}"#, "b".repeat(5000));
+    let rows: Vec<(&str, &str, String, String, u16, &str)> = vec![
+        ("body not JSON", "POST", "/v1/runs/job/events".into(), "kind=progress".into(), 400, "invalid_json"),
+        ("body a JSON number", "POST", "/v1/runs/job/events".into(), "17".into(), 400, "invalid_event"),
+        ("no data", "POST", "/v1/runs/job/events".into(), r#"{"kind":"log"}"#.into(), 400, "invalid_event"),
+        ("empty array", "POST", "/v1/runs/job/events".into(), "[]".into(), 400, "invalid_event"),
+        ("body over the limit", "POST", "/v1/runs/job/events".into(), big, 413, "too_large"),
+        ("unknown kind format", "POST", "/v1/runs/job/events".into(), r#"{"kind":"Bad Kind!","data":1}"#.into(), 400, "invalid_kind"),
+        ("kind not a string", "POST", "/v1/runs/job/events".into(), r#"{"kind":3,"data":1}"#.into(), 400, "invalid_kind"),
+        (
+            "batch over the limit",
+            "POST",
+            "/v1/runs/job/events".into(),
+            r#"[{"kind":"log","data":1},{"kind":"log","data":2},{"kind":"log","data":3},{"kind":"log","data":4}]"#.into(),
+            413,
+            "too_many_events",
+        ),
+        (
+            "half-bad batch",
+            "POST",
+            "/v1/runs/job/events".into(),
+            r#"[{"kind":"log","data":1},{"kind":"NO","data":2}]"#.into(),
+            400,
+            "invalid_kind",
+        ),
+        ("invalid run ID in path", "POST", "/v1/runs/a.b/events".into(), r#"{"kind":"log","data":1}"#.into(), 400, "invalid_run_id"),
+        ("run ID with *", "GET", "/v1/runs/*".into(), String::new(), 400, "invalid_run_id"),
+        ("run ID too long", "GET", format!("/v1/runs/{}", "x".repeat(129)), String::new(), 400, "invalid_run_id"),
+        ("unknown run", "GET", "/v1/runs/never".into(), String::new(), 404, "run_not_found"),
+        ("history since not a number", "GET", "/v1/runs/job/events?since=abc".into(), String::new(), 400, "invalid_since"),
+        ("history since negative", "GET", "/v1/runs/job/events?since=-3".into(), String::new(), 400, "invalid_since"),
+        ("history since in the future", "GET", "/v1/runs/job/events?since=50".into(), String::new(), 400, "since_out_of_range"),
+        ("unknown route", "GET", "/v2/everything".into(), String::new(), 404, "not_found"),
+        ("wrong method on events", "DELETE", "/v1/runs/job/events".into(), String::new(), 405, "method_not_allowed"),
+        ("wrong method on runs", "POST", "/v1/runs".into(), String::new(), 405, "method_not_allowed"),
+        ("wrong method on state", "PUT", "/v1/runs/job".into(), String::new(), 405, "method_not_allowed"),
+        ("websocket without upgrade", "GET", "/v1/ws".into(), String::new(), 426, "invalid_frame"),
+    ];
+    for (what, method, path, body, status, code) in rows {
+        let (got, headers, text) = http(addr, method, &path, &[], body).await;
+        assert_eq!(got, status, "row {what:?}: {text}");
+        let v = json(&text);
+        assert_eq!(v["error"]["code"], code, "row {what:?}: {text}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "row {what:?} has a message");
+        if status == 405 {
+            assert!(headers.contains_key("allow"), "row {what:?}: 405 names the allowed methods");
+        }
+    }
+    // Capacity: the bus holds at most 3 runs.
+    for r in ["r2", "r3"] {
+        let (s, _, _) = http(addr, "POST", &format!("/v1/runs/{r}/events"), &[], r#"{"kind":"log","data":1}"#).await;
+        assert_eq!(s, 200);
+    }
+    let (s, _, text) = http(addr, "POST", "/v1/runs/r4/events", &[], r#"{"kind":"log","data":1}"#).await;
+    assert_eq!((s, json(&text)["error"]["code"].as_str()), (507, Some("capacity")), "{text}");
+
+    // Nothing accepted was lost, and no rejected event got in: the next seq is 2.
+    let (s, _, text) = http(addr, "POST", "/v1/runs/job/events", &[], r#"{"kind":"complete","data":{"ok":true}}"#).await;
+    assert_eq!((s, json(&text)["seqs"].clone()), (200, json!([2])));
+    let (_, _, text) = http(addr, "GET", "/v1/runs/job/events?since=0", &[], "").await;
+    let v = json(&text);
+    assert_eq!(v["events"].as_array().unwrap().len(), 2);
+    assert_eq!(v["events"][0]["data"], json!({"done":1,"total":4}));
+    let (_, _, text) = http(addr, "GET", "/v1/runs/job", &[], "").await;
+    assert_eq!(json(&text)["status"], "completed");
+}
+
+#[tokio::test]
+async fn http_api_happy_paths() {
+    let gw = TestGateway::start().await;
+    let addr = gw.addr;
+    let (s, _, text) = http(
+        addr,
+        "POST",
+        "/v1/runs/api-run/events",
+        &[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")],
+        r#"[{"kind":"status","data":{"state":"go"}},{"kind":"progress","data":{"percent":40}}]"#,
+    )
+    .await;
+    assert_eq!((s, json(&text)["seqs"].clone()), (200, json!([1, 2])), "{text}");
+    let (_, _, text) = http(addr, "GET", "/v1/runs", &[], "").await;
+    let runs = json(&text);
+    assert_eq!(runs["runs"][0]["run"], "api-run");
+    assert_eq!(runs["runs"][0]["percent"], 40.0);
+    let (_, _, text) = http(addr, "GET", "/v1/runs/api-run/events?since=1&limit=10", &[], "").await;
+    let page = json(&text);
+    assert_eq!(page["events"][0]["seq"], 2);
+    assert_eq!(page["events"][0]["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    assert_eq!((page["head"].as_u64(), page["next_since"].as_u64()), (Some(2), Some(2)));
+    let (s, _, text) = http(addr, "GET", "/healthz", &[], "").await;
+    assert_eq!((s, text.as_str()), (200, "ok\n"));
+    let (s, _, text) = http(addr, "GET", "/metrics", &[], "").await;
+    assert_eq!(s, 200);
+    assert!(text.contains("runcast_events_published_total 2"), "{text}");
+    let (s, h, text) = http(addr, "GET", "/", &[], "").await;
+    assert_eq!(s, 200);
+    assert!(h["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(text.contains("runcast"));
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_refused_with_503() {
+    let config = Config { max_connections: 2, ..Config::default() };
+    let gw = TestGateway::with(config, Retention::default()).await;
+    let _a = WsClient::connect(&gw.ws_url()).await;
+    let _b = WsClient::connect(&gw.ws_url()).await;
+    let (s, _, text) = http(gw.addr, "GET", "/healthz", &[], "").await;
+    assert_eq!((s, json(&text)["error"]["code"].as_str()), (503, Some("capacity")));
+    drop(_a);
+    // The slot frees once the first socket is gone.
+    let mut ok = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if http(gw.addr, "GET", "/healthz", &[], "").await.0 == 200 {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "a closed connection gives its slot back");
+}
