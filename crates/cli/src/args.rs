@@ -1,0 +1,263 @@
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use runcast_bus::Retention;
+use runcast_gateway::Config;
+
+/// runcast: live progress events from long jobs to browsers.
+#[derive(Debug, Parser)]
+#[command(name = "runcast", version, about)]
+pub struct Cli {
+    /// Log filter (RUST_LOG syntax; RUST_LOG itself wins when set).
+    #[arg(long, env = "RUNCAST_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a gateway on the embedded in-process bus, with the watch page at /.
+    Up(UpArgs),
+    /// Follow a run's events, reconnecting and resuming without loss.
+    Tail(TailArgs),
+    /// Publish one event to a run through a gateway's HTTP API.
+    Publish(PublishArgs),
+    /// Load-test a gateway and report throughput, latency, loss and memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Address to listen on.
+    #[arg(long, env = "RUNCAST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Also run simulated jobs (load tests, batches, builds) that publish realistic events.
+    #[arg(long, env = "RUNCAST_DEMO")]
+    pub demo: bool,
+    /// How many demo jobs run at once.
+    #[arg(long, env = "RUNCAST_DEMO_JOBS", default_value_t = 4)]
+    pub demo_jobs: usize,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// Parses `250ms`, `20s`, `5m`, `2h` or plain seconds.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 250ms, 20s, 5m or 2h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?} has an unknown unit; use ms, s, m or h")),
+    })
+}
+
+/// Parses `512`, `64KiB`, `4MiB`, `1GiB`.
+pub fn size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
+    let n: usize = num.parse().map_err(|_| format!("{s:?} is not a size like 512, 64KiB, 4MiB or 1GiB"))?;
+    let mult = match unit {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        _ => return Err(format!("{s:?} has an unknown unit; use KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Gateway limits and timings.
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Largest client frame accepted; larger ones get a too_large error frame.
+    #[arg(long, env = "RUNCAST_MAX_FRAME", default_value = "64KiB", value_parser = size)]
+    pub max_frame: usize,
+    /// Subscriptions allowed per connection.
+    #[arg(long, env = "RUNCAST_MAX_SUBSCRIPTIONS", default_value_t = 256)]
+    pub max_subscriptions: usize,
+    /// Live frames queued per connection before it is disconnected as a slow consumer.
+    #[arg(long, env = "RUNCAST_QUEUE_MESSAGES", default_value_t = 1024)]
+    pub queue_messages: usize,
+    /// Live bytes queued per connection before it is disconnected as a slow consumer.
+    #[arg(long, env = "RUNCAST_QUEUE_BYTES", default_value = "4MiB", value_parser = size)]
+    pub queue_bytes: usize,
+    /// Interval between server pings.
+    #[arg(long, env = "RUNCAST_HEARTBEAT_INTERVAL", default_value = "20s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+    /// Time a client has after a ping before it counts as dead.
+    #[arg(long, env = "RUNCAST_HEARTBEAT_TIMEOUT", default_value = "20s", value_parser = duration)]
+    pub heartbeat_timeout: Duration,
+    /// Largest publish request body.
+    #[arg(long, env = "RUNCAST_MAX_PUBLISH", default_value = "1MiB", value_parser = size)]
+    pub max_publish: usize,
+    /// Most events in one publish request.
+    #[arg(long, env = "RUNCAST_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+    /// On SIGTERM, how long readiness fails before clients are told to leave.
+    #[arg(long, env = "RUNCAST_DRAIN_DELAY", default_value = "0s", value_parser = duration)]
+    pub drain_delay: Duration,
+    /// How long shutdown waits for connections to close.
+    #[arg(long, env = "RUNCAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub drain_timeout: Duration,
+    /// Connections served at once; more get 503.
+    #[arg(long, env = "RUNCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+}
+
+impl GatewayArgs {
+    pub fn to_config(&self) -> Config {
+        Config {
+            max_frame_bytes: self.max_frame,
+            hard_frame_bytes: self.max_frame.max(1 << 20),
+            max_subscriptions: self.max_subscriptions,
+            queue_messages: self.queue_messages,
+            queue_bytes: self.queue_bytes,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout,
+            max_publish_bytes: self.max_publish,
+            max_batch: self.max_batch,
+            drain_delay: self.drain_delay,
+            drain_timeout: self.drain_timeout,
+            max_connections: self.max_connections,
+            ..Config::default()
+        }
+    }
+}
+
+/// History kept by the embedded bus.
+#[derive(Debug, Args)]
+pub struct RetentionArgs {
+    /// Events kept per run.
+    #[arg(long, env = "RUNCAST_HISTORY_EVENTS", default_value_t = 10_000)]
+    pub history_events: usize,
+    /// Bytes of history kept per run.
+    #[arg(long, env = "RUNCAST_HISTORY_RUN_BYTES", default_value = "16MiB", value_parser = size)]
+    pub history_run_bytes: usize,
+    /// Bytes of history kept in total; publishes beyond it get 507.
+    #[arg(long, env = "RUNCAST_HISTORY_TOTAL_BYTES", default_value = "1GiB", value_parser = size)]
+    pub history_total_bytes: usize,
+    /// Age after which events are dropped from history.
+    #[arg(long, env = "RUNCAST_HISTORY_AGE", default_value = "1h", value_parser = duration)]
+    pub history_age: Duration,
+    /// Runs kept at once; new runs beyond it get 507.
+    #[arg(long, env = "RUNCAST_MAX_RUNS", default_value_t = 10_000)]
+    pub max_runs: usize,
+    /// How long a finished run stays visible.
+    #[arg(long, env = "RUNCAST_FINISHED_TTL", default_value = "1h", value_parser = duration)]
+    pub finished_ttl: Duration,
+    /// How long a run with no events stays visible.
+    #[arg(long, env = "RUNCAST_IDLE_TTL", default_value = "24h", value_parser = duration)]
+    pub idle_ttl: Duration,
+}
+
+impl RetentionArgs {
+    pub fn to_retention(&self) -> Retention {
+        Retention {
+            max_events_per_run: self.history_events,
+            max_bytes_per_run: self.history_run_bytes,
+            max_total_bytes: self.history_total_bytes,
+            max_age: self.history_age,
+            max_runs: self.max_runs,
+            finished_ttl: self.finished_ttl,
+            idle_ttl: self.idle_ttl,
+            ..Retention::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// The run to follow.
+    pub run: String,
+    /// Resume after this seq (replays every later event); default: current state, then live.
+    #[arg(long)]
+    pub since: Option<u64>,
+    /// Gateway WebSocket URL.
+    #[arg(long, env = "RUNCAST_URL", default_value = "ws://127.0.0.1:8080/v1/ws")]
+    pub url: String,
+    /// Print raw JSON frames instead of lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep following after the run completes or fails.
+    #[arg(long)]
+    pub follow: bool,
+    /// Give up after this many reconnects in a row without receiving a frame.
+    #[arg(long, default_value_t = 30)]
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The run to publish to.
+    pub run: String,
+    /// Event kind: progress, log, status, complete, error or a custom [a-z0-9_-]+.
+    #[arg(long, default_value = "progress")]
+    pub kind: String,
+    /// Event data (any JSON), delivered to clients verbatim.
+    #[arg(long)]
+    pub data: String,
+    /// Gateway HTTP URL.
+    #[arg(long, env = "RUNCAST_HTTP_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Scenario: `fanout` (clients receive published events) or `idle` (memory per idle connection).
+    #[arg(long, default_value = "fanout")]
+    pub scenario: String,
+    /// WebSocket clients to open.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Runs the clients are spread over (client i watches run i mod runs).
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Events published per second, across all runs.
+    #[arg(long, default_value_t = 200)]
+    pub rate: u64,
+    /// How long to publish.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub duration: Duration,
+    /// Bytes of padding in each event's data.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Benchmark a gateway that is already running at this address instead of starting one.
+    #[arg(long)]
+    pub target: Option<SocketAddr>,
+    /// PID of the --target gateway, to report its CPU and memory.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Write the result as JSON to this file too.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units() {
+        assert_eq!(duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(duration("20").unwrap(), Duration::from_secs(20));
+        assert_eq!(duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(duration("5y").is_err());
+        assert!(duration("-1s").is_err());
+        assert_eq!(size("64KiB").unwrap(), 65536);
+        assert_eq!(size("3").unwrap(), 3);
+        assert!(size("1TiB").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,415 @@
+//! `runcast bench`: starts (or targets) a gateway, opens real WebSocket
+//! clients, publishes through the HTTP API at a fixed rate, and reports what
+//! the issue's targets are stated in: delivered messages/s, end-to-end
+//! latency (publish call → client receipt) percentiles, lost and duplicated
+//! events, and the server's CPU and RSS. Every loop is bounded in count and
+//! time, and all traffic stays on loopback.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use runcast_core::{EventKind, NewEvent, RunId};
+use runcast_worker::{HttpTarget, PublishTarget};
+use serde::Serialize;
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::args::BenchArgs;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub clients: usize,
+    pub runs: usize,
+    pub rate: u64,
+    pub duration_s: f64,
+    pub payload: usize,
+    pub published: u64,
+    pub publish_errors: u64,
+    pub expected_deliveries: u64,
+    pub delivered: u64,
+    pub delivered_per_s: f64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_p999: f64,
+    pub latency_ms_max: f64,
+    pub server_cpu_cores: Option<f64>,
+    pub server_rss_mib_before: Option<f64>,
+    pub server_rss_mib_after: Option<f64>,
+    pub idle_bytes_per_connection: Option<f64>,
+    pub bench_cpu_cores: Option<f64>,
+}
+
+/// A gateway child process, killed (by PID) on drop.
+struct Server {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn start_server(clients: usize) -> anyhow::Result<Server> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let exe = std::env::current_exe()?;
+    let child = std::process::Command::new(exe)
+        .args(["up", "--listen", &addr.to_string(), "--log", "warn"])
+        .args(["--max-connections", &(clients + 1000).to_string()])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("starting the gateway")?;
+    let server = Server { child, addr };
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(server);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("gateway at {addr} did not start within 5s")
+}
+
+/// (utime + stime) seconds of a process, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; fields after ')' are fixed.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0) // USER_HZ is 100 on Linux
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Reads the number after `key` in `text` without a full JSON parse: the
+/// bench client must not be the bottleneck it is measuring.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let i = text.find(key)? + key.len();
+    let digits: &str = &text[i..];
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+#[derive(Default)]
+struct ClientStats {
+    received: u64,
+    duplicated: u64,
+    gaps: u64,
+    latencies_us: Vec<u32>,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect_and_subscribe(url: &str, run: &str) -> anyhow::Result<Ws> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.context("websocket connect")?;
+    let sub = format!(r#"{{"type":"subscribe","run":"{run}"}}"#);
+    ws.send(Message::Text(sub.into())).await?;
+    // hello, then state
+    let mut seen_state = false;
+    while !seen_state {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => seen_state = t.contains(r#""type":"state""#),
+            Ok(Some(Ok(_))) => {}
+            other => bail!("subscribe failed: {other:?}"),
+        }
+    }
+    Ok(ws)
+}
+
+async fn connect_all(addr: SocketAddr, clients: usize, runs: &[String]) -> anyhow::Result<Vec<Ws>> {
+    let url = format!("ws://{addr}/v1/ws");
+    let gate = Arc::new(Semaphore::new(100));
+    let mut set = JoinSet::new();
+    for i in 0..clients {
+        let (url, run, gate) = (url.clone(), runs[i % runs.len()].clone(), gate.clone());
+        set.spawn(async move {
+            let _p = gate.acquire_owned().await;
+            (i, connect_and_subscribe(&url, &run).await)
+        });
+    }
+    let mut out: Vec<Option<Ws>> = (0..clients).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        let (i, ws) = r?;
+        out[i] = Some(ws.with_context(|| format!("client {i}"))?);
+    }
+    Ok(out.into_iter().map(|w| w.expect("every client connected")).collect())
+}
+
+pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let (server, addr, pid) = match a.target {
+        Some(addr) => (None, addr, a.server_pid),
+        None => {
+            let s = start_server(a.clients).await?;
+            let (addr, pid) = (s.addr, s.child.id());
+            (Some(s), addr, Some(pid))
+        }
+    };
+    let report = match a.scenario.as_str() {
+        "fanout" => fanout(&a, addr, pid).await?,
+        "idle" => idle(&a, addr, pid).await?,
+        other => bail!("unknown scenario {other:?}; use fanout or idle"),
+    };
+    drop(server);
+    print_report(&report);
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(path) = &a.out {
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if report.lost > 0 || report.duplicated > 0 {
+        bail!("{} events lost and {} duplicated", report.lost, report.duplicated);
+    }
+    Ok(())
+}
+
+fn run_names(n: usize) -> Vec<String> {
+    let stamp = now_nanos() % 1_000_000;
+    (0..n.max(1)).map(|i| format!("bench-{stamp}-{i}")).collect()
+}
+
+async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Report> {
+    let runs = run_names(a.runs);
+    eprintln!("connecting {} clients over {} runs to {addr} ...", a.clients, runs.len());
+    let clients = connect_all(addr, a.clients, &runs).await?;
+    let rss_before = pid.and_then(rss_mib);
+
+    // Receivers: each counts, checks order and records latency.
+    let stop_at = Arc::new(AtomicU64::new(u64::MAX));
+    let mut receivers = JoinSet::new();
+    for (i, mut ws) in clients.into_iter().enumerate() {
+        let run_idx = i % runs.len();
+        let stop_at = stop_at.clone();
+        receivers.spawn(async move {
+            let mut st = ClientStats::default();
+            let mut last = 0u64;
+            loop {
+                let deadline = stop_at.load(Ordering::Relaxed);
+                let wait = if deadline == u64::MAX { Duration::from_secs(60) } else { Duration::from_millis(500) };
+                let msg = match tokio::time::timeout(wait, ws.next()).await {
+                    Ok(Some(Ok(m))) => m,
+                    _ => break,
+                };
+                let Message::Text(t) = msg else { continue };
+                let recv = now_nanos();
+                let (Some(seq), Some(sent)) = (number_after(&t, r#""seq":"#), number_after(&t, r#""t":"#)) else {
+                    continue;
+                };
+                if seq <= last {
+                    st.duplicated += 1;
+                    continue;
+                }
+                if seq != last + 1 {
+                    st.gaps += seq - last - 1;
+                }
+                last = seq;
+                st.received += 1;
+                st.latencies_us.push((recv.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
+                if deadline != u64::MAX && now_nanos() > deadline {
+                    break;
+                }
+            }
+            (run_idx, st)
+        });
+    }
+
+    // Publishers: up to 8 tasks, each owning a slice of the runs (so per-run
+    // order is the publish order) and its share of the rate.
+    let tasks = runs.len().min(8);
+    let published: Arc<Vec<AtomicU64>> = Arc::new((0..runs.len()).map(|_| AtomicU64::new(0)).collect());
+    let errors = Arc::new(AtomicU64::new(0));
+    let cpu_before = pid.and_then(cpu_seconds);
+    let bench_cpu_before = cpu_seconds(std::process::id());
+    let started = Instant::now();
+    let mut pubs = JoinSet::new();
+    let pad = "x".repeat(a.payload);
+    for k in 0..tasks {
+        let mine: Vec<(usize, RunId)> = runs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % tasks == k)
+            .map(|(i, r)| (i, RunId::parse(r).expect("valid")))
+            .collect();
+        let share = a.rate as f64 / tasks as f64;
+        let target = HttpTarget::new(&format!("http://{addr}"))?;
+        let (published, errors, pad, duration) = (published.clone(), errors.clone(), pad.clone(), a.duration);
+        pubs.spawn(async move {
+            let mut next = 0usize;
+            let mut sent = 0u64;
+            let start = Instant::now();
+            while start.elapsed() < duration {
+                // Publish whatever the schedule says is due, then sleep 1 ms.
+                let due = (start.elapsed().as_secs_f64() * share) as u64;
+                while sent < due {
+                    let (idx, run) = &mine[next % mine.len()];
+                    next += 1;
+                    sent += 1;
+                    let data = format!(r#"{{"t":{},"pad":"{pad}"}}"#, now_nanos());
+                    let ev = NewEvent::new(EventKind::Progress, serde_json::value::RawValue::from_string(data).expect("json"));
+                    match target.publish(run, vec![ev]).await {
+                        Ok(_) => {
+                            published[*idx].fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+    }
+    while let Some(r) = pubs.join_next().await {
+        r?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after = pid.and_then(cpu_seconds);
+    let bench_cpu_after = cpu_seconds(std::process::id());
+    // Let in-flight events land, then tell receivers to stop once idle.
+    stop_at.store(now_nanos() + 5_000_000_000, Ordering::Relaxed);
+
+    let mut report = Report {
+        scenario: "fanout".into(),
+        clients: a.clients,
+        runs: runs.len(),
+        rate: a.rate,
+        duration_s: elapsed,
+        payload: a.payload,
+        ..Report::default()
+    };
+    let mut lat: Vec<u32> = Vec::new();
+    let per_run: Vec<u64> = published.iter().map(|p| p.load(Ordering::Relaxed)).collect();
+    report.published = per_run.iter().sum();
+    report.publish_errors = errors.load(Ordering::Relaxed);
+    while let Some(r) = receivers.join_next().await {
+        let (run_idx, st) = r?;
+        report.expected_deliveries += per_run[run_idx];
+        report.delivered += st.received;
+        report.duplicated += st.duplicated;
+        report.lost += per_run[run_idx].saturating_sub(st.received).max(st.gaps);
+        lat.extend(st.latencies_us);
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).map_or(0.0, |&us| us as f64 / 1000.0);
+    report.latency_ms_p50 = pct(0.50);
+    report.latency_ms_p99 = pct(0.99);
+    report.latency_ms_p999 = pct(0.999);
+    report.latency_ms_max = lat.last().map_or(0.0, |&us| us as f64 / 1000.0);
+    report.delivered_per_s = report.delivered as f64 / elapsed;
+    report.server_cpu_cores = cpu_before.zip(cpu_after).map(|(b, a)| (a - b) / elapsed);
+    report.bench_cpu_cores = bench_cpu_before.zip(bench_cpu_after).map(|(b, a)| (a - b) / elapsed);
+    report.server_rss_mib_before = rss_before;
+    report.server_rss_mib_after = pid.and_then(rss_mib);
+    Ok(report)
+}
+
+async fn idle(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Report> {
+    let runs = run_names(a.runs);
+    // Give every run a first event so subscribers get real state.
+    let target = HttpTarget::new(&format!("http://{addr}"))?;
+    for r in &runs {
+        let run = RunId::parse(r)?;
+        target.publish(&run, vec![NewEvent::json(EventKind::Status, &serde_json::json!({"state": "idle"}))?]).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = pid.and_then(rss_mib);
+    eprintln!("opening {} idle connections over {} runs ...", a.clients, runs.len());
+    let clients = connect_all(addr, a.clients, &runs).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = pid.and_then(rss_mib);
+    // Prove they are alive: one event per run must reach every client.
+    for r in &runs {
+        let run = RunId::parse(r)?;
+        let data = format!(r#"{{"t":{}}}"#, now_nanos());
+        target.publish(&run, vec![NewEvent::new(EventKind::Progress, serde_json::value::RawValue::from_string(data)?)]).await?;
+    }
+    let mut set = JoinSet::new();
+    for mut ws in clients {
+        set.spawn(async move {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) if t.contains(r#""type":"event""#) => return 1u64,
+                    Ok(Some(Ok(_))) => continue,
+                    _ => return 0,
+                }
+            }
+        });
+    }
+    let mut delivered = 0;
+    while let Some(r) = set.join_next().await {
+        delivered += r?;
+    }
+    Ok(Report {
+        scenario: "idle".into(),
+        clients: a.clients,
+        runs: runs.len(),
+        published: runs.len() as u64,
+        expected_deliveries: a.clients as u64,
+        delivered,
+        lost: a.clients as u64 - delivered,
+        server_rss_mib_before: before,
+        server_rss_mib_after: after,
+        idle_bytes_per_connection: before.zip(after).map(|(b, after)| (after - b) * 1048576.0 / a.clients as f64),
+        ..Report::default()
+    })
+}
+
+fn print_report(r: &Report) {
+    eprintln!("--- runcast bench: {} ---", r.scenario);
+    eprintln!("clients {} over {} runs, {} events/s for {:.1}s, payload {} B", r.clients, r.runs, r.rate, r.duration_s, r.payload);
+    eprintln!(
+        "published {} (errors {}), delivered {}/{} ({:.0} msg/s), lost {}, duplicated {}",
+        r.published, r.publish_errors, r.delivered, r.expected_deliveries, r.delivered_per_s, r.lost, r.duplicated
+    );
+    eprintln!(
+        "latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        r.latency_ms_p50, r.latency_ms_p99, r.latency_ms_p999, r.latency_ms_max
+    );
+    if let Some(c) = r.server_cpu_cores {
+        eprintln!("server CPU {:.2} cores (bench clients {:.2})", c, r.bench_cpu_cores.unwrap_or(0.0));
+    }
+    if let (Some(b), Some(a)) = (r.server_rss_mib_before, r.server_rss_mib_after) {
+        eprintln!("server RSS {b:.1} MiB -> {a:.1} MiB");
+    }
+    if let Some(b) = r.idle_bytes_per_connection {
+        eprintln!("memory per idle connection: {:.0} bytes ({:.1} KiB)", b, b / 1024.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_found_without_parsing() {
+        let t = r#"{"type":"event","run":"r","seq":42,"kind":"progress","data":{"t":1700,"pad":"x"},"ts":5}"#;
+        assert_eq!(number_after(t, r#""seq":"#), Some(42));
+        assert_eq!(number_after(t, r#""t":"#), Some(1700));
+        assert_eq!(number_after(t, r#""nope":"#), None);
+    }
+}

@@ -1,0 +1,137 @@
+//! `runcast tail`: a client that never loses an event. It remembers the last
+//! seq it printed and, after any resumable disconnect, reconnects with
+//! backoff and subscribes with `since` so the stream continues exactly where
+//! it left off.
+
+use std::{io::Write, process::ExitCode, time::Duration};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use runcast_core::{CloseCode, RunId};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::args::TailArgs;
+
+enum Outcome {
+    /// The run finished; exit with this code.
+    Finished(ExitCode),
+    /// Reconnect and resume.
+    Resume(String),
+}
+
+pub async fn run(a: TailArgs) -> anyhow::Result<ExitCode> {
+    RunId::parse(&a.run).with_context(|| format!("invalid run ID {:?}", a.run))?;
+    let mut since = a.since;
+    let mut failures = 0u32;
+    loop {
+        let before = since;
+        match session(&a, &mut since).await? {
+            Outcome::Finished(code) => return Ok(code),
+            Outcome::Resume(why) => {
+                failures = if since != before { 1 } else { failures + 1 };
+                if failures > a.max_retries {
+                    bail!("giving up after {} reconnects without progress: {why}", a.max_retries);
+                }
+                // 100 ms doubling to 5 s, with jitter so a fleet of clients
+                // does not reconnect in lockstep.
+                let base = 100u64.saturating_mul(1 << failures.min(6)).min(5000);
+                let jitter = u64::from(std::process::id()).wrapping_mul(u64::from(failures)) % (base / 2 + 1);
+                let wait = Duration::from_millis(base / 2 + jitter);
+                eprintln!("runcast tail: {why}; resuming after seq {} in {wait:?}", since.unwrap_or(0));
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+async fn session(a: &TailArgs, since: &mut Option<u64>) -> anyhow::Result<Outcome> {
+    let (mut ws, _) = match tokio_tungstenite::connect_async(a.url.as_str()).await {
+        Ok(ok) => ok,
+        Err(e) => return Ok(Outcome::Resume(format!("cannot connect to {}: {e}", a.url))),
+    };
+    let mut sub = json!({ "type": "subscribe", "run": a.run });
+    if let Some(s) = *since {
+        sub["since"] = s.into();
+    }
+    if let Err(e) = ws.send(Message::Text(sub.to_string().into())).await {
+        return Ok(Outcome::Resume(format!("send failed: {e}")));
+    }
+    while let Some(msg) = ws.next().await {
+        let text = match msg {
+            Ok(Message::Text(t)) => t,
+            Ok(Message::Close(frame)) => {
+                let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                if CloseCode::should_resume(code) {
+                    return Ok(Outcome::Resume(format!("server closed with {code} ({reason})")));
+                }
+                bail!("server closed with {code} ({reason}); not retrying");
+            }
+            Ok(_) => continue,
+            Err(e) => return Ok(Outcome::Resume(format!("connection lost: {e}"))),
+        };
+        let f: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if a.json && out(&text).is_err() {
+            // stdout closed (e.g. piped into `head`): stop quietly.
+            return Ok(Outcome::Finished(ExitCode::SUCCESS));
+        }
+        match f["type"].as_str() {
+            Some("state") => {
+                if !a.json && out(&state_line(&f)).is_err() {
+                    return Ok(Outcome::Finished(ExitCode::SUCCESS));
+                }
+                // A fresh subscription starts after the state it was shown;
+                // if that state is already final there is nothing to wait for.
+                if since.is_none() {
+                    *since = f["seq"].as_u64();
+                    match f["state"]["status"].as_str() {
+                        Some("completed") if !a.follow => return Ok(Outcome::Finished(ExitCode::SUCCESS)),
+                        Some("failed") if !a.follow => return Ok(Outcome::Finished(ExitCode::from(2))),
+                        _ => {}
+                    }
+                }
+            }
+            Some("event") => {
+                let seq = f["seq"].as_u64().unwrap_or(0);
+                *since = Some(seq);
+                if !a.json && out(&format!("{seq:>6} {:<10} {}", f["kind"].as_str().unwrap_or("?"), f["data"])).is_err() {
+                    return Ok(Outcome::Finished(ExitCode::SUCCESS));
+                }
+                match f["kind"].as_str() {
+                    Some("complete") if !a.follow => return Ok(Outcome::Finished(ExitCode::SUCCESS)),
+                    Some("error") if !a.follow => return Ok(Outcome::Finished(ExitCode::from(2))),
+                    _ => {}
+                }
+            }
+            Some("gap") => {
+                *since = f["to"].as_u64().or(*since);
+                eprintln!("runcast tail: {}", f["message"].as_str().unwrap_or("events were lost to retention"));
+            }
+            Some("error") => {
+                bail!("{}: {}", f["code"].as_str().unwrap_or("error"), f["message"].as_str().unwrap_or(""));
+            }
+            _ => {}
+        }
+    }
+    Ok(Outcome::Resume("connection ended".into()))
+}
+
+fn out(line: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()
+}
+
+fn state_line(f: &Value) -> String {
+    let s = &f["state"];
+    if s.is_null() {
+        return "(run has no events yet; waiting)".into();
+    }
+    let status = s["status"].as_str().unwrap_or("?");
+    let percent = s["percent"].as_f64().map(|p| format!(" {p:.0}%")).unwrap_or_default();
+    let mut line = format!("state  seq {} {status}{percent} ({} events)", f["seq"], s["events"]);
+    if !s["result"].is_null() {
+        line.push_str(&format!("\nresult {}", s["result"]));
+    }
+    line
+}

@@ -1,0 +1,169 @@
+//! The `runcast` binary against a real gateway: `tail` survives dropped
+//! connections without losing or repeating an event; `publish` reports seqs.
+
+use std::{process::Stdio, sync::Arc, time::Duration};
+
+use runcast_core::{EventKind, NewEvent, RunId};
+use runcast_test_support::{TestGateway, http, json};
+use tokio::{
+    io::AsyncBufReadExt,
+    net::{TcpListener, TcpStream},
+    sync::Mutex,
+    task::JoinHandle,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_runcast");
+
+/// A TCP proxy whose live connections the test can cut, like a proxy or
+/// load balancer dropping WebSockets.
+struct CuttingProxy {
+    addr: std::net::SocketAddr,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl CuttingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let c = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut up) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                c.lock().await.push(task);
+            }
+        });
+        Self { addr, conns, accept }
+    }
+
+    async fn cut(&self) -> usize {
+        let mut conns = self.conns.lock().await;
+        let n = conns.len();
+        for t in conns.drain(..) {
+            t.abort();
+        }
+        n
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_resumes_across_dropped_connections_without_loss_or_duplicates() {
+    let gw = TestGateway::start().await;
+    let proxy = CuttingProxy::start(gw.addr).await;
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["tail", "deploy-9", "--since", "0", "--url", &format!("ws://{}/v1/ws", proxy.addr)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let reader = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut out = Vec::new();
+        let mut first = Some(first_tx);
+        while let Ok(Some(l)) = lines.next_line().await {
+            out.push(l);
+            if let Some(tx) = first.take() {
+                let _ = tx.send(());
+            }
+        }
+        out
+    });
+    // Wait for the state line: the tail is connected and subscribed.
+    tokio::time::timeout(Duration::from_secs(20), first_rx).await.expect("tail connects").unwrap();
+    let bus = gw.bus();
+    let run = RunId::parse("deploy-9").unwrap();
+    let mut cuts = 0;
+    for i in 1..=300u64 {
+        bus.publish(&run, vec![NewEvent::json(EventKind::Progress, &serde_json::json!({"done": i, "total": 300})).unwrap()])
+            .await
+            .unwrap();
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            cuts += proxy.cut().await;
+            // Keep publishing only once the tail is back, so each cut hits a live session.
+            for _ in 0..200 {
+                if !proxy.conns.lock().await.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        } else if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    bus.publish(&run, vec![NewEvent::json(EventKind::Complete, &serde_json::json!({"ok": true})).unwrap()])
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("tail exits after complete").unwrap();
+    assert!(status.success(), "tail exit status {status:?}");
+    assert!(cuts >= 3, "the proxy cut live connections ({cuts})");
+    let lines = reader.await.unwrap();
+    let seqs: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(seqs, (1..=301).collect::<Vec<u64>>(), "every event exactly once, in order:\n{}", lines.join("\n"));
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut err).await.unwrap();
+    assert!(err.contains("resuming after seq"), "tail reports its resumes: {err}");
+}
+
+#[tokio::test]
+async fn tail_refuses_bad_run_ids_and_stops_on_non_resumable_errors() {
+    let out = tokio::process::Command::new(BIN).args(["tail", "a.b"]).output().await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid run ID"));
+    let gw = TestGateway::start().await;
+    let out = tokio::process::Command::new(BIN)
+        .args(["tail", "r", "--since", "5", "--url", &gw.ws_url()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "since past the head is not retried forever");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("since_out_of_range"));
+}
+
+#[tokio::test]
+async fn publish_prints_the_assigned_seq_and_reports_rejections() {
+    let gw = TestGateway::start().await;
+    let url = gw.http_url();
+    for want in ["1", "2"] {
+        let out = tokio::process::Command::new(BIN)
+            .args(["publish", "cli-run", "--kind", "log", "--data", r#"{"line":"hi"}"#, "--url", &url])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want);
+    }
+    let (_, _, body) = http(gw.addr, "GET", "/v1/runs/cli-run", &[], "").await;
+    assert_eq!(json(&body)["events"], 2);
+    let out = tokio::process::Command::new(BIN)
+        .args(["publish", "cli-run", "--data", "{not json", "--url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
+    let out = tokio::process::Command::new(BIN)
+        .args(["publish", "cli-run", "--data", "1", "--url", "http://127.0.0.1:1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"), "{}", String::from_utf8_lossy(&out.stderr));
+}
