@@ -127,7 +127,12 @@ struct ClientStats {
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect_and_subscribe(url: &str, run: &str) -> anyhow::Result<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.context("websocket connect")?;
+    // A small read buffer: tungstenite zero-fills the whole buffer on every
+    // read, and the default 128 KiB would make the load generator, not the
+    // gateway, the bottleneck.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 << 10);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url, Some(config), true).await.context("websocket connect")?;
     let sub = format!(r#"{{"type":"subscribe","run":"{run}"}}"#);
     ws.send(Message::Text(sub.into())).await?;
     // hello, then state

@@ -203,8 +203,14 @@ async fn history(gw: Arc<Gateway>, run: RunId, q: String) -> Response<Body> {
 #[derive(serde::Deserialize)]
 struct PublishItem {
     kind: Option<serde_json::Value>,
+    /// `None` only when the field is absent: `"data": null` is valid data.
+    #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
     traceparent: Option<String>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    <Box<RawValue> as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 fn parse_publish(body: &[u8], max_batch: usize, header_tp: Option<&str>) -> Result<Vec<NewEvent>, ProtocolError> {

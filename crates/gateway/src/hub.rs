@@ -18,7 +18,8 @@ use std::{
 use bytes::Bytes;
 use runcast_bus::{Bus, BusError, Live};
 use runcast_core::{CloseCode, Event, RunId, frame};
-use tokio::{sync::Notify, task::JoinHandle};
+use futures_util::task::AtomicWaker;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::Instrument;
 
@@ -59,8 +60,11 @@ pub struct Conn {
     max_bytes: usize,
     closing: AtomicBool,
     close_code: OnceLock<CloseCode>,
-    /// Wakes the connection's task when it must close.
-    pub close_notify: Notify,
+    /// Wakes the connection's task when it must close. Only that one task
+    /// ever waits, so an `AtomicWaker` (two atomic operations per poll)
+    /// replaces a `Notify` (a mutex per poll): the connection loop polls
+    /// this on every step.
+    close_waker: AtomicWaker,
 }
 
 impl Conn {
@@ -78,7 +82,7 @@ impl Conn {
             max_bytes,
             closing: AtomicBool::new(false),
             close_code: OnceLock::new(),
-            close_notify: Notify::new(),
+            close_waker: AtomicWaker::new(),
         };
         (Arc::new(conn), rx)
     }
@@ -115,10 +119,25 @@ impl Conn {
 
     /// Asks the connection to close with `code` (the first request wins).
     pub fn close(&self, code: CloseCode) {
-        if !self.closing.swap(true, Ordering::AcqRel) {
-            let _ = self.close_code.set(code);
-            self.close_notify.notify_one();
+        if self.close_code.set(code).is_ok() {
+            self.closing.store(true, Ordering::Release);
+            self.close_waker.wake();
         }
+    }
+
+    /// Completes once [`close`](Self::close) was called; yields the code.
+    pub fn closed(&self) -> impl Future<Output = CloseCode> + '_ {
+        std::future::poll_fn(move |cx| {
+            if let Some(code) = self.close_code.get() {
+                return std::task::Poll::Ready(*code);
+            }
+            self.close_waker.register(cx.waker());
+            // Check again: `close` may have run between the check and the register.
+            match self.close_code.get() {
+                Some(code) => std::task::Poll::Ready(*code),
+                None => std::task::Poll::Pending,
+            }
+        })
     }
 
     pub fn close_code(&self) -> Option<CloseCode> {

@@ -138,36 +138,44 @@ impl<O: Output> Session<O> {
     /// Writes `first` and whatever else is already queued (up to a batch),
     /// then flushes once.
     pub async fn deliver_batch(&mut self, first: Arc<OutFrame>) -> Result<(), Closed> {
-        self.deliver(first).await?;
+        let mut sent = self.deliver(first).await?;
         for _ in 1..BATCH {
             match self.rx.try_recv() {
-                Ok(f) => self.deliver(f).await?,
+                Ok(f) => sent += self.deliver(f).await?,
                 Err(_) => break,
             }
         }
+        // One shared-counter update per batch, not per frame: the counter's
+        // cache line is contended by every worker thread.
+        self.gw.metrics.events_delivered.inc_by(sent);
         self.out.flush().await
     }
 
-    async fn deliver(&mut self, f: Arc<OutFrame>) -> Result<(), Closed> {
+    /// Writes one queued frame if the client still needs it; returns how many
+    /// frames were written (0 or 1).
+    async fn deliver(&mut self, f: Arc<OutFrame>) -> Result<u64, Closed> {
         self.conn.taken(&f);
         let Some(&next) = self.cursors.get(&f.run) else {
-            return Ok(()); // unsubscribed since it was queued
+            return Ok(0); // unsubscribed since it was queued
         };
         if f.last < next {
-            return Ok(()); // already delivered by replay
+            return Ok(0); // already delivered by replay
         }
         if f.first > next {
             // Only at the seam of a fresh subscription can the queue start
             // ahead of the cursor; fill from history.
             self.catch_up(&f.run, f.first - 1).await?;
             if self.cursors.get(&f.run).is_none_or(|&n| f.last < n) {
-                return Ok(());
+                return Ok(0);
             }
         }
         self.out.send_shared(&f).await?;
-        self.gw.metrics.events_delivered.inc();
-        self.cursors.insert(f.run.clone(), f.last + 1);
-        Ok(())
+        // get_mut, not insert: cloning the run ID would touch its shared
+        // reference count from every connection on every event.
+        if let Some(cursor) = self.cursors.get_mut(&f.run) {
+            *cursor = f.last + 1;
+        }
+        Ok(1)
     }
 
     /// Replays history from the run's cursor up to `to` (inclusive), sending a

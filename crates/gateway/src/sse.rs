@@ -103,7 +103,7 @@ pub async fn serve(
         let conn = s.conn.clone();
         let step = tokio::select! {
             biased;
-            _ = conn.close_notify.notified() => break,
+            _ = conn.closed() => break,
             _ = shutdown.changed() => break,
             _ = client.closed() => break,
             r = async {
