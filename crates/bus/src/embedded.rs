@@ -110,7 +110,12 @@ impl RunLog {
 
 impl EmbeddedBus {
     pub fn new(retention: Retention) -> Self {
-        Self { inner: Arc::new(Inner { retention, state: Mutex::new(Store::default()) }) }
+        Self {
+            inner: Arc::new(Inner {
+                retention,
+                state: Mutex::new(Store::default()),
+            }),
+        }
     }
 
     pub fn retention(&self) -> &Retention {
@@ -132,7 +137,11 @@ impl EmbeddedBus {
         let mut store = self.lock();
         let Store { runs, total_bytes } = &mut *store;
         for log in runs.values_mut() {
-            while log.events.front().is_some_and(|e| now_ms.saturating_sub(e.ts) > age_ms) {
+            while log
+                .events
+                .front()
+                .is_some_and(|e| now_ms.saturating_sub(e.ts) > age_ms)
+            {
                 *total_bytes -= log.pop_front();
             }
         }
@@ -174,7 +183,11 @@ impl EmbeddedBus {
         })
     }
 
-    fn log_mut<'a>(runs: &'a mut HashMap<RunId, RunLog>, run: &RunId, max_runs: usize) -> Result<&'a mut RunLog, BusError> {
+    fn log_mut<'a>(
+        runs: &'a mut HashMap<RunId, RunLog>,
+        run: &RunId,
+        max_runs: usize,
+    ) -> Result<&'a mut RunLog, BusError> {
         if !runs.contains_key(run) {
             if runs.len() >= max_runs {
                 return Err(BusError::TooManyRuns(max_runs));
@@ -200,7 +213,10 @@ impl Bus for EmbeddedBus {
                 + ev.data.get().len()
                 + ev.traceparent.as_ref().map_or(0, |t| t.len());
             if size > r.max_event_bytes {
-                return Err(BusError::EventTooLarge { size, limit: r.max_event_bytes });
+                return Err(BusError::EventTooLarge {
+                    size,
+                    limit: r.max_event_bytes,
+                });
             }
             batch_bytes += size;
         }
@@ -232,7 +248,9 @@ impl Bus for EmbeddedBus {
             // No receivers is normal (nobody watching); that is not an error.
             let _ = log.live.send(event);
         }
-        while log.events.len() > r.max_events_per_run || (log.bytes > r.max_bytes_per_run && log.events.len() > 1) {
+        while log.events.len() > r.max_events_per_run
+            || (log.bytes > r.max_bytes_per_run && log.events.len() > 1)
+        {
             *total_bytes -= log.pop_front();
         }
         Ok(seqs)
@@ -243,20 +261,31 @@ impl Bus for EmbeddedBus {
         let log = Self::log_mut(&mut store.runs, run, self.inner.retention.max_runs)?;
         // Subscribing and reading `head` under the same lock is what makes the
         // watch seamless: every event with seq > head reaches this receiver.
-        Ok(Watch { head: log.head, feed: Box::new(BroadcastFeed(log.live.subscribe())) })
+        Ok(Watch {
+            head: log.head,
+            feed: Box::new(BroadcastFeed(log.live.subscribe())),
+        })
     }
 
     async fn read(&self, run: &RunId, from: u64, limit: usize) -> Result<Page, BusError> {
         let store = self.lock();
         let Some(log) = store.runs.get(run) else {
-            return Ok(Page { events: Vec::new(), first: 1, head: 0 });
+            return Ok(Page {
+                events: Vec::new(),
+                first: 1,
+                head: 0,
+            });
         };
         let first = log.first_retained();
         let start = from.max(first);
         // Seqs in the deque are contiguous, so the index is arithmetic.
         let skip = (start - first) as usize;
         let events = log.events.iter().skip(skip).take(limit).cloned().collect();
-        Ok(Page { events, first, head: log.head })
+        Ok(Page {
+            events,
+            first,
+            head: log.head,
+        })
     }
 
     async fn state(&self, run: &RunId) -> Result<Option<RunState>, BusError> {
@@ -264,8 +293,17 @@ impl Bus for EmbeddedBus {
     }
 
     async fn runs(&self) -> Result<Vec<RunState>, BusError> {
-        let mut all: Vec<RunState> = self.lock().runs.values().filter_map(|l| l.state.clone()).collect();
-        all.sort_by(|a, b| b.updated_ts.cmp(&a.updated_ts).then_with(|| a.run.cmp(&b.run)));
+        let mut all: Vec<RunState> = self
+            .lock()
+            .runs
+            .values()
+            .filter_map(|l| l.state.clone())
+            .collect();
+        all.sort_by(|a, b| {
+            b.updated_ts
+                .cmp(&a.updated_ts)
+                .then_with(|| a.run.cmp(&b.run))
+        });
         Ok(all)
     }
 
@@ -293,7 +331,11 @@ mod tests {
     use runcast_core::EventKind;
 
     fn ev(i: u64) -> NewEvent {
-        NewEvent::json(EventKind::Progress, &serde_json::json!({ "done": i, "total": 100 })).unwrap()
+        NewEvent::json(
+            EventKind::Progress,
+            &serde_json::json!({ "done": i, "total": 100 }),
+        )
+        .unwrap()
     }
 
     fn run(s: &str) -> RunId {
@@ -302,43 +344,72 @@ mod tests {
 
     #[tokio::test]
     async fn trims_to_max_events_and_reports_first_retained() {
-        let bus = EmbeddedBus::new(Retention { max_events_per_run: 3, ..Retention::default() });
+        let bus = EmbeddedBus::new(Retention {
+            max_events_per_run: 3,
+            ..Retention::default()
+        });
         let r = run("r");
         for i in 1..=5 {
             bus.publish(&r, vec![ev(i)]).await.unwrap();
         }
         let page = bus.read(&r, 1, 100).await.unwrap();
         assert_eq!((page.first, page.head), (3, 5));
-        assert_eq!(page.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
-        assert_eq!(bus.state(&r).await.unwrap().unwrap().events, 5, "state counts trimmed events too");
+        assert_eq!(
+            page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert_eq!(
+            bus.state(&r).await.unwrap().unwrap().events,
+            5,
+            "state counts trimmed events too"
+        );
     }
 
     #[tokio::test]
     async fn sweep_forgets_finished_runs_after_ttl_but_not_watched_ones() {
-        let bus = EmbeddedBus::new(Retention { finished_ttl: Duration::from_secs(10), ..Retention::default() });
+        let bus = EmbeddedBus::new(Retention {
+            finished_ttl: Duration::from_secs(10),
+            ..Retention::default()
+        });
         let (a, b) = (run("a"), run("b"));
         for r in [&a, &b] {
-            bus.publish(r, vec![NewEvent::json(EventKind::Complete, &1).unwrap()]).await.unwrap();
+            bus.publish(r, vec![NewEvent::json(EventKind::Complete, &1).unwrap()])
+                .await
+                .unwrap();
         }
         let _watch = bus.watch(&b).await.unwrap();
         let now = now_millis();
         assert_eq!(bus.sweep(now), 0);
         assert_eq!(bus.sweep(now + 11_000), 1);
         assert!(bus.state(&a).await.unwrap().is_none());
-        assert!(bus.state(&b).await.unwrap().is_some(), "watched run is kept");
+        assert!(
+            bus.state(&b).await.unwrap().is_some(),
+            "watched run is kept"
+        );
     }
 
     #[tokio::test]
     async fn limits_fail_the_whole_batch() {
-        let bus = EmbeddedBus::new(Retention { max_runs: 1, max_event_bytes: 200, ..Retention::default() });
+        let bus = EmbeddedBus::new(Retention {
+            max_runs: 1,
+            max_event_bytes: 200,
+            ..Retention::default()
+        });
         bus.publish(&run("a"), vec![ev(1)]).await.unwrap();
-        assert_eq!(bus.publish(&run("b"), vec![ev(1)]).await, Err(BusError::TooManyRuns(1)));
+        assert_eq!(
+            bus.publish(&run("b"), vec![ev(1)]).await,
+            Err(BusError::TooManyRuns(1))
+        );
         let big = NewEvent::json(EventKind::Log, &"x".repeat(300)).unwrap();
         assert!(matches!(
             bus.publish(&run("a"), vec![ev(2), big]).await,
             Err(BusError::EventTooLarge { .. })
         ));
-        assert_eq!(bus.read(&run("a"), 0, 10).await.unwrap().head, 1, "nothing of the failed batch was stored");
+        assert_eq!(
+            bus.read(&run("a"), 0, 10).await.unwrap().head,
+            1,
+            "nothing of the failed batch was stored"
+        );
     }
 
     #[tokio::test]
@@ -350,7 +421,10 @@ mod tests {
         });
         let big = || NewEvent::json(EventKind::Complete, &"x".repeat(600)).unwrap();
         bus.publish(&run("a"), vec![big()]).await.unwrap();
-        assert_eq!(bus.publish(&run("b"), vec![big()]).await, Err(BusError::Full(1000)));
+        assert_eq!(
+            bus.publish(&run("b"), vec![big()]).await,
+            Err(BusError::Full(1000))
+        );
         bus.sweep(now_millis() + 1);
         bus.publish(&run("b"), vec![big()]).await.unwrap();
     }

@@ -47,8 +47,12 @@ pub struct UpArgs {
 /// Parses `250ms`, `20s`, `5m`, `2h` or plain seconds.
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 250ms, 20s, 5m or 2h"))?;
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 20s, 5m or 2h"))?;
     Ok(match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -61,8 +65,12 @@ pub fn duration(s: &str) -> Result<Duration, String> {
 /// Parses `512`, `64KiB`, `4MiB`, `1GiB`.
 pub fn size(s: &str) -> Result<usize, String> {
     let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
-    let n: usize = num.parse().map_err(|_| format!("{s:?} is not a size like 512, 64KiB, 4MiB or 1GiB"))?;
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512, 64KiB, 4MiB or 1GiB"))?;
     let mult = match unit {
         "" | "B" => 1,
         "KiB" | "K" | "KB" => 1 << 10,
@@ -70,7 +78,8 @@ pub fn size(s: &str) -> Result<usize, String> {
         "GiB" | "G" | "GB" => 1 << 30,
         _ => return Err(format!("{s:?} has an unknown unit; use KiB, MiB or GiB")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Gateway limits and timings.
@@ -204,7 +213,11 @@ pub struct PublishArgs {
     #[arg(long)]
     pub data: String,
     /// Gateway HTTP URL.
-    #[arg(long, env = "RUNCAST_HTTP_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "RUNCAST_HTTP_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
 }
 

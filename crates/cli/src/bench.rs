@@ -64,7 +64,9 @@ impl Drop for Server {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 async fn start_server(clients: usize) -> anyhow::Result<Server> {
@@ -99,12 +101,21 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 
 fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
     Some(kib / 1024.0)
 }
 
 fn now_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Reads the number after `key` in `text` without a full JSON parse: the
@@ -112,7 +123,9 @@ fn now_nanos() -> u64 {
 fn number_after(text: &str, key: &str) -> Option<u64> {
     let i = text.find(key)? + key.len();
     let digits: &str = &text[i..];
-    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
     digits[..end].parse().ok()
 }
 
@@ -124,15 +137,18 @@ struct ClientStats {
     latencies_us: Vec<u32>,
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect_and_subscribe(url: &str, run: &str) -> anyhow::Result<Ws> {
     // A small read buffer: tungstenite zero-fills the whole buffer on every
     // read, and the default 128 KiB would make the load generator, not the
     // gateway, the bottleneck.
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 << 10);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(url, Some(config), true).await.context("websocket connect")?;
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 << 10);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        .await
+        .context("websocket connect")?;
     let sub = format!(r#"{{"type":"subscribe","run":"{run}"}}"#);
     ws.send(Message::Text(sub.into())).await?;
     // hello, then state
@@ -163,7 +179,10 @@ async fn connect_all(addr: SocketAddr, clients: usize, runs: &[String]) -> anyho
         let (i, ws) = r?;
         out[i] = Some(ws.with_context(|| format!("client {i}"))?);
     }
-    Ok(out.into_iter().map(|w| w.expect("every client connected")).collect())
+    Ok(out
+        .into_iter()
+        .map(|w| w.expect("every client connected"))
+        .collect())
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -188,19 +207,29 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     if report.lost > 0 || report.duplicated > 0 {
-        bail!("{} events lost and {} duplicated", report.lost, report.duplicated);
+        bail!(
+            "{} events lost and {} duplicated",
+            report.lost,
+            report.duplicated
+        );
     }
     Ok(())
 }
 
 fn run_names(n: usize) -> Vec<String> {
     let stamp = now_nanos() % 1_000_000;
-    (0..n.max(1)).map(|i| format!("bench-{stamp}-{i}")).collect()
+    (0..n.max(1))
+        .map(|i| format!("bench-{stamp}-{i}"))
+        .collect()
 }
 
 async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Report> {
     let runs = run_names(a.runs);
-    eprintln!("connecting {} clients over {} runs to {addr} ...", a.clients, runs.len());
+    eprintln!(
+        "connecting {} clients over {} runs to {addr} ...",
+        a.clients,
+        runs.len()
+    );
     let clients = connect_all(addr, a.clients, &runs).await?;
     let rss_before = pid.and_then(rss_mib);
 
@@ -215,14 +244,20 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
             let mut last = 0u64;
             loop {
                 let deadline = stop_at.load(Ordering::Relaxed);
-                let wait = if deadline == u64::MAX { Duration::from_secs(60) } else { Duration::from_millis(500) };
+                let wait = if deadline == u64::MAX {
+                    Duration::from_secs(60)
+                } else {
+                    Duration::from_millis(500)
+                };
                 let msg = match tokio::time::timeout(wait, ws.next()).await {
                     Ok(Some(Ok(m))) => m,
                     _ => break,
                 };
                 let Message::Text(t) = msg else { continue };
                 let recv = now_nanos();
-                let (Some(seq), Some(sent)) = (number_after(&t, r#""seq":"#), number_after(&t, r#""t":"#)) else {
+                let (Some(seq), Some(sent)) =
+                    (number_after(&t, r#""seq":"#), number_after(&t, r#""t":"#))
+                else {
                     continue;
                 };
                 if seq <= last {
@@ -234,7 +269,8 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
                 }
                 last = seq;
                 st.received += 1;
-                st.latencies_us.push((recv.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
+                st.latencies_us
+                    .push((recv.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
                 if deadline != u64::MAX && now_nanos() > deadline {
                     break;
                 }
@@ -246,7 +282,8 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
     // Publishers: up to 8 tasks, each owning a slice of the runs (so per-run
     // order is the publish order) and its share of the rate.
     let tasks = runs.len().min(8);
-    let published: Arc<Vec<AtomicU64>> = Arc::new((0..runs.len()).map(|_| AtomicU64::new(0)).collect());
+    let published: Arc<Vec<AtomicU64>> =
+        Arc::new((0..runs.len()).map(|_| AtomicU64::new(0)).collect());
     let errors = Arc::new(AtomicU64::new(0));
     let cpu_before = pid.and_then(cpu_seconds);
     let bench_cpu_before = cpu_seconds(std::process::id());
@@ -262,7 +299,8 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
             .collect();
         let share = a.rate as f64 / tasks as f64;
         let target = HttpTarget::new(&format!("http://{addr}"))?;
-        let (published, errors, pad, duration) = (published.clone(), errors.clone(), pad.clone(), a.duration);
+        let (published, errors, pad, duration) =
+            (published.clone(), errors.clone(), pad.clone(), a.duration);
         pubs.spawn(async move {
             let mut next = 0usize;
             let mut sent = 0u64;
@@ -275,7 +313,10 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
                     next += 1;
                     sent += 1;
                     let data = format!(r#"{{"t":{},"pad":"{pad}"}}"#, now_nanos());
-                    let ev = NewEvent::new(EventKind::Progress, serde_json::value::RawValue::from_string(data).expect("json"));
+                    let ev = NewEvent::new(
+                        EventKind::Progress,
+                        serde_json::value::RawValue::from_string(data).expect("json"),
+                    );
                     match target.publish(run, vec![ev]).await {
                         Ok(_) => {
                             published[*idx].fetch_add(1, Ordering::Relaxed);
@@ -308,7 +349,10 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
         ..Report::default()
     };
     let mut lat: Vec<u32> = Vec::new();
-    let per_run: Vec<u64> = published.iter().map(|p| p.load(Ordering::Relaxed)).collect();
+    let per_run: Vec<u64> = published
+        .iter()
+        .map(|p| p.load(Ordering::Relaxed))
+        .collect();
     report.published = per_run.iter().sum();
     report.publish_errors = errors.load(Ordering::Relaxed);
     while let Some(r) = receivers.join_next().await {
@@ -320,14 +364,19 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
         lat.extend(st.latencies_us);
     }
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).map_or(0.0, |&us| us as f64 / 1000.0);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |&us| us as f64 / 1000.0)
+    };
     report.latency_ms_p50 = pct(0.50);
     report.latency_ms_p99 = pct(0.99);
     report.latency_ms_p999 = pct(0.999);
     report.latency_ms_max = lat.last().map_or(0.0, |&us| us as f64 / 1000.0);
     report.delivered_per_s = report.delivered as f64 / elapsed;
     report.server_cpu_cores = cpu_before.zip(cpu_after).map(|(b, a)| (a - b) / elapsed);
-    report.bench_cpu_cores = bench_cpu_before.zip(bench_cpu_after).map(|(b, a)| (a - b) / elapsed);
+    report.bench_cpu_cores = bench_cpu_before
+        .zip(bench_cpu_after)
+        .map(|(b, a)| (a - b) / elapsed);
     report.server_rss_mib_before = rss_before;
     report.server_rss_mib_after = pid.and_then(rss_mib);
     Ok(report)
@@ -339,11 +388,23 @@ async fn idle(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Resu
     let target = HttpTarget::new(&format!("http://{addr}"))?;
     for r in &runs {
         let run = RunId::parse(r)?;
-        target.publish(&run, vec![NewEvent::json(EventKind::Status, &serde_json::json!({"state": "idle"}))?]).await?;
+        target
+            .publish(
+                &run,
+                vec![NewEvent::json(
+                    EventKind::Status,
+                    &serde_json::json!({"state": "idle"}),
+                )?],
+            )
+            .await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = pid.and_then(rss_mib);
-    eprintln!("opening {} idle connections over {} runs ...", a.clients, runs.len());
+    eprintln!(
+        "opening {} idle connections over {} runs ...",
+        a.clients,
+        runs.len()
+    );
     let clients = connect_all(addr, a.clients, &runs).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = pid.and_then(rss_mib);
@@ -351,14 +412,24 @@ async fn idle(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Resu
     for r in &runs {
         let run = RunId::parse(r)?;
         let data = format!(r#"{{"t":{}}}"#, now_nanos());
-        target.publish(&run, vec![NewEvent::new(EventKind::Progress, serde_json::value::RawValue::from_string(data)?)]).await?;
+        target
+            .publish(
+                &run,
+                vec![NewEvent::new(
+                    EventKind::Progress,
+                    serde_json::value::RawValue::from_string(data)?,
+                )],
+            )
+            .await?;
     }
     let mut set = JoinSet::new();
     for mut ws in clients {
         set.spawn(async move {
             loop {
                 match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
-                    Ok(Some(Ok(Message::Text(t)))) if t.contains(r#""type":"event""#) => return 1u64,
+                    Ok(Some(Ok(Message::Text(t)))) if t.contains(r#""type":"event""#) => {
+                        return 1u64;
+                    }
                     Ok(Some(Ok(_))) => continue,
                     _ => return 0,
                 }
@@ -379,30 +450,49 @@ async fn idle(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Resu
         lost: a.clients as u64 - delivered,
         server_rss_mib_before: before,
         server_rss_mib_after: after,
-        idle_bytes_per_connection: before.zip(after).map(|(b, after)| (after - b) * 1048576.0 / a.clients as f64),
+        idle_bytes_per_connection: before
+            .zip(after)
+            .map(|(b, after)| (after - b) * 1048576.0 / a.clients as f64),
         ..Report::default()
     })
 }
 
 fn print_report(r: &Report) {
     eprintln!("--- runcast bench: {} ---", r.scenario);
-    eprintln!("clients {} over {} runs, {} events/s for {:.1}s, payload {} B", r.clients, r.runs, r.rate, r.duration_s, r.payload);
+    eprintln!(
+        "clients {} over {} runs, {} events/s for {:.1}s, payload {} B",
+        r.clients, r.runs, r.rate, r.duration_s, r.payload
+    );
     eprintln!(
         "published {} (errors {}), delivered {}/{} ({:.0} msg/s), lost {}, duplicated {}",
-        r.published, r.publish_errors, r.delivered, r.expected_deliveries, r.delivered_per_s, r.lost, r.duplicated
+        r.published,
+        r.publish_errors,
+        r.delivered,
+        r.expected_deliveries,
+        r.delivered_per_s,
+        r.lost,
+        r.duplicated
     );
     eprintln!(
         "latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         r.latency_ms_p50, r.latency_ms_p99, r.latency_ms_p999, r.latency_ms_max
     );
     if let Some(c) = r.server_cpu_cores {
-        eprintln!("server CPU {:.2} cores (bench clients {:.2})", c, r.bench_cpu_cores.unwrap_or(0.0));
+        eprintln!(
+            "server CPU {:.2} cores (bench clients {:.2})",
+            c,
+            r.bench_cpu_cores.unwrap_or(0.0)
+        );
     }
     if let (Some(b), Some(a)) = (r.server_rss_mib_before, r.server_rss_mib_after) {
         eprintln!("server RSS {b:.1} MiB -> {a:.1} MiB");
     }
     if let Some(b) = r.idle_bytes_per_connection {
-        eprintln!("memory per idle connection: {:.0} bytes ({:.1} KiB)", b, b / 1024.0);
+        eprintln!(
+            "memory per idle connection: {:.0} bytes ({:.1} KiB)",
+            b,
+            b / 1024.0
+        );
     }
 }
 

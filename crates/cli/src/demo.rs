@@ -66,7 +66,10 @@ async fn tick(ms: u64) {
 async fn load_test(p: Publisher, mut rng: Rng) -> Result<(), PublishError> {
     let seconds = 40 + rng.below(30);
     p.status("warming up").await?;
-    p.log(&format!("load test: {seconds}s ramp to 500 virtual users against checkout-api")).await?;
+    p.log(&format!(
+        "load test: {seconds}s ramp to 500 virtual users against checkout-api"
+    ))
+    .await?;
     let (mut requests, mut errors) = (0u64, 0u64);
     for s in 1..=seconds {
         tick(1000).await;
@@ -76,11 +79,19 @@ async fn load_test(p: Publisher, mut rng: Rng) -> Result<(), PublishError> {
         requests += rps;
         errors += err;
         let p99 = 80 + users / 5 + rng.below(40);
-        p.custom("metric", &json!({ "users": users, "rps": rps, "p99_ms": p99, "errors": err })).await?;
-        p.event(runcast_core::EventKind::Progress, &json!({ "done": s, "total": seconds, "users": users }))
-            .await?;
+        p.custom(
+            "metric",
+            &json!({ "users": users, "rps": rps, "p99_ms": p99, "errors": err }),
+        )
+        .await?;
+        p.event(
+            runcast_core::EventKind::Progress,
+            &json!({ "done": s, "total": seconds, "users": users }),
+        )
+        .await?;
         if err > 0 {
-            p.log(&format!("WARN {err} requests failed: 503 from upstream")).await?;
+            p.log(&format!("WARN {err} requests failed: 503 from upstream"))
+                .await?;
         }
         if s == seconds / 2 {
             p.status("at peak").await?;
@@ -95,17 +106,23 @@ async fn batch(p: Publisher, mut rng: Rng) -> Result<(), PublishError> {
     let total = 60 + rng.below(90);
     let fail_at = (rng.below(4) == 0).then(|| 10 + rng.below(total - 10));
     p.status("processing").await?;
-    p.log(&format!("batch of {total} documents to re-index")).await?;
+    p.log(&format!("batch of {total} documents to re-index"))
+        .await?;
     for i in 1..=total {
         tick(250 + rng.below(250)).await;
         if Some(i) == fail_at {
-            p.log(&format!("ERROR document doc-{i:04}: schema mismatch")).await?;
-            p.error(&format!("aborted at document {i} of {total}: schema mismatch")).await?;
+            p.log(&format!("ERROR document doc-{i:04}: schema mismatch"))
+                .await?;
+            p.error(&format!(
+                "aborted at document {i} of {total}: schema mismatch"
+            ))
+            .await?;
             return Ok(());
         }
         p.progress(i, total).await?;
         if i % 5 == 0 || rng.below(8) == 0 {
-            p.log(&format!("indexed doc-{i:04} ({} KiB)", 4 + rng.below(400))).await?;
+            p.log(&format!("indexed doc-{i:04} ({} KiB)", 4 + rng.below(400)))
+                .await?;
         }
     }
     p.complete(&json!({ "documents": total })).await?;
@@ -113,7 +130,12 @@ async fn batch(p: Publisher, mut rng: Rng) -> Result<(), PublishError> {
 }
 
 async fn codegen(p: Publisher, mut rng: Rng) -> Result<(), PublishError> {
-    let steps = [("planning", 6), ("generating", 30), ("compiling", 12), ("testing", 20)];
+    let steps = [
+        ("planning", 6),
+        ("generating", 30),
+        ("compiling", 12),
+        ("testing", 20),
+    ];
     let total: u64 = steps.iter().map(|(_, n)| n).sum();
     let mut done = 0;
     for (phase, n) in steps {
@@ -121,17 +143,24 @@ async fn codegen(p: Publisher, mut rng: Rng) -> Result<(), PublishError> {
         for i in 1..=n {
             tick(300 + rng.below(500)).await;
             done += 1;
-            p.event(runcast_core::EventKind::Progress, &json!({ "percent": done as f64 * 100.0 / total as f64, "phase": phase }))
-                .await?;
+            p.event(
+                runcast_core::EventKind::Progress,
+                &json!({ "percent": done as f64 * 100.0 / total as f64, "phase": phase }),
+            )
+            .await?;
             let line = match phase {
                 "planning" => format!("planned module {i}"),
-                "generating" => format!("wrote src/gen/file_{i:02}.rs ({} lines)", 40 + rng.below(300)),
+                "generating" => format!(
+                    "wrote src/gen/file_{i:02}.rs ({} lines)",
+                    40 + rng.below(300)
+                ),
                 "compiling" => format!("compiled crate {i}/{n}"),
                 _ => format!("test suite {i}: {} passed", 5 + rng.below(40)),
             };
             p.log(&line).await?;
         }
     }
-    p.complete(&json!({ "files": 30, "tests_passed": true })).await?;
+    p.complete(&json!({ "files": 30, "tests_passed": true }))
+        .await?;
     Ok(())
 }

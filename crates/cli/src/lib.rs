@@ -18,7 +18,9 @@ use runcast_gateway::Gateway;
 pub fn init_logging(filter: &str) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
 }
@@ -34,7 +36,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Binds with a deep accept backlog: reconnect storms arrive all at once.
 pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
@@ -48,7 +54,9 @@ async fn up(a: args::UpArgs) -> anyhow::Result<()> {
     let listener = bind(a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, demo = a.demo, "runcast is up: open http://{addr}/");
-    let demo = a.demo.then(|| demo::spawn(Arc::new(bus.clone()), a.demo_jobs));
+    let demo = a
+        .demo
+        .then(|| demo::spawn(Arc::new(bus.clone()), a.demo_jobs));
     let server = tokio::spawn(runcast_gateway::run(gw, listener, shutdown_signal()));
     let result = server.await.context("gateway task failed")?;
     if let Some(d) = demo {
@@ -84,10 +92,12 @@ pub async fn shutdown_signal() {
 
 async fn publish(a: args::PublishArgs) -> anyhow::Result<()> {
     let kind = EventKind::parse(&a.kind)?;
-    let data: Box<serde_json::value::RawValue> =
-        serde_json::from_str(&a.data).with_context(|| format!("--data is not valid JSON: {}", a.data))?;
+    let data: Box<serde_json::value::RawValue> = serde_json::from_str(&a.data)
+        .with_context(|| format!("--data is not valid JSON: {}", a.data))?;
     let p = runcast_worker::Publisher::http(&a.url, &a.run)?;
-    let seq = p.batch(vec![runcast_core::NewEvent::new(kind, data)]).await?;
+    let seq = p
+        .batch(vec![runcast_core::NewEvent::new(kind, data)])
+        .await?;
     println!("{}", seq[0]);
     Ok(())
 }

@@ -31,14 +31,21 @@ pub async fn run(a: TailArgs) -> anyhow::Result<ExitCode> {
             Outcome::Resume(why) => {
                 failures = if since != before { 1 } else { failures + 1 };
                 if failures > a.max_retries {
-                    bail!("giving up after {} reconnects without progress: {why}", a.max_retries);
+                    bail!(
+                        "giving up after {} reconnects without progress: {why}",
+                        a.max_retries
+                    );
                 }
                 // 100 ms doubling to 5 s, with jitter so a fleet of clients
                 // does not reconnect in lockstep.
                 let base = 100u64.saturating_mul(1 << failures.min(6)).min(5000);
-                let jitter = u64::from(std::process::id()).wrapping_mul(u64::from(failures)) % (base / 2 + 1);
+                let jitter = u64::from(std::process::id()).wrapping_mul(u64::from(failures))
+                    % (base / 2 + 1);
                 let wait = Duration::from_millis(base / 2 + jitter);
-                eprintln!("runcast tail: {why}; resuming after seq {} in {wait:?}", since.unwrap_or(0));
+                eprintln!(
+                    "runcast tail: {why}; resuming after seq {} in {wait:?}",
+                    since.unwrap_or(0)
+                );
                 tokio::time::sleep(wait).await;
             }
         }
@@ -61,9 +68,13 @@ async fn session(a: &TailArgs, since: &mut Option<u64>) -> anyhow::Result<Outcom
         let text = match msg {
             Ok(Message::Text(t)) => t,
             Ok(Message::Close(frame)) => {
-                let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                    (u16::from(f.code), f.reason.to_string())
+                });
                 if CloseCode::should_resume(code) {
-                    return Ok(Outcome::Resume(format!("server closed with {code} ({reason})")));
+                    return Ok(Outcome::Resume(format!(
+                        "server closed with {code} ({reason})"
+                    )));
                 }
                 bail!("server closed with {code} ({reason}); not retrying");
             }
@@ -85,8 +96,12 @@ async fn session(a: &TailArgs, since: &mut Option<u64>) -> anyhow::Result<Outcom
                 if since.is_none() {
                     *since = f["seq"].as_u64();
                     match f["state"]["status"].as_str() {
-                        Some("completed") if !a.follow => return Ok(Outcome::Finished(ExitCode::SUCCESS)),
-                        Some("failed") if !a.follow => return Ok(Outcome::Finished(ExitCode::from(2))),
+                        Some("completed") if !a.follow => {
+                            return Ok(Outcome::Finished(ExitCode::SUCCESS));
+                        }
+                        Some("failed") if !a.follow => {
+                            return Ok(Outcome::Finished(ExitCode::from(2)));
+                        }
                         _ => {}
                     }
                 }
@@ -94,21 +109,39 @@ async fn session(a: &TailArgs, since: &mut Option<u64>) -> anyhow::Result<Outcom
             Some("event") => {
                 let seq = f["seq"].as_u64().unwrap_or(0);
                 *since = Some(seq);
-                if !a.json && out(&format!("{seq:>6} {:<10} {}", f["kind"].as_str().unwrap_or("?"), f["data"])).is_err() {
+                if !a.json
+                    && out(&format!(
+                        "{seq:>6} {:<10} {}",
+                        f["kind"].as_str().unwrap_or("?"),
+                        f["data"]
+                    ))
+                    .is_err()
+                {
                     return Ok(Outcome::Finished(ExitCode::SUCCESS));
                 }
                 match f["kind"].as_str() {
-                    Some("complete") if !a.follow => return Ok(Outcome::Finished(ExitCode::SUCCESS)),
+                    Some("complete") if !a.follow => {
+                        return Ok(Outcome::Finished(ExitCode::SUCCESS));
+                    }
                     Some("error") if !a.follow => return Ok(Outcome::Finished(ExitCode::from(2))),
                     _ => {}
                 }
             }
             Some("gap") => {
                 *since = f["to"].as_u64().or(*since);
-                eprintln!("runcast tail: {}", f["message"].as_str().unwrap_or("events were lost to retention"));
+                eprintln!(
+                    "runcast tail: {}",
+                    f["message"]
+                        .as_str()
+                        .unwrap_or("events were lost to retention")
+                );
             }
             Some("error") => {
-                bail!("{}: {}", f["code"].as_str().unwrap_or("error"), f["message"].as_str().unwrap_or(""));
+                bail!(
+                    "{}: {}",
+                    f["code"].as_str().unwrap_or("error"),
+                    f["message"].as_str().unwrap_or("")
+                );
             }
             _ => {}
         }
@@ -128,8 +161,14 @@ fn state_line(f: &Value) -> String {
         return "(run has no events yet; waiting)".into();
     }
     let status = s["status"].as_str().unwrap_or("?");
-    let percent = s["percent"].as_f64().map(|p| format!(" {p:.0}%")).unwrap_or_default();
-    let mut line = format!("state  seq {} {status}{percent} ({} events)", f["seq"], s["events"]);
+    let percent = s["percent"]
+        .as_f64()
+        .map(|p| format!(" {p:.0}%"))
+        .unwrap_or_default();
+    let mut line = format!(
+        "state  seq {} {status}{percent} ({} events)",
+        f["seq"], s["events"]
+    );
     if !s["result"].is_null() {
         line.push_str(&format!("\nresult {}", s["result"]));
     }

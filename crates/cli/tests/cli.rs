@@ -38,7 +38,11 @@ impl CuttingProxy {
                 c.lock().await.push(task);
             }
         });
-        Self { addr, conns, accept }
+        Self {
+            addr,
+            conns,
+            accept,
+        }
     }
 
     async fn cut(&self) -> usize {
@@ -62,7 +66,14 @@ async fn tail_resumes_across_dropped_connections_without_loss_or_duplicates() {
     let gw = TestGateway::start().await;
     let proxy = CuttingProxy::start(gw.addr).await;
     let mut child = tokio::process::Command::new(BIN)
-        .args(["tail", "deploy-9", "--since", "0", "--url", &format!("ws://{}/v1/ws", proxy.addr)])
+        .args([
+            "tail",
+            "deploy-9",
+            "--since",
+            "0",
+            "--url",
+            &format!("ws://{}/v1/ws", proxy.addr),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -83,14 +94,26 @@ async fn tail_resumes_across_dropped_connections_without_loss_or_duplicates() {
         out
     });
     // Wait for the state line: the tail is connected and subscribed.
-    tokio::time::timeout(Duration::from_secs(20), first_rx).await.expect("tail connects").unwrap();
+    tokio::time::timeout(Duration::from_secs(20), first_rx)
+        .await
+        .expect("tail connects")
+        .unwrap();
     let bus = gw.bus();
     let run = RunId::parse("deploy-9").unwrap();
     let mut cuts = 0;
     for i in 1..=300u64 {
-        bus.publish(&run, vec![NewEvent::json(EventKind::Progress, &serde_json::json!({"done": i, "total": 300})).unwrap()])
-            .await
-            .unwrap();
+        bus.publish(
+            &run,
+            vec![
+                NewEvent::json(
+                    EventKind::Progress,
+                    &serde_json::json!({"done": i, "total": 300}),
+                )
+                .unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
         if i % 100 == 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
             cuts += proxy.cut().await;
@@ -105,10 +128,16 @@ async fn tail_resumes_across_dropped_connections_without_loss_or_duplicates() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    bus.publish(&run, vec![NewEvent::json(EventKind::Complete, &serde_json::json!({"ok": true})).unwrap()])
+    bus.publish(
+        &run,
+        vec![NewEvent::json(EventKind::Complete, &serde_json::json!({"ok": true})).unwrap()],
+    )
+    .await
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
+        .expect("tail exits after complete")
         .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("tail exits after complete").unwrap();
     assert!(status.success(), "tail exit status {status:?}");
     assert!(cuts >= 3, "the proxy cut live connections ({cuts})");
     let lines = reader.await.unwrap();
@@ -116,15 +145,29 @@ async fn tail_resumes_across_dropped_connections_without_loss_or_duplicates() {
         .iter()
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect();
-    assert_eq!(seqs, (1..=301).collect::<Vec<u64>>(), "every event exactly once, in order:\n{}", lines.join("\n"));
+    assert_eq!(
+        seqs,
+        (1..=301).collect::<Vec<u64>>(),
+        "every event exactly once, in order:\n{}",
+        lines.join("\n")
+    );
     let mut err = String::new();
-    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut err).await.unwrap();
-    assert!(err.contains("resuming after seq"), "tail reports its resumes: {err}");
+    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut err)
+        .await
+        .unwrap();
+    assert!(
+        err.contains("resuming after seq"),
+        "tail reports its resumes: {err}"
+    );
 }
 
 #[tokio::test]
 async fn tail_refuses_bad_run_ids_and_stops_on_non_resumable_errors() {
-    let out = tokio::process::Command::new(BIN).args(["tail", "a.b"]).output().await.unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["tail", "a.b"])
+        .output()
+        .await
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid run ID"));
     let gw = TestGateway::start().await;
@@ -133,7 +176,10 @@ async fn tail_refuses_bad_run_ids_and_stops_on_non_resumable_errors() {
         .output()
         .await
         .unwrap();
-    assert!(!out.status.success(), "since past the head is not retried forever");
+    assert!(
+        !out.status.success(),
+        "since past the head is not retried forever"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("since_out_of_range"));
 }
 
@@ -143,11 +189,24 @@ async fn publish_prints_the_assigned_seq_and_reports_rejections() {
     let url = gw.http_url();
     for want in ["1", "2"] {
         let out = tokio::process::Command::new(BIN)
-            .args(["publish", "cli-run", "--kind", "log", "--data", r#"{"line":"hi"}"#, "--url", &url])
+            .args([
+                "publish",
+                "cli-run",
+                "--kind",
+                "log",
+                "--data",
+                r#"{"line":"hi"}"#,
+                "--url",
+                &url,
+            ])
             .output()
             .await
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want);
     }
     let (_, _, body) = http(gw.addr, "GET", "/v1/runs/cli-run", &[], "").await;
@@ -160,10 +219,21 @@ async fn publish_prints_the_assigned_seq_and_reports_rejections() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
     let out = tokio::process::Command::new(BIN)
-        .args(["publish", "cli-run", "--data", "1", "--url", "http://127.0.0.1:1"])
+        .args([
+            "publish",
+            "cli-run",
+            "--data",
+            "1",
+            "--url",
+            "http://127.0.0.1:1",
+        ])
         .output()
         .await
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unreachable"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

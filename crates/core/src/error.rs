@@ -144,7 +144,11 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), run: None }
+        Self {
+            code,
+            message: message.into(),
+            run: None,
+        }
     }
 
     pub fn with_run(mut self, run: impl Into<String>) -> Self {
@@ -208,10 +212,6 @@ impl CloseCode {
     /// this server does not send are judged by range: 4000–4399 resume,
     /// 4400–4999 do not.
     pub fn should_resume(code: u16) -> bool {
-        match code {
-            1000 | 1008 | 1009 | 1003 | 1007 | 1010 => false,
-            4400..=4999 => false,
-            _ => true,
-        }
+        !matches!(code, 1000 | 1003 | 1007 | 1008 | 1009 | 1010 | 4400..=4999)
     }
 }

@@ -17,7 +17,9 @@ pub enum EventKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("event kind {0:?} is invalid: use progress, log, status, complete, error or 1-64 characters of [a-z0-9_-]")]
+#[error(
+    "event kind {0:?} is invalid: use progress, log, status, complete, error or 1-64 characters of [a-z0-9_-]"
+)]
 pub struct ParseKindError(pub String);
 
 impl EventKind {
@@ -33,8 +35,9 @@ impl EventKind {
             _ => {
                 let ok = !s.is_empty()
                     && s.len() <= Self::MAX_LEN
-                    && s.bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+                    && s.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                    });
                 if !ok {
                     return Err(ParseKindError(s.chars().take(80).collect()));
                 }
@@ -98,11 +101,18 @@ pub struct NewEvent {
 
 impl NewEvent {
     pub fn new(kind: EventKind, data: Box<RawValue>) -> Self {
-        Self { kind, data, traceparent: None }
+        Self {
+            kind,
+            data,
+            traceparent: None,
+        }
     }
 
     /// Builds an event from any serializable value.
-    pub fn json<T: serde::Serialize + ?Sized>(kind: EventKind, data: &T) -> Result<Self, serde_json::Error> {
+    pub fn json<T: serde::Serialize + ?Sized>(
+        kind: EventKind,
+        data: &T,
+    ) -> Result<Self, serde_json::Error> {
         Ok(Self::new(kind, serde_json::value::to_raw_value(data)?))
     }
 }
@@ -143,7 +153,14 @@ mod tests {
 
     #[test]
     fn kinds_round_trip() {
-        for k in ["progress", "log", "status", "complete", "error", "my-kind_2"] {
+        for k in [
+            "progress",
+            "log",
+            "status",
+            "complete",
+            "error",
+            "my-kind_2",
+        ] {
             assert_eq!(EventKind::parse(k).unwrap().as_str(), k);
         }
     }

@@ -15,23 +15,45 @@ use crate::{ErrorCode, Event, ProtocolError, RunId, RunState};
 pub enum ClientFrame {
     /// Start receiving a run's events. With `since`, replay every event with
     /// a greater seq first; without it, start from the current state.
-    Subscribe { run: RunId, since: Option<u64> },
-    Unsubscribe { run: RunId },
+    Subscribe {
+        run: RunId,
+        since: Option<u64>,
+    },
+    Unsubscribe {
+        run: RunId,
+    },
     /// Application-level keepalive for clients that cannot send WebSocket pings.
     Ping,
 }
 
 /// Parses one text frame from a client.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ProtocolError> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, format!("frame is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        ProtocolError::new(
+            ErrorCode::InvalidJson,
+            format!("frame is not valid JSON: {e}"),
+        )
+    })?;
     let Value::Object(obj) = value else {
-        return Err(ProtocolError::new(ErrorCode::InvalidFrame, "frame must be a JSON object"));
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidFrame,
+            "frame must be a JSON object",
+        ));
     };
     let ty = match obj.get("type") {
         Some(Value::String(t)) => t.as_str(),
-        Some(_) => return Err(ProtocolError::new(ErrorCode::InvalidFrame, "\"type\" must be a string")),
-        None => return Err(ProtocolError::new(ErrorCode::InvalidFrame, "frame has no \"type\"")),
+        Some(_) => {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidFrame,
+                "\"type\" must be a string",
+            ));
+        }
+        None => {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidFrame,
+                "frame has no \"type\"",
+            ));
+        }
     };
     match ty {
         "subscribe" => {
@@ -39,7 +61,9 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ProtocolError> {
             let since = since_field(&obj).map_err(|e| e.with_run(run.as_str()))?;
             Ok(ClientFrame::Subscribe { run, since })
         }
-        "unsubscribe" => Ok(ClientFrame::Unsubscribe { run: run_field(&obj)? }),
+        "unsubscribe" => Ok(ClientFrame::Unsubscribe {
+            run: run_field(&obj)?,
+        }),
         "ping" => Ok(ClientFrame::Ping),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownType,
@@ -56,8 +80,14 @@ fn run_field(obj: &Map<String, Value>) -> Result<RunId, ProtocolError> {
         Some(Value::String(s)) => RunId::parse(s).map_err(|e| {
             ProtocolError::new(ErrorCode::InvalidRunId, e.to_string()).with_run(truncate(s))
         }),
-        Some(_) => Err(ProtocolError::new(ErrorCode::InvalidRunId, "\"run\" must be a string")),
-        None => Err(ProtocolError::new(ErrorCode::InvalidRunId, "frame has no \"run\"")),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::InvalidRunId,
+            "\"run\" must be a string",
+        )),
+        None => Err(ProtocolError::new(
+            ErrorCode::InvalidRunId,
+            "frame has no \"run\"",
+        )),
     }
 }
 
@@ -87,7 +117,10 @@ pub fn parse_since(text: &str) -> Result<u64, ProtocolError> {
     text.trim().parse::<u64>().map_err(|_| {
         ProtocolError::new(
             ErrorCode::InvalidSince,
-            format!("cursor {:?} must be a non-negative integer", text.chars().take(32).collect::<String>()),
+            format!(
+                "cursor {:?} must be a non-negative integer",
+                text.chars().take(32).collect::<String>()
+            ),
         )
     })
 }
@@ -159,7 +192,12 @@ pub fn encode_error(err: &ProtocolError) -> String {
 }
 
 /// `{"type":"hello",..}`: the first frame on a WebSocket.
-pub fn encode_hello(connection: u64, heartbeat_ms: u64, max_frame_bytes: usize, max_subscriptions: usize) -> String {
+pub fn encode_hello(
+    connection: u64,
+    heartbeat_ms: u64,
+    max_frame_bytes: usize,
+    max_subscriptions: usize,
+) -> String {
     serde_json::json!({
         "type": "hello",
         "version": crate::PROTOCOL_VERSION,
@@ -192,17 +230,26 @@ mod tests {
         let r = RunId::parse("r1").unwrap();
         assert_eq!(
             parse_client_frame(r#"{"type":"subscribe","run":"r1"}"#).unwrap(),
-            ClientFrame::Subscribe { run: r.clone(), since: None }
+            ClientFrame::Subscribe {
+                run: r.clone(),
+                since: None
+            }
         );
         assert_eq!(
             parse_client_frame(r#"{"type":"subscribe","run":"r1","since":42}"#).unwrap(),
-            ClientFrame::Subscribe { run: r.clone(), since: Some(42) }
+            ClientFrame::Subscribe {
+                run: r.clone(),
+                since: Some(42)
+            }
         );
         assert_eq!(
             parse_client_frame(r#"{"type":"unsubscribe","run":"r1","extra":1}"#).unwrap(),
             ClientFrame::Unsubscribe { run: r }
         );
-        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#).unwrap(), ClientFrame::Ping);
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ping"}"#).unwrap(),
+            ClientFrame::Ping
+        );
     }
 
     #[test]
@@ -224,9 +271,18 @@ mod tests {
             (r#"{"type":"subscribe","run":">"}"#, InvalidRunId),
             (r#"{"type":"subscribe","run":"héllo"}"#, InvalidRunId),
             (&long, InvalidRunId),
-            (r#"{"type":"subscribe","run":"r1","since":-1}"#, InvalidSince),
-            (r#"{"type":"subscribe","run":"r1","since":1.5}"#, InvalidSince),
-            (r#"{"type":"subscribe","run":"r1","since":"3"}"#, InvalidSince),
+            (
+                r#"{"type":"subscribe","run":"r1","since":-1}"#,
+                InvalidSince,
+            ),
+            (
+                r#"{"type":"subscribe","run":"r1","since":1.5}"#,
+                InvalidSince,
+            ),
+            (
+                r#"{"type":"subscribe","run":"r1","since":"3"}"#,
+                InvalidSince,
+            ),
             (r#"{"type":"unsubscribe","run":"a b"}"#, InvalidRunId),
         ];
         for (text, want) in cases {
@@ -240,7 +296,8 @@ mod tests {
             run: RunId::parse("r1").unwrap(),
             seq: 7,
             kind: EventKind::Progress,
-            data: serde_json::value::RawValue::from_string(r#"{"done": 3, "total":10}"#.into()).unwrap(),
+            data: serde_json::value::RawValue::from_string(r#"{"done": 3, "total":10}"#.into())
+                .unwrap(),
             ts: 1_700_000_000_000,
             traceparent: Some("00-abc-\"x\"-01".into()),
         };
@@ -256,6 +313,9 @@ mod tests {
     fn since_cursor_text() {
         assert_eq!(parse_since(" 12 ").unwrap(), 12);
         assert_eq!(parse_since("-1").unwrap_err().code, ErrorCode::InvalidSince);
-        assert_eq!(parse_since("abc").unwrap_err().code, ErrorCode::InvalidSince);
+        assert_eq!(
+            parse_since("abc").unwrap_err().code,
+            ErrorCode::InvalidSince
+        );
     }
 }

@@ -138,18 +138,38 @@ mod tests {
         assert_eq!(s.percent, Some(25.0));
         assert_eq!(s.status, RunStatus::Running);
         s.apply(&ev(3, EventKind::Progress, r#"{"note":"no numbers"}"#));
-        assert_eq!(s.percent, Some(25.0), "progress without numbers keeps the last percent");
+        assert_eq!(
+            s.percent,
+            Some(25.0),
+            "progress without numbers keeps the last percent"
+        );
         s.apply(&ev(4, EventKind::Complete, r#"{"ok":true}"#));
-        assert_eq!((s.status, s.seq, s.events, s.finished_ts), (RunStatus::Completed, 4, 4, Some(40)));
+        assert_eq!(
+            (s.status, s.seq, s.events, s.finished_ts),
+            (RunStatus::Completed, 4, 4, Some(40))
+        );
         s.apply(&ev(5, EventKind::Error, r#"{}"#));
-        assert_eq!(s.status, RunStatus::Completed, "a finished run stays finished");
+        assert_eq!(
+            s.status,
+            RunStatus::Completed,
+            "a finished run stays finished"
+        );
         assert_eq!(s.seq, 5);
     }
 
     #[test]
     fn percent_is_clamped_and_checked() {
-        assert_eq!(percent_of(&RawValue::from_string(r#"{"percent":140}"#.into()).unwrap()), Some(100.0));
-        assert_eq!(percent_of(&RawValue::from_string(r#"{"done":1,"total":0}"#.into()).unwrap()), None);
-        assert_eq!(percent_of(&RawValue::from_string(r#"[1,2]"#.into()).unwrap()), None);
+        assert_eq!(
+            percent_of(&RawValue::from_string(r#"{"percent":140}"#.into()).unwrap()),
+            Some(100.0)
+        );
+        assert_eq!(
+            percent_of(&RawValue::from_string(r#"{"done":1,"total":0}"#.into()).unwrap()),
+            None
+        );
+        assert_eq!(
+            percent_of(&RawValue::from_string(r#"[1,2]"#.into()).unwrap()),
+            None
+        );
     }
 }

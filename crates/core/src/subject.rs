@@ -34,7 +34,10 @@ mod tests {
         let s = event_subject("runcast", &run, &EventKind::Progress);
         assert_eq!(s, "runcast.runs.r-1.progress");
         assert_eq!(run_wildcard("runcast", &run), "runcast.runs.r-1.*");
-        assert_eq!(parse_event_subject("runcast", &s), Some((run, EventKind::Progress)));
+        assert_eq!(
+            parse_event_subject("runcast", &s),
+            Some((run, EventKind::Progress))
+        );
         assert_eq!(parse_event_subject("runcast", "runcast.runs.a.b.c"), None);
         assert_eq!(parse_event_subject("other", &s), None);
     }

@@ -18,7 +18,7 @@ use runcast_core::{ErrorCode, EventKind, NewEvent, ProtocolError, RunId, frame};
 use serde_json::value::RawValue;
 use tokio_tungstenite::{WebSocketStream, tungstenite::protocol::Role};
 
-use crate::{Gateway, server::ConnCtx, session::bus_error, session::SessionError};
+use crate::{Gateway, server::ConnCtx, session::SessionError, session::bus_error};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -32,9 +32,11 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         ([] | [""], &Method::GET) => text(StatusCode::OK, "text/html; charset=utf-8", PAGE),
         (["healthz"], &Method::GET) => text(StatusCode::OK, "text/plain", "ok\n"),
         (["readyz"], &Method::GET) => readyz(&ctx.gw),
-        (["metrics"], &Method::GET) => {
-            text(StatusCode::OK, "text/plain; version=0.0.4", ctx.gw.metrics.render())
-        }
+        (["metrics"], &Method::GET) => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            ctx.gw.metrics.render(),
+        ),
         (["v1", "ws"], &Method::GET) => upgrade(ctx.clone(), req),
         (["v1", "runs"], &Method::GET) => list_runs(&ctx.gw).await,
         (["v1", "runs", run], &Method::GET) => with_run(run, |r| get_run(ctx.gw.clone(), r)).await,
@@ -50,11 +52,17 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
             let run = run.to_string();
             stream(ctx.clone(), run, req)
         }
-        (["", ..] | [], _) | (["healthz" | "readyz" | "metrics"], _) | (["v1", "ws"], _) | (["v1", "runs"], _) | (["v1", "runs", _], _) | (["v1", "runs", _, "stream"], _) => {
-            method_not_allowed(allowed(&segs))
-        }
+        (["", ..] | [], _)
+        | (["healthz" | "readyz" | "metrics"], _)
+        | (["v1", "ws"], _)
+        | (["v1", "runs"], _)
+        | (["v1", "runs", _], _)
+        | (["v1", "runs", _, "stream"], _) => method_not_allowed(allowed(&segs)),
         (["v1", "runs", _, "events"], _) => method_not_allowed("GET, POST"),
-        _ => error(ProtocolError::new(ErrorCode::NotFound, format!("no route for {}", truncate(&path)))),
+        _ => error(ProtocolError::new(
+            ErrorCode::NotFound,
+            format!("no route for {}", truncate(&path)),
+        )),
     };
     if resp.status().is_client_error() || resp.status().is_server_error() {
         tracing::debug!(method = %m, status = resp.status().as_u16(), "request failed");
@@ -77,7 +85,8 @@ fn full(b: impl Into<Bytes>) -> Body {
 fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
     r
 }
 
@@ -86,11 +95,14 @@ fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 pub fn error(err: ProtocolError) -> Response<Body> {
-    let body = serde_json::json!({ "error": { "code": err.code.as_str(), "message": err.message } });
-    let status = StatusCode::from_u16(err.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body =
+        serde_json::json!({ "error": { "code": err.code.as_str(), "message": err.message } });
+    let status =
+        StatusCode::from_u16(err.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = json(status, body.to_string());
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     r
 }
@@ -100,7 +112,8 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
         ErrorCode::MethodNotAllowed,
         format!("method not allowed here; allowed: {allow}"),
     ));
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     r
 }
 
@@ -118,7 +131,10 @@ where
 fn protocol_error(gw: &Gateway, e: SessionError) -> Response<Body> {
     match e {
         SessionError::Protocol(p) => {
-            gw.metrics.protocol_errors.with_label_values(&[p.code.as_str()]).inc();
+            gw.metrics
+                .protocol_errors
+                .with_label_values(&[p.code.as_str()])
+                .inc();
             error(p)
         }
         SessionError::Closed => error(ProtocolError::new(ErrorCode::Internal, "connection closed")),
@@ -127,25 +143,41 @@ fn protocol_error(gw: &Gateway, e: SessionError) -> Response<Body> {
 
 fn readyz(gw: &Gateway) -> Response<Body> {
     if gw.is_draining() {
-        return error(ProtocolError::new(ErrorCode::Draining, "gateway is draining"));
+        return error(ProtocolError::new(
+            ErrorCode::Draining,
+            "gateway is draining",
+        ));
     }
     match gw.bus.health() {
         Ok(()) => text(StatusCode::OK, "text/plain", "ready\n"),
-        Err(why) => error(ProtocolError::new(ErrorCode::Unavailable, format!("bus not ready: {why}"))),
+        Err(why) => error(ProtocolError::new(
+            ErrorCode::Unavailable,
+            format!("bus not ready: {why}"),
+        )),
     }
 }
 
 async fn list_runs(gw: &Gateway) -> Response<Body> {
     match gw.bus.runs().await {
-        Ok(runs) => json(StatusCode::OK, serde_json::json!({ "runs": runs }).to_string()),
+        Ok(runs) => json(
+            StatusCode::OK,
+            serde_json::json!({ "runs": runs }).to_string(),
+        ),
         Err(e) => error(ProtocolError::new(ErrorCode::Unavailable, e.to_string())),
     }
 }
 
 async fn get_run(gw: Arc<Gateway>, run: RunId) -> Response<Body> {
     match gw.bus.state(&run).await {
-        Ok(Some(s)) => json(StatusCode::OK, serde_json::to_string(&s).unwrap_or_default()),
-        Ok(None) => error(ProtocolError::for_run(ErrorCode::RunNotFound, &run, format!("run {run} has no retained events"))),
+        Ok(Some(s)) => json(
+            StatusCode::OK,
+            serde_json::to_string(&s).unwrap_or_default(),
+        ),
+        Ok(None) => error(ProtocolError::for_run(
+            ErrorCode::RunNotFound,
+            &run,
+            format!("run {run} has no retained events"),
+        )),
         Err(e) => protocol_error(&gw, bus_error(e, &run)),
     }
 }
@@ -155,7 +187,9 @@ fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError> {
         if let Some((k, v)) = pair.split_once('=')
             && k == key
         {
-            return frame::parse_since(v).map(Some).map_err(|e| ProtocolError::new(e.code, format!("{key}: {}", e.message)));
+            return frame::parse_since(v)
+                .map(Some)
+                .map_err(|e| ProtocolError::new(e.code, format!("{key}: {}", e.message)));
         }
     }
     Ok(None)
@@ -188,14 +222,19 @@ async fn history(gw: Arc<Gateway>, run: RunId, q: String) -> Response<Body> {
         }
         body.push_str(&frame::encode_event(ev));
     }
-    let next = page.events.last().map_or(since.max(page.first.saturating_sub(1)), |e| e.seq);
+    let next = page
+        .events
+        .last()
+        .map_or(since.max(page.first.saturating_sub(1)), |e| e.seq);
     let gap = (since + 1 < page.first && page.first > 1).then(|| (since + 1, page.first - 1));
     body.push_str(&format!(
         "],\"first\":{},\"head\":{},\"next_since\":{},\"gap\":{}}}",
         page.first,
         page.head,
         next,
-        gap.map_or("null".to_string(), |(f, t)| format!("{{\"from\":{f},\"to\":{t}}}"))
+        gap.map_or("null".to_string(), |(f, t)| format!(
+            "{{\"from\":{f},\"to\":{t}}}"
+        ))
     ));
     json(StatusCode::OK, body)
 }
@@ -213,24 +252,51 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
     <Box<RawValue> as serde::Deserialize>::deserialize(d).map(Some)
 }
 
-fn parse_publish(body: &[u8], max_batch: usize, header_tp: Option<&str>) -> Result<Vec<NewEvent>, ProtocolError> {
-    let raw: &RawValue = serde_json::from_slice(body)
-        .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, format!("body is not valid JSON: {e}")))?;
+fn parse_publish(
+    body: &[u8],
+    max_batch: usize,
+    header_tp: Option<&str>,
+) -> Result<Vec<NewEvent>, ProtocolError> {
+    let raw: &RawValue = serde_json::from_slice(body).map_err(|e| {
+        ProtocolError::new(
+            ErrorCode::InvalidJson,
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
     let text = raw.get().trim_start();
     let items: Vec<PublishItem> = if text.starts_with('[') {
-        serde_json::from_str(text).map_err(|e| ProtocolError::new(ErrorCode::InvalidEvent, format!("each event must be {{\"kind\":..,\"data\":..}}: {e}")))?
+        serde_json::from_str(text).map_err(|e| {
+            ProtocolError::new(
+                ErrorCode::InvalidEvent,
+                format!("each event must be {{\"kind\":..,\"data\":..}}: {e}"),
+            )
+        })?
     } else if text.starts_with('{') {
-        vec![serde_json::from_str(text).map_err(|e| ProtocolError::new(ErrorCode::InvalidEvent, format!("an event is {{\"kind\":..,\"data\":..}}: {e}")))?]
+        vec![serde_json::from_str(text).map_err(|e| {
+            ProtocolError::new(
+                ErrorCode::InvalidEvent,
+                format!("an event is {{\"kind\":..,\"data\":..}}: {e}"),
+            )
+        })?]
     } else {
-        return Err(ProtocolError::new(ErrorCode::InvalidEvent, "body must be an event object or an array of them"));
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidEvent,
+            "body must be an event object or an array of them",
+        ));
     };
     if items.is_empty() {
-        return Err(ProtocolError::new(ErrorCode::InvalidEvent, "the array of events is empty"));
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidEvent,
+            "the array of events is empty",
+        ));
     }
     if items.len() > max_batch {
         return Err(ProtocolError::new(
             ErrorCode::TooManyEvents,
-            format!("{} events in one request; the limit is {max_batch}", items.len()),
+            format!(
+                "{} events in one request; the limit is {max_batch}",
+                items.len()
+            ),
         ));
     }
     items
@@ -238,17 +304,34 @@ fn parse_publish(body: &[u8], max_batch: usize, header_tp: Option<&str>) -> Resu
         .enumerate()
         .map(|(i, it)| {
             let kind = match it.kind {
-                Some(serde_json::Value::String(k)) => {
-                    EventKind::parse(&k).map_err(|e| ProtocolError::new(ErrorCode::InvalidKind, format!("event {i}: {e}")))?
+                Some(serde_json::Value::String(k)) => EventKind::parse(&k).map_err(|e| {
+                    ProtocolError::new(ErrorCode::InvalidKind, format!("event {i}: {e}"))
+                })?,
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidKind,
+                        format!("event {i}: \"kind\" must be a string"),
+                    ));
                 }
-                Some(_) => return Err(ProtocolError::new(ErrorCode::InvalidKind, format!("event {i}: \"kind\" must be a string"))),
-                None => return Err(ProtocolError::new(ErrorCode::InvalidKind, format!("event {i} has no \"kind\""))),
+                None => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidKind,
+                        format!("event {i} has no \"kind\""),
+                    ));
+                }
             };
-            let data = it
-                .data
-                .ok_or_else(|| ProtocolError::new(ErrorCode::InvalidEvent, format!("event {i} has no \"data\"")))?;
+            let data = it.data.ok_or_else(|| {
+                ProtocolError::new(
+                    ErrorCode::InvalidEvent,
+                    format!("event {i} has no \"data\""),
+                )
+            })?;
             let traceparent = it.traceparent.or_else(|| header_tp.map(str::to_owned));
-            Ok(NewEvent { kind, data, traceparent })
+            Ok(NewEvent {
+                kind,
+                data,
+                traceparent,
+            })
         })
         .collect()
 }
@@ -260,7 +343,10 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
         Err(e) => return error(ProtocolError::new(ErrorCode::InvalidRunId, e.to_string())),
     };
     if gw.is_draining() {
-        return error(ProtocolError::new(ErrorCode::Draining, "gateway is draining; publish to another"));
+        return error(ProtocolError::new(
+            ErrorCode::Draining,
+            "gateway is draining; publish to another",
+        ));
     }
     let limit = gw.config.max_publish_bytes;
     let tp = req
@@ -272,14 +358,25 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(ProtocolError::new(ErrorCode::TooLarge, format!("body is over the limit of {limit} bytes")));
+            return error(ProtocolError::new(
+                ErrorCode::TooLarge,
+                format!("body is over the limit of {limit} bytes"),
+            ));
         }
-        Err(e) => return error(ProtocolError::new(ErrorCode::InvalidEvent, format!("could not read body: {e}"))),
+        Err(e) => {
+            return error(ProtocolError::new(
+                ErrorCode::InvalidEvent,
+                format!("could not read body: {e}"),
+            ));
+        }
     };
     let events = match parse_publish(&body, gw.config.max_batch, tp.as_deref()) {
         Ok(ev) => ev,
         Err(e) => {
-            gw.metrics.protocol_errors.with_label_values(&[e.code.as_str()]).inc();
+            gw.metrics
+                .protocol_errors
+                .with_label_values(&[e.code.as_str()])
+                .inc();
             return error(e);
         }
     };
@@ -287,7 +384,10 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
     match gw.bus.publish(&run, events).await {
         Ok(seqs) => {
             gw.metrics.events_published.inc_by(n);
-            json(StatusCode::OK, serde_json::json!({ "run": run, "seqs": seqs }).to_string())
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "run": run, "seqs": seqs }).to_string(),
+            )
         }
         Err(e) => protocol_error(&gw, bus_error(e, &run)),
     }
@@ -305,25 +405,45 @@ fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) ->
 /// `GET /v1/ws`: the WebSocket handshake on hyper, then the session on the
 /// upgraded socket.
 fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
-    if !header_has(&req, header::UPGRADE, "websocket") || !header_has(&req, header::CONNECTION, "upgrade") {
+    if !header_has(&req, header::UPGRADE, "websocket")
+        || !header_has(&req, header::CONNECTION, "upgrade")
+    {
         let mut r = error(ProtocolError::new(
             ErrorCode::InvalidFrame,
             "this endpoint speaks WebSocket: send Upgrade: websocket (a proxy may have stripped it; use /v1/runs/<run>/stream for SSE)",
         ));
         *r.status_mut() = StatusCode::UPGRADE_REQUIRED;
-        r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         return r;
     }
-    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        let mut r = error(ProtocolError::new(ErrorCode::InvalidFrame, "Sec-WebSocket-Version must be 13"));
-        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        let mut r = error(ProtocolError::new(
+            ErrorCode::InvalidFrame,
+            "Sec-WebSocket-Version must be 13",
+        ));
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return r;
     }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-        return error(ProtocolError::new(ErrorCode::InvalidFrame, "missing Sec-WebSocket-Key"));
+        return error(ProtocolError::new(
+            ErrorCode::InvalidFrame,
+            "missing Sec-WebSocket-Key",
+        ));
     };
     if ctx.gw.is_draining() {
-        return error(ProtocolError::new(ErrorCode::Draining, "gateway is draining; connect to another"));
+        return error(ProtocolError::new(
+            ErrorCode::Draining,
+            "gateway is draining; connect to another",
+        ));
     }
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -332,9 +452,17 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
         match on_upgrade.await {
             Ok(up) => {
                 let cfg = crate::ws::ws_config(&ctx.gw);
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
-                let ConnCtx { gw, stop, done, _permit } = ctx;
-                crate::ws::serve(gw, ws, stop).await;
+                let ws =
+                    WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg))
+                        .await;
+                let ConnCtx {
+                    gw,
+                    stop,
+                    done,
+                    _permit,
+                } = ctx;
+                drop(stop);
+                crate::ws::serve(gw, ws).await;
                 drop((done, _permit));
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
@@ -359,12 +487,24 @@ fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Bod
         Err(e) => return error(ProtocolError::new(ErrorCode::InvalidRunId, e.to_string())),
     };
     if ctx.gw.is_draining() {
-        return error(ProtocolError::new(ErrorCode::Draining, "gateway is draining; connect to another"));
+        return error(ProtocolError::new(
+            ErrorCode::Draining,
+            "gateway is draining; connect to another",
+        ));
     }
     let since = match req.headers().get("last-event-id") {
-        Some(v) => match v.to_str().map_err(|_| ()).and_then(|s| frame::parse_since(s).map_err(|_| ())) {
+        Some(v) => match v
+            .to_str()
+            .map_err(|_| ())
+            .and_then(|s| frame::parse_since(s).map_err(|_| ()))
+        {
             Ok(n) => Some(n),
-            Err(()) => return error(ProtocolError::new(ErrorCode::InvalidSince, "Last-Event-ID must be a non-negative integer")),
+            Err(()) => {
+                return error(ProtocolError::new(
+                    ErrorCode::InvalidSince,
+                    "Last-Event-ID must be a non-negative integer",
+                ));
+            }
         },
         None => match query_u64(req.uri().query().unwrap_or(""), "since") {
             Ok(s) => s,
@@ -372,15 +512,27 @@ fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Bod
         },
     };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let ConnCtx { gw, stop, done, _permit } = ctx;
+    let ConnCtx {
+        gw,
+        stop,
+        done,
+        _permit,
+    } = ctx;
     let task = async move {
-        crate::sse::serve(gw, run, since, tx, stop).await;
+        drop(stop);
+        crate::sse::serve(gw, run, since, tx).await;
         drop((done, _permit));
     };
-    tokio::spawn(tracing::Instrument::instrument(task, tracing::debug_span!("sse")));
+    tokio::spawn(tracing::Instrument::instrument(
+        task,
+        tracing::debug_span!("sse"),
+    ));
     let mut r = Response::new(BodyExt::boxed(crate::sse::ChannelBody(rx)));
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Tells nginx-style proxies not to buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
@@ -395,7 +547,12 @@ mod tests {
     fn publish_bodies() {
         let ok = parse_publish(br#"{"kind":"progress","data":{"done": 1}}"#, 10, None).unwrap();
         assert_eq!(ok[0].data.get(), r#"{"done": 1}"#);
-        let batch = parse_publish(br#"[{"kind":"log","data":"a"},{"kind":"x-y","data":null}]"#, 10, Some("tp")).unwrap();
+        let batch = parse_publish(
+            br#"[{"kind":"log","data":"a"},{"kind":"x-y","data":null}]"#,
+            10,
+            Some("tp"),
+        )
+        .unwrap();
         assert_eq!(batch.len(), 2);
         assert_eq!(batch[1].traceparent.as_deref(), Some("tp"));
         let code = |b: &[u8]| parse_publish(b, 2, None).unwrap_err().code;
@@ -404,8 +561,14 @@ mod tests {
         assert_eq!(code(b"[]"), ErrorCode::InvalidEvent);
         assert_eq!(code(br#"{"kind":"log"}"#), ErrorCode::InvalidEvent);
         assert_eq!(code(br#"{"data":1}"#), ErrorCode::InvalidKind);
-        assert_eq!(code(br#"{"kind":"Bad.Kind","data":1}"#), ErrorCode::InvalidKind);
+        assert_eq!(
+            code(br#"{"kind":"Bad.Kind","data":1}"#),
+            ErrorCode::InvalidKind
+        );
         assert_eq!(code(br#"{"kind":7,"data":1}"#), ErrorCode::InvalidKind);
-        assert_eq!(code(br#"[{"kind":"log","data":1},{"kind":"log","data":1},{"kind":"log","data":1}]"#), ErrorCode::TooManyEvents);
+        assert_eq!(
+            code(br#"[{"kind":"log","data":1},{"kind":"log","data":1},{"kind":"log","data":1}]"#),
+            ErrorCode::TooManyEvents
+        );
     }
 }

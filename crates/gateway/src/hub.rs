@@ -16,9 +16,9 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use runcast_bus::{Bus, BusError, Live};
 use runcast_core::{CloseCode, Event, RunId, frame};
-use futures_util::task::AtomicWaker;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::Instrument;
@@ -39,7 +39,13 @@ pub struct OutFrame {
 
 impl OutFrame {
     pub fn new(run: RunId, first: u64, last: u64, text: String) -> Self {
-        Self { run, first, last, text: Utf8Bytes::from(text), sse: OnceLock::new() }
+        Self {
+            run,
+            first,
+            last,
+            text: Utf8Bytes::from(text),
+            sse: OnceLock::new(),
+        }
     }
 
     pub fn event(ev: &Event) -> Self {
@@ -47,7 +53,8 @@ impl OutFrame {
     }
 
     pub fn sse(&self) -> &Bytes {
-        self.sse.get_or_init(|| crate::sse::encode(Some(self.last), self.text.as_str()))
+        self.sse
+            .get_or_init(|| crate::sse::encode(Some(self.last), self.text.as_str()))
     }
 }
 
@@ -114,7 +121,8 @@ impl Conn {
 
     /// Called by the connection when it takes a frame off its queue.
     pub fn taken(&self, frame: &OutFrame) {
-        self.queued_bytes.fetch_sub(frame.text.len(), Ordering::Relaxed);
+        self.queued_bytes
+            .fetch_sub(frame.text.len(), Ordering::Relaxed);
     }
 
     /// Asks the connection to close with `code` (the first request wins).
@@ -169,7 +177,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Hub {
     pub fn new(bus: Arc<dyn Bus>, metrics: Arc<Metrics>, replay_page: usize) -> Self {
-        Self { bus, metrics, replay_page, runs: Mutex::new(HashMap::new()) }
+        Self {
+            bus,
+            metrics,
+            replay_page,
+            runs: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Adds `conn` as a subscriber of `run`. When this returns, every event
@@ -190,8 +203,15 @@ impl Hub {
         let subs: Subscribers = Arc::new(Mutex::new(HashMap::from([(conn.id, conn.clone())])));
         let span = tracing::info_span!("fanout", run = %run);
         let task = tokio::spawn(
-            fanout(run.clone(), watch, subs.clone(), self.bus.clone(), self.metrics.clone(), self.replay_page)
-                .instrument(span),
+            fanout(
+                run.clone(),
+                watch,
+                subs.clone(),
+                self.bus.clone(),
+                self.metrics.clone(),
+                self.replay_page,
+            )
+            .instrument(span),
         );
         runs.insert(run.clone(), RunFanout { subs, task });
         self.metrics.watched_runs.set(runs.len() as i64);
@@ -291,7 +311,12 @@ async fn fanout(
                 if p.first > last + 1 {
                     let to = (p.first - 1).min(upto).min(p.head);
                     metrics.gap_notices.inc();
-                    emit(OutFrame::new(run.clone(), last + 1, to, frame::encode_gap(&run, last + 1, to)));
+                    emit(OutFrame::new(
+                        run.clone(),
+                        last + 1,
+                        to,
+                        frame::encode_gap(&run, last + 1, to),
+                    ));
                     last = to;
                 }
                 let mut progressed = false;

@@ -17,8 +17,8 @@ mod config;
 mod http;
 pub mod hub;
 mod metrics;
-mod session;
 pub mod server;
+mod session;
 mod sse;
 mod ws;
 

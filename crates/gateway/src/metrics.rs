@@ -25,31 +25,52 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let received = IntCounterVec::new(
-            Opts::new("runcast_events_received_total", "Events the gateway received from the bus, by source."),
+            Opts::new(
+                "runcast_events_received_total",
+                "Events the gateway received from the bus, by source.",
+            ),
             &["source"],
         )
         .expect("valid metric");
-        registry.register(Box::new(received.clone())).expect("unique metric");
+        registry
+            .register(Box::new(received.clone()))
+            .expect("unique metric");
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let vec = |name: &str, help: &str, label: &str| {
             let v = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry.register(Box::new(v.clone())).expect("unique metric");
+            registry
+                .register(Box::new(v.clone()))
+                .expect("unique metric");
             v
         };
-        let connections =
-            IntGaugeVec::new(Opts::new("runcast_connections", "Open client connections, by transport."), &["transport"])
-                .expect("valid metric");
-        registry.register(Box::new(connections.clone())).expect("unique metric");
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "runcast_connections",
+                "Open client connections, by transport.",
+            ),
+            &["transport"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(connections.clone()))
+            .expect("unique metric");
         Self {
-            events_published: counter("runcast_events_published_total", "Events accepted through the HTTP publish API."),
+            events_published: counter(
+                "runcast_events_published_total",
+                "Events accepted through the HTTP publish API.",
+            ),
             events_received: received.with_label_values(&[source]),
             events_delivered: counter(
                 "runcast_events_delivered_total",
@@ -59,16 +80,33 @@ impl Metrics {
                 "runcast_replayed_events_total",
                 "Event frames replayed from history to resuming or catching-up clients.",
             ),
-            gap_notices: counter("runcast_gap_notices_total", "Gap notices sent because retention had dropped events."),
+            gap_notices: counter(
+                "runcast_gap_notices_total",
+                "Gap notices sent because retention had dropped events.",
+            ),
             connections,
-            subscriptions: gauge("runcast_subscriptions", "Run subscriptions across all connections."),
-            watched_runs: gauge("runcast_watched_runs", "Distinct runs this gateway watches on the bus."),
+            subscriptions: gauge(
+                "runcast_subscriptions",
+                "Run subscriptions across all connections.",
+            ),
+            watched_runs: gauge(
+                "runcast_watched_runs",
+                "Distinct runs this gateway watches on the bus.",
+            ),
             slow_consumer_disconnects: counter(
                 "runcast_slow_consumer_disconnects_total",
                 "Connections closed because their outgoing queue overflowed.",
             ),
-            protocol_errors: vec("runcast_protocol_errors_total", "Error frames and error responses, by code.", "code"),
-            closes: vec("runcast_closes_total", "WebSocket closes sent by the server, by close code.", "code"),
+            protocol_errors: vec(
+                "runcast_protocol_errors_total",
+                "Error frames and error responses, by code.",
+                "code",
+            ),
+            closes: vec(
+                "runcast_closes_total",
+                "WebSocket closes sent by the server, by close code.",
+                "code",
+            ),
             refused_connections: counter(
                 "runcast_refused_connections_total",
                 "Connections refused because max_connections was reached.",
@@ -79,7 +117,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
     }
 
     pub fn registry(&self) -> &Registry {

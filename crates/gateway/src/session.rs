@@ -57,7 +57,14 @@ impl<O: Output> Session<O> {
     pub fn new(gw: Arc<Gateway>, out: O) -> Self {
         let id = gw.next_conn_id();
         let (conn, rx) = Conn::new(id, gw.config.queue_messages, gw.config.queue_bytes);
-        Self { gw, conn, rx, out, cursors: HashMap::new() }
+        gw.register(&conn);
+        Self {
+            gw,
+            conn,
+            rx,
+            out,
+            cursors: HashMap::new(),
+        }
     }
 
     pub fn id(&self) -> u64 {
@@ -84,7 +91,11 @@ impl<O: Output> Session<O> {
         }
         // Interest first, then state: every event after the state's seq is
         // then either in the queue or in history.
-        self.gw.hub.add(&run, &self.conn).await.map_err(|e| bus_error(e, &run))?;
+        self.gw
+            .hub
+            .add(&run, &self.conn)
+            .await
+            .map_err(|e| bus_error(e, &run))?;
         let state = match self.gw.bus.state(&run).await {
             Ok(s) => s,
             Err(e) => {
@@ -105,7 +116,9 @@ impl<O: Output> Session<O> {
         }
         self.cursors.insert(run.clone(), since.unwrap_or(head) + 1);
         self.gw.metrics.subscriptions.inc();
-        self.out.send_text(frame::encode_state(&run, state.as_ref()), Some(head)).await?;
+        self.out
+            .send_text(frame::encode_state(&run, state.as_ref()), Some(head))
+            .await?;
         if since.is_some() {
             self.catch_up(&run, head).await?;
         }
@@ -123,14 +136,20 @@ impl<O: Output> Session<O> {
         }
         self.gw.hub.remove(run, self.conn.id);
         self.gw.metrics.subscriptions.dec();
-        self.out.send_text(frame::encode_unsubscribed(run), None).await?;
+        self.out
+            .send_text(frame::encode_unsubscribed(run), None)
+            .await?;
         self.out.flush().await?;
         Ok(())
     }
 
     /// Sends an error frame and counts it.
     pub async fn send_error(&mut self, err: &ProtocolError) -> Result<(), Closed> {
-        self.gw.metrics.protocol_errors.with_label_values(&[err.code.as_str()]).inc();
+        self.gw
+            .metrics
+            .protocol_errors
+            .with_label_values(&[err.code.as_str()])
+            .inc();
         self.out.send_text(frame::encode_error(err), None).await?;
         self.out.flush().await
     }
@@ -181,9 +200,16 @@ impl<O: Output> Session<O> {
     /// Replays history from the run's cursor up to `to` (inclusive), sending a
     /// gap frame for anything retention already dropped.
     async fn catch_up(&mut self, run: &RunId, to: u64) -> Result<(), Closed> {
-        let Some(&mut mut next) = self.cursors.get_mut(run) else { return Ok(()) };
+        let Some(&mut mut next) = self.cursors.get_mut(run) else {
+            return Ok(());
+        };
         while next <= to {
-            let page = match self.gw.bus.read(run, next, self.gw.config.replay_page).await {
+            let page = match self
+                .gw
+                .bus
+                .read(run, next, self.gw.config.replay_page)
+                .await
+            {
                 Ok(p) => p,
                 Err(e) => {
                     // The client keeps its cursor; it will be repaired by the
@@ -198,7 +224,9 @@ impl<O: Output> Session<O> {
             if page.first > next {
                 let gap_to = (page.first - 1).min(to);
                 self.gw.metrics.gap_notices.inc();
-                self.out.send_text(frame::encode_gap(run, next, gap_to), Some(gap_to)).await?;
+                self.out
+                    .send_text(frame::encode_gap(run, next, gap_to), Some(gap_to))
+                    .await?;
                 next = gap_to + 1;
             }
             let mut sent = false;
@@ -206,7 +234,9 @@ impl<O: Output> Session<O> {
                 if ev.seq < next {
                     continue;
                 }
-                self.out.send_text(frame::encode_event(ev), Some(ev.seq)).await?;
+                self.out
+                    .send_text(frame::encode_event(ev), Some(ev.seq))
+                    .await?;
                 self.gw.metrics.replayed_events.inc();
                 next = ev.seq + 1;
                 sent = true;
@@ -222,6 +252,7 @@ impl<O: Output> Session<O> {
 
 impl<O: Output> Drop for Session<O> {
     fn drop(&mut self) {
+        self.gw.deregister(self.conn.id);
         for run in self.cursors.keys() {
             self.gw.hub.remove(run, self.conn.id);
         }

@@ -46,7 +46,10 @@ impl Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
@@ -68,13 +71,7 @@ impl Output for SseOut {
 /// Streams `run` into `tx` until the client goes away, falls behind, or the
 /// server drains. Ending the stream is the only "close" SSE has: the client
 /// reconnects with `Last-Event-ID` and resumes.
-pub async fn serve(
-    gw: Arc<Gateway>,
-    run: RunId,
-    since: Option<u64>,
-    tx: mpsc::Sender<Bytes>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+pub async fn serve(gw: Arc<Gateway>, run: RunId, since: Option<u64>, tx: mpsc::Sender<Bytes>) {
     let transport = gw.metrics.connections.with_label_values(&["sse"]);
     transport.inc();
     let mut s = Session::new(gw.clone(), SseOut(tx));
@@ -104,7 +101,6 @@ pub async fn serve(
         let step = tokio::select! {
             biased;
             _ = conn.closed() => break,
-            _ = shutdown.changed() => break,
             _ = client.closed() => break,
             r = async {
                 tokio::select! {
@@ -118,7 +114,10 @@ pub async fn serve(
         }
     }
     if let Some(code) = s.conn.close_code() {
-        gw.metrics.closes.with_label_values(&[&code.code().to_string()]).inc();
+        gw.metrics
+            .closes
+            .with_label_values(&[&code.code().to_string()])
+            .inc();
     }
     transport.dec();
 }

@@ -9,7 +9,7 @@ use runcast_core::{
     CloseCode, ErrorCode, ProtocolError,
     frame::{self, ClientFrame},
 };
-use tokio::{sync::watch, time::Instant};
+use tokio::time::Instant;
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
@@ -49,10 +49,16 @@ struct WsOut(SplitSink<Ws, Message>);
 
 impl Output for WsOut {
     async fn send_shared(&mut self, frame: &Arc<OutFrame>) -> Result<(), Closed> {
-        self.0.feed(Message::Text(frame.text.clone())).await.map_err(|_| Closed)
+        self.0
+            .feed(Message::Text(frame.text.clone()))
+            .await
+            .map_err(|_| Closed)
     }
     async fn send_text(&mut self, text: String, _id: Option<u64>) -> Result<(), Closed> {
-        self.0.feed(Message::Text(text.into())).await.map_err(|_| Closed)
+        self.0
+            .feed(Message::Text(text.into()))
+            .await
+            .map_err(|_| Closed)
     }
     async fn flush(&mut self) -> Result<(), Closed> {
         self.0.flush().await.map_err(|_| Closed)
@@ -66,8 +72,8 @@ enum Step {
 }
 
 /// Serves one upgraded WebSocket until the client leaves, misbehaves, falls
-/// behind, or the server drains.
-pub async fn serve(gw: Arc<Gateway>, ws: Ws, mut shutdown: watch::Receiver<bool>) {
+/// behind, or the server drains (shutdown closes every session's `Conn`).
+pub async fn serve(gw: Arc<Gateway>, ws: Ws) {
     let (sink, mut stream) = ws.split();
     let mut s = Session::new(gw.clone(), WsOut(sink));
     let metrics = gw.metrics.clone();
@@ -90,7 +96,10 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws, mut shutdown: watch::Receiver<bool>
         Ok(()) => None,
         Err(Closed) => Some(None),
     };
-    let mut heartbeat = tokio::time::interval_at(Instant::now() + cfg.heartbeat_interval, cfg.heartbeat_interval);
+    let mut heartbeat = tokio::time::interval_at(
+        Instant::now() + cfg.heartbeat_interval,
+        cfg.heartbeat_interval,
+    );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
 
@@ -98,7 +107,6 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws, mut shutdown: watch::Receiver<bool>
         let step = tokio::select! {
             biased;
             code = s.conn.closed() => { close = Some(Some(code)); break; }
-            _ = shutdown.changed() => { close = Some(Some(CloseCode::GoingAway)); break; }
             msg = stream.next() => Step::Inbound(msg),
             Some(f) = s.rx.recv() => Step::Frame(f),
             _ = heartbeat.tick() => Step::Heartbeat,
@@ -108,7 +116,6 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws, mut shutdown: watch::Receiver<bool>
         let outcome = tokio::select! {
             biased;
             code = conn.closed() => Err(Some(code)),
-            _ = shutdown.changed() => Err(Some(CloseCode::GoingAway)),
             r = handle(&mut s, step, &mut last_seen) => r,
         };
         if let Err(code) = outcome {
@@ -117,19 +124,34 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws, mut shutdown: watch::Receiver<bool>
     }
 
     if let Some(Some(code)) = close {
-        metrics.closes.with_label_values(&[&code.code().to_string()]).inc();
-        let frame = CloseFrame { code: WsCloseCode::from(code.code()), reason: code.reason().into() };
+        metrics
+            .closes
+            .with_label_values(&[&code.code().to_string()])
+            .inc();
+        let frame = CloseFrame {
+            code: WsCloseCode::from(code.code()),
+            reason: code.reason().into(),
+        };
         // The peer may not be reading (that is often why we close); give the
         // close frame a bounded time, then drop the socket.
-        let _ = tokio::time::timeout(cfg.close_timeout, s.out.0.send(Message::Close(Some(frame)))).await;
-        tracing::debug!(conn = s.id(), code = code.code(), "websocket closed by server");
+        let _ = tokio::time::timeout(cfg.close_timeout, s.out.0.send(Message::Close(Some(frame))))
+            .await;
+        tracing::debug!(
+            conn = s.id(),
+            code = code.code(),
+            "websocket closed by server"
+        );
     }
     transport.dec();
 }
 
 /// Handles one step. `Err(Some(code))` closes with `code`; `Err(None)` means
 /// the socket is already gone.
-async fn handle(s: &mut Session<WsOut>, step: Step, last_seen: &mut Instant) -> Result<(), Option<CloseCode>> {
+async fn handle(
+    s: &mut Session<WsOut>,
+    step: Step,
+    last_seen: &mut Instant,
+) -> Result<(), Option<CloseCode>> {
     let cfg = &s.gw.config;
     match step {
         Step::Frame(f) => s.deliver_batch(f).await.map_err(|_| None),
@@ -137,10 +159,17 @@ async fn handle(s: &mut Session<WsOut>, step: Step, last_seen: &mut Instant) -> 
             if last_seen.elapsed() > cfg.heartbeat_interval + cfg.heartbeat_timeout {
                 return Err(Some(CloseCode::HeartbeatTimeout));
             }
-            s.out.0.send(Message::Ping(Default::default())).await.map_err(|_| None)
+            s.out
+                .0
+                .send(Message::Ping(Default::default()))
+                .await
+                .map_err(|_| None)
         }
         Step::Inbound(None) => Err(None),
-        Step::Inbound(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })))) => {
+        Step::Inbound(Some(Err(WsError::Capacity(CapacityError::MessageTooLong {
+            size,
+            max_size,
+        })))) => {
             tracing::debug!(conn = s.id(), size, max_size, "frame over the hard limit");
             Err(Some(CloseCode::MessageTooBig))
         }
@@ -152,16 +181,24 @@ async fn handle(s: &mut Session<WsOut>, step: Step, last_seen: &mut Instant) -> 
                     if text.len() > cfg.max_frame_bytes {
                         Err(SessionError::Protocol(ProtocolError::new(
                             ErrorCode::TooLarge,
-                            format!("frame of {} bytes is over the limit of {} bytes", text.len(), cfg.max_frame_bytes),
+                            format!(
+                                "frame of {} bytes is over the limit of {} bytes",
+                                text.len(),
+                                cfg.max_frame_bytes
+                            ),
                         )))
                     } else {
                         match frame::parse_client_frame(&text) {
-                            Ok(ClientFrame::Subscribe { run, since }) => s.subscribe(run, since).await,
+                            Ok(ClientFrame::Subscribe { run, since }) => {
+                                s.subscribe(run, since).await
+                            }
                             Ok(ClientFrame::Unsubscribe { run }) => s.unsubscribe(&run).await,
-                            Ok(ClientFrame::Ping) => match s.out.send_text(frame::PONG.to_owned(), None).await {
-                                Ok(()) => s.out.flush().await.map_err(SessionError::from),
-                                Err(c) => Err(c.into()),
-                            },
+                            Ok(ClientFrame::Ping) => {
+                                match s.out.send_text(frame::PONG.to_owned(), None).await {
+                                    Ok(()) => s.out.flush().await.map_err(SessionError::from),
+                                    Err(c) => Err(c.into()),
+                                }
+                            }
                             Err(e) => Err(SessionError::Protocol(e)),
                         }
                     }
@@ -185,4 +222,3 @@ async fn handle(s: &mut Session<WsOut>, step: Step, last_seen: &mut Instant) -> 
         }
     }
 }
-

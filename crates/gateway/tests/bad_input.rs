@@ -11,7 +11,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 async fn publish(gw: &TestGateway, run: &str, i: u64) {
     gw.bus()
-        .publish(&RunId::parse(run).unwrap(), vec![NewEvent::json(EventKind::Progress, &json!({"i": i})).unwrap()])
+        .publish(
+            &RunId::parse(run).unwrap(),
+            vec![NewEvent::json(EventKind::Progress, &json!({"i": i})).unwrap()],
+        )
         .await
         .unwrap();
 }
@@ -30,7 +33,12 @@ async fn expect_error(c: &mut WsClient, events: &mut Vec<Value>) -> Value {
 
 #[tokio::test]
 async fn websocket_bad_frames_get_error_frames_and_the_connection_stays_usable() {
-    let config = Config { max_subscriptions: 3, max_frame_bytes: 1024, hard_frame_bytes: 64 << 10, ..Config::default() };
+    let config = Config {
+        max_subscriptions: 3,
+        max_frame_bytes: 1024,
+        hard_frame_bytes: 64 << 10,
+        ..Config::default()
+    };
     let gw = TestGateway::with(config, Retention::default()).await;
     let mut c = WsClient::connect(&gw.ws_url()).await;
     c.subscribe("good", None).await;
@@ -38,25 +46,80 @@ async fn websocket_bad_frames_get_error_frames_and_the_connection_stays_usable()
     let mut seq = 0;
 
     let long_id = "x".repeat(129);
-    let big = format!(r#"{{"type":"subscribe","run":"r","pad":"{}"}}"#, "p".repeat(2000));
+    let big = format!(
+        r#"{{"type":"subscribe","run":"r","pad":"{}"}}"#,
+        "p".repeat(2000)
+    );
     let rows: Vec<(&str, String, &str)> = vec![
         ("invalid JSON", "{not json".into(), "invalid_json"),
         ("not an object", "[1,2,3]".into(), "invalid_frame"),
         ("no type", r#"{"run":"good"}"#.into(), "invalid_frame"),
-        ("unknown frame type", r#"{"type":"launch"}"#.into(), "unknown_type"),
-        ("missing run ID", r#"{"type":"subscribe"}"#.into(), "invalid_run_id"),
-        ("run ID a.b", r#"{"type":"subscribe","run":"a.b"}"#.into(), "invalid_run_id"),
-        ("run ID *", r#"{"type":"subscribe","run":"*"}"#.into(), "invalid_run_id"),
-        ("run ID >", r#"{"type":"subscribe","run":">"}"#.into(), "invalid_run_id"),
-        ("empty run ID", r#"{"type":"subscribe","run":""}"#.into(), "invalid_run_id"),
-        ("129-char run ID", format!(r#"{{"type":"subscribe","run":"{long_id}"}}"#), "invalid_run_id"),
-        ("non-ASCII run ID", r#"{"type":"subscribe","run":"prüfung"}"#.into(), "invalid_run_id"),
-        ("since in the future", r#"{"type":"subscribe","run":"other","since":99}"#.into(), "since_out_of_range"),
-        ("negative since", r#"{"type":"subscribe","run":"other","since":-1}"#.into(), "invalid_since"),
-        ("non-number since", r#"{"type":"subscribe","run":"other","since":"5"}"#.into(), "invalid_since"),
+        (
+            "unknown frame type",
+            r#"{"type":"launch"}"#.into(),
+            "unknown_type",
+        ),
+        (
+            "missing run ID",
+            r#"{"type":"subscribe"}"#.into(),
+            "invalid_run_id",
+        ),
+        (
+            "run ID a.b",
+            r#"{"type":"subscribe","run":"a.b"}"#.into(),
+            "invalid_run_id",
+        ),
+        (
+            "run ID *",
+            r#"{"type":"subscribe","run":"*"}"#.into(),
+            "invalid_run_id",
+        ),
+        (
+            "run ID >",
+            r#"{"type":"subscribe","run":">"}"#.into(),
+            "invalid_run_id",
+        ),
+        (
+            "empty run ID",
+            r#"{"type":"subscribe","run":""}"#.into(),
+            "invalid_run_id",
+        ),
+        (
+            "129-char run ID",
+            format!(r#"{{"type":"subscribe","run":"{long_id}"}}"#),
+            "invalid_run_id",
+        ),
+        (
+            "non-ASCII run ID",
+            r#"{"type":"subscribe","run":"prüfung"}"#.into(),
+            "invalid_run_id",
+        ),
+        (
+            "since in the future",
+            r#"{"type":"subscribe","run":"other","since":99}"#.into(),
+            "since_out_of_range",
+        ),
+        (
+            "negative since",
+            r#"{"type":"subscribe","run":"other","since":-1}"#.into(),
+            "invalid_since",
+        ),
+        (
+            "non-number since",
+            r#"{"type":"subscribe","run":"other","since":"5"}"#.into(),
+            "invalid_since",
+        ),
         ("frame over the size limit", big, "too_large"),
-        ("subscribe twice", r#"{"type":"subscribe","run":"good"}"#.into(), "already_subscribed"),
-        ("unsubscribe unknown", r#"{"type":"unsubscribe","run":"nope"}"#.into(), "not_subscribed"),
+        (
+            "subscribe twice",
+            r#"{"type":"subscribe","run":"good"}"#.into(),
+            "already_subscribed",
+        ),
+        (
+            "unsubscribe unknown",
+            r#"{"type":"unsubscribe","run":"nope"}"#.into(),
+            "not_subscribed",
+        ),
     ];
     for (what, frame, code) in &rows {
         // Events keep flowing between bad frames.
@@ -65,7 +128,10 @@ async fn websocket_bad_frames_get_error_frames_and_the_connection_stays_usable()
         c.send_text(frame).await;
         let err = expect_error(&mut c, &mut events).await;
         assert_eq!(err["code"], *code, "row {what:?}: {err}");
-        assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "row {what:?} has a message");
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "row {what:?} has a message"
+        );
     }
     // The run ID is echoed (cut to a bounded length) so clients know which subscription failed.
     c.send_text(r#"{"type":"subscribe","run":"a.b"}"#).await;
@@ -74,14 +140,22 @@ async fn websocket_bad_frames_get_error_frames_and_the_connection_stays_usable()
     // Binary frames are refused the same way.
     seq += 1;
     publish(&gw, "good", seq).await;
-    futures_util::SinkExt::send(&mut c.ws, Message::Binary(vec![1, 2, 3].into())).await.unwrap();
-    assert_eq!(expect_error(&mut c, &mut events).await["code"], "binary_not_supported");
+    futures_util::SinkExt::send(&mut c.ws, Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        expect_error(&mut c, &mut events).await["code"],
+        "binary_not_supported"
+    );
 
     // Subscription cap: "good" plus two more, then refused.
     c.subscribe("s2", None).await;
     c.subscribe("s3", None).await;
     c.send(json!({"type":"subscribe","run":"s4"})).await;
-    assert_eq!(expect_error(&mut c, &mut events).await["code"], "too_many_subscriptions");
+    assert_eq!(
+        expect_error(&mut c, &mut events).await["code"],
+        "too_many_subscriptions"
+    );
 
     // Nothing sent to "good" was lost along the way.
     seq += 1;
@@ -94,12 +168,19 @@ async fn websocket_bad_frames_get_error_frames_and_the_connection_stays_usable()
     }
     assert_eq!(seqs(&events, "good"), (1..=seq).collect::<Vec<u64>>());
     let m = gw.gw.metrics.render();
-    assert!(m.contains(r#"runcast_protocol_errors_total{code="invalid_run_id"} 8"#), "{m}");
+    assert!(
+        m.contains(r#"runcast_protocol_errors_total{code="invalid_run_id"} 8"#),
+        "{m}"
+    );
 }
 
 #[tokio::test]
 async fn frames_over_the_hard_limit_close_with_1009_and_the_server_survives() {
-    let config = Config { max_frame_bytes: 1024, hard_frame_bytes: 8 << 10, ..Config::default() };
+    let config = Config {
+        max_frame_bytes: 1024,
+        hard_frame_bytes: 8 << 10,
+        ..Config::default()
+    };
     let gw = TestGateway::with(config, Retention::default()).await;
     let mut c = WsClient::connect(&gw.ws_url()).await;
     c.send_text(&"z".repeat(20 << 10)).await;
@@ -111,11 +192,34 @@ async fn frames_over_the_hard_limit_close_with_1009_and_the_server_survives() {
 
 #[tokio::test]
 async fn http_bad_requests_get_clear_errors_and_lose_nothing() {
-    let config = Config { max_publish_bytes: 4096, max_batch: 3, ..Config::default() };
-    let gw = TestGateway::with(config, Retention { max_runs: 3, ..Retention::default() }).await;
+    let config = Config {
+        max_publish_bytes: 4096,
+        max_batch: 3,
+        ..Config::default()
+    };
+    let gw = TestGateway::with(
+        config,
+        Retention {
+            max_runs: 3,
+            ..Retention::default()
+        },
+    )
+    .await;
     let addr = gw.addr;
-    let ok = http(addr, "POST", "/v1/runs/job/events", &[], r#"{"kind":"progress","data":{"done":1,"total":4}}"#).await;
-    assert_eq!((ok.0, json(&ok.2)["seqs"].clone()), (200, json!([1])), "{}", ok.2);
+    let ok = http(
+        addr,
+        "POST",
+        "/v1/runs/job/events",
+        &[],
+        r#"{"kind":"progress","data":{"done":1,"total":4}}"#,
+    )
+    .await;
+    assert_eq!(
+        (ok.0, json(&ok.2)["seqs"].clone()),
+        (200, json!([1])),
+        "{}",
+        ok.2
+    );
 
     let big = format!(r#"{{"kind":"log","data":"{}"}}"#, "b".repeat(5000));
     let rows: Vec<(&str, &str, String, String, u16, &str)> = vec![
@@ -160,21 +264,54 @@ async fn http_bad_requests_get_clear_errors_and_lose_nothing() {
         assert_eq!(got, status, "row {what:?}: {text}");
         let v = json(&text);
         assert_eq!(v["error"]["code"], code, "row {what:?}: {text}");
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "row {what:?} has a message");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "row {what:?} has a message"
+        );
         if status == 405 {
-            assert!(headers.contains_key("allow"), "row {what:?}: 405 names the allowed methods");
+            assert!(
+                headers.contains_key("allow"),
+                "row {what:?}: 405 names the allowed methods"
+            );
         }
     }
     // Capacity: the bus holds at most 3 runs.
     for r in ["r2", "r3"] {
-        let (s, _, _) = http(addr, "POST", &format!("/v1/runs/{r}/events"), &[], r#"{"kind":"log","data":1}"#).await;
+        let (s, _, _) = http(
+            addr,
+            "POST",
+            &format!("/v1/runs/{r}/events"),
+            &[],
+            r#"{"kind":"log","data":1}"#,
+        )
+        .await;
         assert_eq!(s, 200);
     }
-    let (s, _, text) = http(addr, "POST", "/v1/runs/r4/events", &[], r#"{"kind":"log","data":1}"#).await;
-    assert_eq!((s, json(&text)["error"]["code"].as_str()), (507, Some("capacity")), "{text}");
+    let (s, _, text) = http(
+        addr,
+        "POST",
+        "/v1/runs/r4/events",
+        &[],
+        r#"{"kind":"log","data":1}"#,
+    )
+    .await;
+    assert_eq!(
+        (s, json(&text)["error"]["code"].as_str()),
+        (507, Some("capacity")),
+        "{text}"
+    );
 
     // Nothing accepted was lost, and no rejected event got in: the next seq is 2.
-    let (s, _, text) = http(addr, "POST", "/v1/runs/job/events", &[], r#"{"kind":"complete","data":{"ok":true}}"#).await;
+    let (s, _, text) = http(
+        addr,
+        "POST",
+        "/v1/runs/job/events",
+        &[],
+        r#"{"kind":"complete","data":{"ok":true}}"#,
+    )
+    .await;
     assert_eq!((s, json(&text)["seqs"].clone()), (200, json!([2])));
     let (_, _, text) = http(addr, "GET", "/v1/runs/job/events?since=0", &[], "").await;
     let v = json(&text);
@@ -192,20 +329,40 @@ async fn http_api_happy_paths() {
         addr,
         "POST",
         "/v1/runs/api-run/events",
-        &[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")],
+        &[(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )],
         r#"[{"kind":"status","data":{"state":"go"}},{"kind":"progress","data":{"percent":40}}]"#,
     )
     .await;
-    assert_eq!((s, json(&text)["seqs"].clone()), (200, json!([1, 2])), "{text}");
+    assert_eq!(
+        (s, json(&text)["seqs"].clone()),
+        (200, json!([1, 2])),
+        "{text}"
+    );
     let (_, _, text) = http(addr, "GET", "/v1/runs", &[], "").await;
     let runs = json(&text);
     assert_eq!(runs["runs"][0]["run"], "api-run");
     assert_eq!(runs["runs"][0]["percent"], 40.0);
-    let (_, _, text) = http(addr, "GET", "/v1/runs/api-run/events?since=1&limit=10", &[], "").await;
+    let (_, _, text) = http(
+        addr,
+        "GET",
+        "/v1/runs/api-run/events?since=1&limit=10",
+        &[],
+        "",
+    )
+    .await;
     let page = json(&text);
     assert_eq!(page["events"][0]["seq"], 2);
-    assert_eq!(page["events"][0]["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
-    assert_eq!((page["head"].as_u64(), page["next_since"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(
+        page["events"][0]["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    assert_eq!(
+        (page["head"].as_u64(), page["next_since"].as_u64()),
+        (Some(2), Some(2))
+    );
     let (s, _, text) = http(addr, "GET", "/healthz", &[], "").await;
     assert_eq!((s, text.as_str()), (200, "ok\n"));
     let (s, _, text) = http(addr, "GET", "/metrics", &[], "").await;
@@ -219,12 +376,18 @@ async fn http_api_happy_paths() {
 
 #[tokio::test]
 async fn connections_over_the_limit_are_refused_with_503() {
-    let config = Config { max_connections: 2, ..Config::default() };
+    let config = Config {
+        max_connections: 2,
+        ..Config::default()
+    };
     let gw = TestGateway::with(config, Retention::default()).await;
     let _a = WsClient::connect(&gw.ws_url()).await;
     let _b = WsClient::connect(&gw.ws_url()).await;
     let (s, _, text) = http(gw.addr, "GET", "/healthz", &[], "").await;
-    assert_eq!((s, json(&text)["error"]["code"].as_str()), (503, Some("capacity")));
+    assert_eq!(
+        (s, json(&text)["error"]["code"].as_str()),
+        (503, Some("capacity"))
+    );
     drop(_a);
     // The slot frees once the first socket is gone.
     let mut ok = false;

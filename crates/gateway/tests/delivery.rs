@@ -17,7 +17,12 @@ fn run(s: &str) -> RunId {
 async fn publish_n(bus: &Arc<dyn Bus>, r: &str, from: u64, to: u64) {
     let r = run(r);
     for i in from..=to {
-        bus.publish(&r, vec![NewEvent::json(EventKind::Progress, &json!({"i": i})).unwrap()]).await.unwrap();
+        bus.publish(
+            &r,
+            vec![NewEvent::json(EventKind::Progress, &json!({"i": i})).unwrap()],
+        )
+        .await
+        .unwrap();
     }
 }
 
@@ -61,7 +66,9 @@ async fn live_clients_get_every_event_once_in_order_across_runs_and_publishers()
             let publ = Publisher::on_bus(gw.bus(), r).unwrap();
             pubs.push(tokio::spawn(async move {
                 for i in 0..PER_PUBLISHER {
-                    publ.custom("tick", &json!({"publisher": p, "i": i})).await.unwrap();
+                    publ.custom("tick", &json!({"publisher": p, "i": i}))
+                        .await
+                        .unwrap();
                 }
             }));
         }
@@ -73,7 +80,11 @@ async fn live_clients_get_every_event_once_in_order_across_runs_and_publishers()
     for (c, mine) in &mut clients {
         let frames = collect_events(c, &[(mine[0], n), (mine[1], n)]).await;
         for r in mine.iter() {
-            assert_eq!(seqs(&frames, r), (1..=n as u64).collect::<Vec<_>>(), "run {r}: every seq once, in order");
+            assert_eq!(
+                seqs(&frames, r),
+                (1..=n as u64).collect::<Vec<_>>(),
+                "run {r}: every seq once, in order"
+            );
             // Each publisher's own events keep their order.
             for p in 0..2 {
                 let is: Vec<u64> = frames
@@ -113,20 +124,43 @@ async fn resume_after_disconnect_loses_and_duplicates_nothing() {
     publisher.await.unwrap();
     let mut all = seqs(&first, "job");
     all.extend(seqs(&rest, "job"));
-    assert_eq!(all, (1..=400).collect::<Vec<u64>>(), "resume must be seamless");
+    assert_eq!(
+        all,
+        (1..=400).collect::<Vec<u64>>(),
+        "resume must be seamless"
+    );
     // Nothing extra arrives afterwards.
     c.send(json!({"type":"ping"})).await;
-    assert_eq!(c.recv().await["type"], "pong", "no duplicate events after the last one");
+    assert_eq!(
+        c.recv().await["type"],
+        "pong",
+        "no duplicate events after the last one"
+    );
 }
 
 #[tokio::test]
 async fn resume_past_retention_gets_an_explicit_gap() {
-    let gw = TestGateway::with(Config::default(), Retention { max_events_per_run: 5, ..Retention::default() }).await;
+    let gw = TestGateway::with(
+        Config::default(),
+        Retention {
+            max_events_per_run: 5,
+            ..Retention::default()
+        },
+    )
+    .await;
     publish_n(&gw.bus(), "short", 1, 20).await;
     let mut c = WsClient::connect(&gw.ws_url()).await;
     c.subscribe("short", Some(2)).await;
     let gap = c.recv().await;
-    assert_eq!((gap["type"].as_str(), gap["from"].as_u64(), gap["to"].as_u64()), (Some("gap"), Some(3), Some(15)), "{gap}");
+    assert_eq!(
+        (
+            gap["type"].as_str(),
+            gap["from"].as_u64(),
+            gap["to"].as_u64()
+        ),
+        (Some("gap"), Some(3), Some(15)),
+        "{gap}"
+    );
     let frames = collect_events(&mut c, &[("short", 5)]).await;
     assert_eq!(seqs(&frames, "short"), vec![16, 17, 18, 19, 20]);
     // HTTP history reports the same gap.
@@ -135,7 +169,12 @@ async fn resume_past_retention_gets_an_explicit_gap() {
     assert_eq!(status, 200);
     assert_eq!(v["gap"], json!({"from": 3, "to": 15}));
     assert_eq!(v["events"][0]["seq"], 16);
-    assert!(gw.gw.metrics.render().contains("runcast_gap_notices_total 1"));
+    assert!(
+        gw.gw
+            .metrics
+            .render()
+            .contains("runcast_gap_notices_total 1")
+    );
 }
 
 #[tokio::test]
@@ -155,7 +194,11 @@ async fn late_joiner_receives_current_state_first() {
     assert_eq!(st["state"]["last_status"], json!({"state": "compiling"}));
     p.progress(4, 10).await.unwrap();
     let ev = c.recv().await;
-    assert_eq!((ev["type"].as_str(), ev["seq"].as_u64()), (Some("event"), Some(5)), "live continues after state: {ev}");
+    assert_eq!(
+        (ev["type"].as_str(), ev["seq"].as_u64()),
+        (Some("event"), Some(5)),
+        "live continues after state: {ev}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,7 +211,11 @@ async fn a_thousand_clients_on_one_run_all_receive_every_event() {
         c.subscribe("popular", None).await;
         clients.push(c);
     }
-    assert_eq!(gw.gw.hub.watched_runs(), 1, "one bus watch for 1,000 subscribers");
+    assert_eq!(
+        gw.gw.hub.watched_runs(),
+        1,
+        "one bus watch for 1,000 subscribers"
+    );
     publish_n(&gw.bus(), "popular", 1, 50).await;
     let readers: Vec<_> = clients
         .into_iter()
@@ -184,7 +231,10 @@ async fn a_thousand_clients_on_one_run_all_receive_every_event() {
     }
     let m = gw.gw.metrics.render();
     assert!(m.contains("runcast_events_delivered_total 50000"), "{m}");
-    assert!(m.contains("runcast_events_received_total{source=\"embedded\"} 50"), "{m}");
+    assert!(
+        m.contains("runcast_events_received_total{source=\"embedded\"} 50"),
+        "{m}"
+    );
 }
 
 fn rss_kib() -> u64 {
@@ -205,7 +255,14 @@ async fn slow_consumer_is_cut_off_with_resumable_code_and_resumes_without_loss()
         ..Config::default()
     };
     // History keeps 2,000 events (8 MiB) so the slow client can resume.
-    let gw = TestGateway::with(config, Retention { max_events_per_run: 2000, ..Retention::default() }).await;
+    let gw = TestGateway::with(
+        config,
+        Retention {
+            max_events_per_run: 2000,
+            ..Retention::default()
+        },
+    )
+    .await;
     let mut slow = WsClient::connect(&gw.ws_url()).await;
     slow.subscribe("firehose", None).await;
     let mut fast = WsClient::connect(&gw.ws_url()).await;
@@ -218,9 +275,12 @@ async fn slow_consumer_is_cut_off_with_resumable_code_and_resumes_without_loss()
     let publisher = tokio::spawn(async move {
         let r = run("firehose");
         for i in 1..=N {
-            bus.publish(&r, vec![NewEvent::json(EventKind::Log, &json!({"i": i, "pad": payload})).unwrap()])
-                .await
-                .unwrap();
+            bus.publish(
+                &r,
+                vec![NewEvent::json(EventKind::Log, &json!({"i": i, "pad": payload})).unwrap()],
+            )
+            .await
+            .unwrap();
             // ~20,000 events/s (80 MB/s): fast, but a rate a reading client sustains.
             if i % 100 == 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -242,15 +302,27 @@ async fn slow_consumer_is_cut_off_with_resumable_code_and_resumes_without_loss()
     }
     publisher.await.unwrap();
     let growth_mib = peak.saturating_sub(before) / 1024;
-    assert!(growth_mib < 64, "RSS grew {growth_mib} MiB while 80 MB flowed past a stalled client");
+    assert!(
+        growth_mib < 64,
+        "RSS grew {growth_mib} MiB while 80 MB flowed past a stalled client"
+    );
     let m = gw.gw.metrics.render();
-    assert!(m.contains("runcast_slow_consumer_disconnects_total 1"), "{m}");
+    assert!(
+        m.contains("runcast_slow_consumer_disconnects_total 1"),
+        "{m}"
+    );
 
     let (code, frames) = slow.read_until_close().await;
     assert_eq!(code, Some(4000), "slow consumer close code");
     let got = seqs(&frames, "firehose");
-    let last = *got.last().expect("the slow client got some events before it stalled");
-    assert_eq!(got, (1..=last).collect::<Vec<u64>>(), "what it got is contiguous");
+    let last = *got
+        .last()
+        .expect("the slow client got some events before it stalled");
+    assert_eq!(
+        got,
+        (1..=last).collect::<Vec<u64>>(),
+        "what it got is contiguous"
+    );
     assert!(last < N);
 
     // It resumes from its cursor: retention holds the last 2,000 events, so
@@ -275,7 +347,12 @@ async fn slow_consumer_is_cut_off_with_resumable_code_and_resumes_without_loss()
 
 #[tokio::test]
 async fn resume_within_retention_after_slow_disconnect_has_no_gap() {
-    let config = Config { queue_messages: 16, queue_bytes: 1 << 20, close_timeout: Duration::from_secs(30), ..Config::default() };
+    let config = Config {
+        queue_messages: 16,
+        queue_bytes: 1 << 20,
+        close_timeout: Duration::from_secs(30),
+        ..Config::default()
+    };
     let gw = TestGateway::with(config, Retention::default()).await;
     let mut slow = WsClient::connect(&gw.ws_url()).await;
     slow.subscribe("r", None).await;
@@ -283,9 +360,12 @@ async fn resume_within_retention_after_slow_disconnect_has_no_gap() {
     let big = "y".repeat(16 << 10);
     let bus = gw.bus();
     for i in 1..=400u64 {
-        bus.publish(&run("r"), vec![NewEvent::json(EventKind::Log, &json!({"i": i, "pad": big})).unwrap()])
-            .await
-            .unwrap();
+        bus.publish(
+            &run("r"),
+            vec![NewEvent::json(EventKind::Log, &json!({"i": i, "pad": big})).unwrap()],
+        )
+        .await
+        .unwrap();
         tokio::task::yield_now().await;
     }
     let (code, frames) = slow.read_until_close().await;
@@ -294,7 +374,10 @@ async fn resume_within_retention_after_slow_disconnect_has_no_gap() {
     let mut again = WsClient::connect(&gw.ws_url()).await;
     again.subscribe("r", Some(last)).await;
     let rest = collect_events(&mut again, &[("r", (400 - last) as usize)]).await;
-    assert!(rest.iter().all(|f| f["type"] == "event"), "no gap within retention");
+    assert!(
+        rest.iter().all(|f| f["type"] == "event"),
+        "no gap within retention"
+    );
     assert_eq!(seqs(&rest, "r"), ((last + 1)..=400).collect::<Vec<u64>>());
 }
 
@@ -316,10 +399,17 @@ async fn heartbeat_closes_a_silent_peer_with_resumable_code() {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
     let mut pings = 0;
     while tokio::time::Instant::now() < deadline {
-        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(50), futures_util::StreamExt::next(&mut alive.ws)).await {
+        if let Ok(Some(m)) = tokio::time::timeout(
+            Duration::from_millis(50),
+            futures_util::StreamExt::next(&mut alive.ws),
+        )
+        .await
+        {
             match m.unwrap() {
                 tokio_tungstenite::tungstenite::Message::Ping(_) => pings += 1,
-                tokio_tungstenite::tungstenite::Message::Close(c) => panic!("live peer closed: {c:?}"),
+                tokio_tungstenite::tungstenite::Message::Close(c) => {
+                    panic!("live peer closed: {c:?}")
+                }
                 _ => {}
             }
         }
@@ -337,15 +427,29 @@ impl SseReader {
     async fn open(gw: &TestGateway, path: &str, last_event_id: Option<u64>) -> (u16, SseReader) {
         use hyper_util::rt::TokioIo;
         let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
         tokio::spawn(conn);
         let mut req = hyper::Request::get(path).header("host", "x");
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id.to_string());
         }
-        let resp = send.send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap()).await.unwrap();
+        let resp = send
+            .send_request(
+                req.body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
         let status = resp.status().as_u16();
-        (status, SseReader { body: resp.into_body(), buf: String::new() })
+        (
+            status,
+            SseReader {
+                body: resp.into_body(),
+                buf: String::new(),
+            },
+        )
     }
 
     /// The next message with data: (id, json).
@@ -368,7 +472,9 @@ impl SseReader {
                     None => continue, // retry: or a heartbeat comment
                 }
             }
-            let frame = tokio::time::timeout(WAIT, self.body.frame()).await.expect("sse data in time")?;
+            let frame = tokio::time::timeout(WAIT, self.body.frame())
+                .await
+                .expect("sse data in time")?;
             if let Ok(data) = frame.unwrap().into_data() {
                 self.buf.push_str(std::str::from_utf8(&data).unwrap());
             }
@@ -383,7 +489,10 @@ async fn sse_streams_state_and_events_and_resumes_with_last_event_id() {
     let (status, mut s) = SseReader::open(&gw, "/v1/runs/sse-run/stream", None).await;
     assert_eq!(status, 200);
     let (id, state) = s.next().await.unwrap();
-    assert_eq!((id, state["type"].as_str(), state["seq"].as_u64()), (Some(5), Some("state"), Some(5)));
+    assert_eq!(
+        (id, state["type"].as_str(), state["seq"].as_u64()),
+        (Some(5), Some("state"), Some(5))
+    );
     publish_n(&gw.bus(), "sse-run", 6, 10).await;
     let mut last = 0;
     for want in 6..=10 {
@@ -397,13 +506,30 @@ async fn sse_streams_state_and_events_and_resumes_with_last_event_id() {
     assert_eq!(s.next().await.unwrap().1["type"], "state");
     for want in 11..=20 {
         let (id, ev) = s.next().await.unwrap();
-        assert_eq!((id, ev["type"].as_str(), ev["seq"].as_u64()), (Some(want), Some("event"), Some(want)), "{ev}");
+        assert_eq!(
+            (id, ev["type"].as_str(), ev["seq"].as_u64()),
+            (Some(want), Some("event"), Some(want)),
+            "{ev}"
+        );
     }
     // A bad cursor is a clear 400, not a stream.
-    let (status, _, body) = http(gw.addr, "GET", "/v1/runs/sse-run/stream", &[("last-event-id", "abc")], "").await;
-    assert_eq!((status, json(&body)["error"]["code"].as_str()), (400, Some("invalid_since")));
+    let (status, _, body) = http(
+        gw.addr,
+        "GET",
+        "/v1/runs/sse-run/stream",
+        &[("last-event-id", "abc")],
+        "",
+    )
+    .await;
+    assert_eq!(
+        (status, json(&body)["error"]["code"].as_str()),
+        (400, Some("invalid_since"))
+    );
     let (status, _, body) = http(gw.addr, "GET", "/v1/runs/a.b/stream", &[], "").await;
-    assert_eq!((status, json(&body)["error"]["code"].as_str()), (400, Some("invalid_run_id")));
+    assert_eq!(
+        (status, json(&body)["error"]["code"].as_str()),
+        (400, Some("invalid_run_id"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,12 +552,28 @@ async fn graceful_shutdown_fails_readiness_closes_clients_resumably_and_finishes
     tokio::time::sleep(Duration::from_millis(50)).await;
     // During the drain delay: still accepting, but not ready.
     let (status, _, body) = http(gw.addr, "GET", "/readyz", &[], "").await;
-    assert_eq!((status, json(&body)["error"]["code"].as_str()), (503, Some("draining")));
+    assert_eq!(
+        (status, json(&body)["error"]["code"].as_str()),
+        (503, Some("draining"))
+    );
     let (code, _) = c.read_until_close().await;
     assert_eq!(code, Some(1001), "clients are told to reconnect and resume");
-    assert!(started.elapsed() >= Duration::from_millis(300), "clients are closed only after the drain delay");
-    assert!(sse.next().await.is_none(), "SSE streams end so EventSource reconnects");
-    tokio::time::timeout(Duration::from_secs(5), done).await.expect("shutdown within bounds").unwrap().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "clients are closed only after the drain delay"
+    );
+    assert!(
+        sse.next().await.is_none(),
+        "SSE streams end so EventSource reconnects"
+    );
+    tokio::time::timeout(Duration::from_secs(5), done)
+        .await
+        .expect("shutdown within bounds")
+        .unwrap()
+        .unwrap();
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "listener closed");
+    assert!(
+        tokio::net::TcpStream::connect(gw.addr).await.is_err(),
+        "listener closed"
+    );
 }

@@ -36,13 +36,21 @@ impl TestGateway {
     pub async fn with(config: Config, retention: Retention) -> Self {
         let bus = EmbeddedBus::new(retention);
         let gw = Gateway::new(Arc::new(bus.clone()), config, "embedded");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(runcast_gateway::run(gw.clone(), listener, async move {
             let _ = stopped.await;
         }));
-        Self { addr, gw, bus, stop: Some(stop), task: Some(task) }
+        Self {
+            addr,
+            gw,
+            bus,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub fn bus(&self) -> Arc<dyn Bus> {
@@ -89,9 +97,16 @@ impl WsClient {
             .await
             .expect("websocket connect timed out")
             .expect("websocket connect failed");
-        let mut c = Self { ws, hello: Value::Null };
+        let mut c = Self {
+            ws,
+            hello: Value::Null,
+        };
         c.hello = c.recv().await;
-        assert_eq!(c.hello["type"], "hello", "first frame must be hello, got {}", c.hello);
+        assert_eq!(
+            c.hello["type"], "hello",
+            "first frame must be hello, got {}",
+            c.hello
+        );
         c
     }
 
@@ -100,7 +115,10 @@ impl WsClient {
     }
 
     pub async fn send_text(&mut self, t: &str) {
-        self.ws.send(Message::Text(t.into())).await.expect("send frame");
+        self.ws
+            .send(Message::Text(t.into()))
+            .await
+            .expect("send frame");
     }
 
     /// The next message of any kind (pings included), or `None` when the stream ended.
@@ -117,7 +135,9 @@ impl WsClient {
     pub async fn recv(&mut self) -> Value {
         loop {
             match self.next_message().await {
-                Some(Message::Text(t)) => return serde_json::from_str(&t).expect("server sent invalid JSON"),
+                Some(Message::Text(t)) => {
+                    return serde_json::from_str(&t).expect("server sent invalid JSON");
+                }
                 Some(Message::Ping(_) | Message::Pong(_)) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
             }
@@ -132,7 +152,10 @@ impl WsClient {
         }
         self.send(f).await;
         let state = self.recv().await;
-        assert_eq!(state["type"], "state", "expected state frame after subscribe, got {state}");
+        assert_eq!(
+            state["type"], "state",
+            "expected state frame after subscribe, got {state}"
+        );
         state
     }
 
@@ -145,7 +168,9 @@ impl WsClient {
                 Err(_) => panic!("connection not closed within {WAIT:?}"),
                 Ok(None) | Ok(Some(Err(_))) => return (None, frames),
                 Ok(Some(Ok(Message::Close(c)))) => return (c.map(|c| u16::from(c.code)), frames),
-                Ok(Some(Ok(Message::Text(t)))) => frames.push(serde_json::from_str(&t).expect("valid JSON")),
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    frames.push(serde_json::from_str(&t).expect("valid JSON"))
+                }
                 Ok(Some(Ok(_))) => {}
             }
         }
@@ -170,14 +195,22 @@ pub async fn http(
     body: impl Into<Bytes>,
 ) -> (u16, hyper::HeaderMap, String) {
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
-    let mut req = hyper::Request::builder().method(method).uri(path).header("host", addr.to_string());
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let req = req.body(Full::new(body.into())).expect("request");
-    let resp = tokio::time::timeout(WAIT, send.send_request(req)).await.expect("response in time").expect("response");
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .expect("response in time")
+        .expect("response");
     let status = resp.status().as_u16();
     let hdrs = resp.headers().clone();
     let body = resp.into_body().collect().await.expect("body").to_bytes();

@@ -21,9 +21,12 @@ pub struct HttpTarget {
 impl HttpTarget {
     pub fn new(base_url: &str) -> Result<Self, PublishError> {
         let base = base_url.trim_end_matches('/').to_owned();
-        let uri: Uri = base
-            .parse()
-            .map_err(|e| PublishError::new(PublishErrorKind::InvalidInput, format!("bad gateway URL {base_url:?}: {e}")))?;
+        let uri: Uri = base.parse().map_err(|e| {
+            PublishError::new(
+                PublishErrorKind::InvalidInput,
+                format!("bad gateway URL {base_url:?}: {e}"),
+            )
+        })?;
         if uri.scheme_str() != Some("http") {
             return Err(PublishError::new(
                 PublishErrorKind::InvalidInput,
@@ -32,7 +35,10 @@ impl HttpTarget {
         }
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
-        Ok(Self { base, client: Client::builder(TokioExecutor::new()).build(conn) })
+        Ok(Self {
+            base,
+            client: Client::builder(TokioExecutor::new()).build(conn),
+        })
     }
 }
 
@@ -49,7 +55,11 @@ impl PublishTarget for HttpTarget {
     async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError> {
         let wire: Vec<Wire> = events
             .iter()
-            .map(|e| Wire { kind: e.kind.as_str(), data: &e.data, traceparent: e.traceparent.as_deref() })
+            .map(|e| Wire {
+                kind: e.kind.as_str(),
+                data: &e.data,
+                traceparent: e.traceparent.as_deref(),
+            })
             .collect();
         let body = serde_json::to_vec(&wire)?;
         let req = Request::post(format!("{}/v1/runs/{run}/events", self.base))
@@ -57,10 +67,13 @@ impl PublishTarget for HttpTarget {
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| PublishError::new(PublishErrorKind::InvalidInput, e.to_string()))?;
         let unavailable = |e: String| PublishError::new(PublishErrorKind::Unavailable, e);
-        let resp = tokio::time::timeout(std::time::Duration::from_secs(10), self.client.request(req))
-            .await
-            .map_err(|_| unavailable(format!("gateway {} did not answer within 10s", self.base)))?
-            .map_err(|e| unavailable(format!("gateway {} unreachable: {e}", self.base)))?;
+        let resp =
+            tokio::time::timeout(std::time::Duration::from_secs(10), self.client.request(req))
+                .await
+                .map_err(|_| {
+                    unavailable(format!("gateway {} did not answer within 10s", self.base))
+                })?
+                .map_err(|e| unavailable(format!("gateway {} unreachable: {e}", self.base)))?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -70,8 +83,12 @@ impl PublishTarget for HttpTarget {
             .to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
         if status == StatusCode::OK {
-            return serde_json::from_value::<Vec<u64>>(v["seqs"].clone())
-                .map_err(|_| unavailable(format!("unexpected answer from gateway: {}", String::from_utf8_lossy(&bytes))));
+            return serde_json::from_value::<Vec<u64>>(v["seqs"].clone()).map_err(|_| {
+                unavailable(format!(
+                    "unexpected answer from gateway: {}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            });
         }
         let kind = if status.is_server_error() && status != StatusCode::INSUFFICIENT_STORAGE {
             PublishErrorKind::Unavailable

@@ -51,7 +51,10 @@ pub struct PublishError {
 
 impl PublishError {
     pub fn new(kind: PublishErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -69,7 +72,10 @@ impl From<ParseKindError> for PublishError {
 
 impl From<serde_json::Error> for PublishError {
     fn from(e: serde_json::Error) -> Self {
-        Self::new(PublishErrorKind::InvalidInput, format!("event data does not serialize to JSON: {e}"))
+        Self::new(
+            PublishErrorKind::InvalidInput,
+            format!("event data does not serialize to JSON: {e}"),
+        )
     }
 }
 
@@ -109,7 +115,10 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(target: Arc<dyn PublishTarget>, run: &str) -> Result<Self, PublishError> {
-        Ok(Self { target, run: RunId::parse(run)? })
+        Ok(Self {
+            target,
+            run: RunId::parse(run)?,
+        })
     }
 
     /// A publisher on an in-process bus.
@@ -124,7 +133,10 @@ impl Publisher {
 
     /// The same target, another run.
     pub fn for_run(&self, run: &str) -> Result<Self, PublishError> {
-        Ok(Self { target: self.target.clone(), run: RunId::parse(run)? })
+        Ok(Self {
+            target: self.target.clone(),
+            run: RunId::parse(run)?,
+        })
     }
 
     pub fn run(&self) -> &RunId {
@@ -133,17 +145,23 @@ impl Publisher {
 
     /// `progress` with `{"done":done,"total":total}`.
     pub async fn progress(&self, done: u64, total: u64) -> Result<u64, PublishError> {
-        self.event(EventKind::Progress, &serde_json::json!({ "done": done, "total": total })).await
+        self.event(
+            EventKind::Progress,
+            &serde_json::json!({ "done": done, "total": total }),
+        )
+        .await
     }
 
     /// `log` with `{"line":line}`.
     pub async fn log(&self, line: &str) -> Result<u64, PublishError> {
-        self.event(EventKind::Log, &serde_json::json!({ "line": line })).await
+        self.event(EventKind::Log, &serde_json::json!({ "line": line }))
+            .await
     }
 
     /// `status` with `{"state":state}`.
     pub async fn status(&self, state: &str) -> Result<u64, PublishError> {
-        self.event(EventKind::Status, &serde_json::json!({ "state": state })).await
+        self.event(EventKind::Status, &serde_json::json!({ "state": state }))
+            .await
     }
 
     /// `complete` with any summary; ends the run.
@@ -153,20 +171,32 @@ impl Publisher {
 
     /// `error` with `{"message":message}`; ends the run as failed.
     pub async fn error(&self, message: &str) -> Result<u64, PublishError> {
-        self.event(EventKind::Error, &serde_json::json!({ "message": message })).await
+        self.event(EventKind::Error, &serde_json::json!({ "message": message }))
+            .await
     }
 
     /// An event of a custom kind (`[a-z0-9_-]{1,64}`).
-    pub async fn custom<T: Serialize + ?Sized>(&self, kind: &str, data: &T) -> Result<u64, PublishError> {
+    pub async fn custom<T: Serialize + ?Sized>(
+        &self,
+        kind: &str,
+        data: &T,
+    ) -> Result<u64, PublishError> {
         self.event(EventKind::parse(kind)?, data).await
     }
 
     /// One event of any kind.
-    pub async fn event<T: Serialize + ?Sized>(&self, kind: EventKind, data: &T) -> Result<u64, PublishError> {
-        let seqs = self.target.publish(&self.run, vec![NewEvent::json(kind, data)?]).await?;
-        seqs.first()
-            .copied()
-            .ok_or_else(|| PublishError::new(PublishErrorKind::Unavailable, "publish returned no seq"))
+    pub async fn event<T: Serialize + ?Sized>(
+        &self,
+        kind: EventKind,
+        data: &T,
+    ) -> Result<u64, PublishError> {
+        let seqs = self
+            .target
+            .publish(&self.run, vec![NewEvent::json(kind, data)?])
+            .await?;
+        seqs.first().copied().ok_or_else(|| {
+            PublishError::new(PublishErrorKind::Unavailable, "publish returned no seq")
+        })
     }
 
     /// Several events at once, stored atomically and in order.
@@ -187,8 +217,16 @@ mod tests {
         assert_eq!(p.status("starting").await.unwrap(), 1);
         assert_eq!(p.progress(5, 10).await.unwrap(), 2);
         assert_eq!(p.log("half way").await.unwrap(), 3);
-        assert_eq!(p.custom("metric", &serde_json::json!({"rps": 10})).await.unwrap(), 4);
-        assert_eq!(p.complete(&serde_json::json!({"ok": true})).await.unwrap(), 5);
+        assert_eq!(
+            p.custom("metric", &serde_json::json!({"rps": 10}))
+                .await
+                .unwrap(),
+            4
+        );
+        assert_eq!(
+            p.complete(&serde_json::json!({"ok": true})).await.unwrap(),
+            5
+        );
         let page = bus.read(p.run(), 1, 10).await.unwrap();
         let kinds: Vec<_> = page.events.iter().map(|e| e.kind.to_string()).collect();
         assert_eq!(kinds, ["status", "progress", "log", "metric", "complete"]);
@@ -200,8 +238,14 @@ mod tests {
     #[tokio::test]
     async fn bad_input_is_an_invalid_input_error() {
         let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new(Retention::default()));
-        assert_eq!(Publisher::on_bus(bus.clone(), "a.b").err().unwrap().kind, PublishErrorKind::InvalidInput);
+        assert_eq!(
+            Publisher::on_bus(bus.clone(), "a.b").err().unwrap().kind,
+            PublishErrorKind::InvalidInput
+        );
         let p = Publisher::on_bus(bus, "ok").unwrap();
-        assert_eq!(p.custom("Not.Valid", &1).await.unwrap_err().kind, PublishErrorKind::InvalidInput);
+        assert_eq!(
+            p.custom("Not.Valid", &1).await.unwrap_err().kind,
+            PublishErrorKind::InvalidInput
+        );
     }
 }
