@@ -9,6 +9,17 @@ step() { printf '\n== %s\n' "$*"; }
 # Load tests open ~2,000 sockets in one process; make sure the limit allows it.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+# What the tests need beyond Rust: Debian's Chromium, for the test that
+# renders the watch page in a real headless browser.
+step "install test dependencies"
+if ! command -v chromium >/dev/null 2>&1; then
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium >/dev/null
+fi
+chromium --version
+
 step "format"
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check

@@ -1,0 +1,122 @@
+//! `runcast up` as a process: SIGTERM drains it (readiness fails first,
+//! clients get a resumable close, the process exits in bounded time), and
+//! the demo page renders live runs in a real headless browser.
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use runcast_test_support::{WsClient, http, json};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_runcast");
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+async fn start(args: &[&str]) -> (Child, SocketAddr) {
+    let addr = free_addr();
+    let child = Command::new(BIN)
+        .args(["up", "--listen", &addr.to_string(), "--log", "warn"])
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return (child, addr);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("runcast up did not listen on {addr}");
+}
+
+/// Sends SIGTERM to the child, by PID.
+async fn sigterm(child: &Child) {
+    let pid = child.id().expect("child running").to_string();
+    let st = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    assert!(st.success());
+}
+
+#[tokio::test]
+async fn sigterm_fails_readiness_then_closes_clients_resumably_and_exits() {
+    let (mut child, addr) = start(&["--drain-delay", "400ms", "--drain-timeout", "3s"]).await;
+    assert_eq!(http(addr, "GET", "/readyz", &[], "").await.0, 200);
+    let mut c = WsClient::connect(&format!("ws://{addr}/v1/ws")).await;
+    c.subscribe("r", None).await;
+    let t0 = Instant::now();
+    sigterm(&child).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _, body) = http(addr, "GET", "/readyz", &[], "").await;
+    assert_eq!((status, json(&body)["error"]["code"].as_str()), (503, Some("draining")));
+    let (code, _) = c.read_until_close().await;
+    assert_eq!(code, Some(1001));
+    assert!(t0.elapsed() >= Duration::from_millis(400), "clients leave only after the drain delay");
+    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait()).await.expect("exits in time").unwrap();
+    assert!(exit.success(), "clean exit: {exit:?}");
+    assert!(t0.elapsed() < Duration::from_secs(4));
+}
+
+/// Finds Debian's Chromium; the test command installs it.
+fn chromium() -> Option<&'static str> {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| std::path::Path::new(p).exists())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_page_shows_live_runs_in_a_headless_browser() {
+    let Some(browser) = chromium() else {
+        panic!("chromium is not installed; scripts/test.sh installs it (apt-get install chromium)");
+    };
+    let (_child, addr) = start(&["--demo", "--demo-jobs", "3"]).await;
+    // Let the demo start its jobs.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let profile = tempdir();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-quic",
+                &format!("--user-data-dir={}", profile.display()),
+                "--virtual-time-budget=4000",
+                "--dump-dom",
+                &format!("http://{addr}/"),
+            ])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium finished")
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&profile);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains(r#"id="conn" class="up""#), "page connected its WebSocket:\n{dom}");
+    for run in ["loadtest-1", "batch-2", "codegen-3"] {
+        assert!(dom.contains(&format!(r#"data-run="{run}""#)), "page lists {run}:\n{dom}");
+    }
+    assert!(dom.contains("running"), "runs show their status");
+    assert!(dom.contains(" events"), "runs show event counts");
+    assert!(dom.contains("#1 "), "the selected run's events are listed:\n{dom}");
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("runcast-chromium-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
