@@ -14,7 +14,10 @@ use tokio::process::{Child, Command};
 const BIN: &str = env!("CARGO_BIN_EXE_runcast");
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 async fn start(args: &[&str]) -> (Child, SocketAddr) {
@@ -38,7 +41,11 @@ async fn start(args: &[&str]) -> (Child, SocketAddr) {
 /// Sends SIGTERM to the child, by PID.
 async fn sigterm(child: &Child) {
     let pid = child.id().expect("child running").to_string();
-    let st = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    let st = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
     assert!(st.success());
 }
 
@@ -52,18 +59,29 @@ async fn sigterm_fails_readiness_then_closes_clients_resumably_and_exits() {
     sigterm(&child).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (status, _, body) = http(addr, "GET", "/readyz", &[], "").await;
-    assert_eq!((status, json(&body)["error"]["code"].as_str()), (503, Some("draining")));
+    assert_eq!(
+        (status, json(&body)["error"]["code"].as_str()),
+        (503, Some("draining"))
+    );
     let (code, _) = c.read_until_close().await;
     assert_eq!(code, Some(1001));
-    assert!(t0.elapsed() >= Duration::from_millis(400), "clients leave only after the drain delay");
-    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait()).await.expect("exits in time").unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "clients leave only after the drain delay"
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
     assert!(exit.success(), "clean exit: {exit:?}");
     assert!(t0.elapsed() < Duration::from_secs(4));
 }
 
 /// Finds Debian's Chromium; the test command installs it.
 fn chromium() -> Option<&'static str> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| std::path::Path::new(p).exists())
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,21 +120,37 @@ async fn demo_page_shows_live_runs_in_a_headless_browser() {
     .unwrap();
     let _ = std::fs::remove_dir_all(&profile);
     let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(dom.contains(r#"id="conn" class="up""#), "page connected its WebSocket:\n{dom}");
+    assert!(
+        dom.contains(r#"id="conn" class="up""#),
+        "page connected its WebSocket:\n{dom}"
+    );
     for run in ["loadtest-1", "batch-2", "codegen-3"] {
-        assert!(dom.contains(&format!(r#"data-run="{run}""#)), "page lists {run}:\n{dom}");
+        assert!(
+            dom.contains(&format!(r#"data-run="{run}""#)),
+            "page lists {run}:\n{dom}"
+        );
     }
     assert!(dom.contains("running"), "runs show their status");
     assert!(dom.contains(" events"), "runs show event counts");
-    assert!(dom.contains("#1 "), "the selected run's events are listed:\n{dom}");
+    assert!(
+        dom.contains("#1 "),
+        "the selected run's events are listed:\n{dom}"
+    );
 }
 
 fn tempdir() -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("runcast-chromium-{}-{}", std::process::id(), rand_suffix()));
+    let p = std::env::temp_dir().join(format!(
+        "runcast-chromium-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
     std::fs::create_dir_all(&p).unwrap();
     p
 }
 
 fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }

@@ -38,7 +38,7 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
             ctx.gw.metrics.render(),
         ),
         (["v1", "ws"], &Method::GET) => upgrade(ctx.clone(), req),
-        (["v1", "runs"], &Method::GET) => list_runs(&ctx.gw).await,
+        (["v1", "runs"], &Method::GET) => list_runs(&ctx.gw, req.uri().query().unwrap_or("")).await,
         (["v1", "runs", run], &Method::GET) => with_run(run, |r| get_run(ctx.gw.clone(), r)).await,
         (["v1", "runs", run, "events"], &Method::GET) => {
             let q = req.uri().query().unwrap_or("").to_owned();
@@ -157,12 +157,38 @@ fn readyz(gw: &Gateway) -> Response<Body> {
     }
 }
 
-async fn list_runs(gw: &Gateway) -> Response<Body> {
+/// `GET /v1/runs[?status=running|completed|failed][&limit=N]`
+async fn list_runs(gw: &Gateway, q: &str) -> Response<Body> {
+    let limit = match query_u64(q, "limit") {
+        Ok(l) => l.map_or(usize::MAX, |l| l as usize),
+        Err(e) => return error(ProtocolError::new(ErrorCode::InvalidFrame, e.message)),
+    };
+    let status = q.split('&').find_map(|kv| kv.strip_prefix("status="));
+    if let Some(s) = status
+        && !matches!(s, "running" | "completed" | "failed")
+    {
+        return error(ProtocolError::new(
+            ErrorCode::InvalidFrame,
+            format!(
+                "status must be running, completed or failed, not {:?}",
+                truncate(s)
+            ),
+        ));
+    }
     match gw.bus.runs().await {
-        Ok(runs) => json(
-            StatusCode::OK,
-            serde_json::json!({ "runs": runs }).to_string(),
-        ),
+        Ok(runs) => {
+            let runs: Vec<_> = runs
+                .into_iter()
+                .filter(|r| {
+                    status.is_none_or(|s| serde_json::to_value(r.status).is_ok_and(|v| v == s))
+                })
+                .take(limit)
+                .collect();
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "runs": runs }).to_string(),
+            )
+        }
         Err(e) => error(ProtocolError::new(ErrorCode::Unavailable, e.to_string())),
     }
 }

@@ -345,6 +345,27 @@ async fn http_api_happy_paths() {
     let runs = json(&text);
     assert_eq!(runs["runs"][0]["run"], "api-run");
     assert_eq!(runs["runs"][0]["percent"], 40.0);
+    http(
+        addr,
+        "POST",
+        "/v1/runs/done-run/events",
+        &[],
+        r#"{"kind":"complete","data":{}}"#,
+    )
+    .await;
+    let (_, _, text) = http(addr, "GET", "/v1/runs?status=running", &[], "").await;
+    let running: Vec<Value> = json(&text)["runs"].as_array().unwrap().clone();
+    assert_eq!(running.len(), 1, "{text}");
+    assert_eq!(running[0]["run"], "api-run");
+    let (_, _, text) = http(addr, "GET", "/v1/runs?limit=1", &[], "").await;
+    assert_eq!(
+        json(&text)["runs"][0]["run"],
+        "done-run",
+        "most recently updated first, limited"
+    );
+    assert_eq!(json(&text)["runs"].as_array().unwrap().len(), 1);
+    let (s, _, _) = http(addr, "GET", "/v1/runs?status=sleeping", &[], "").await;
+    assert_eq!(s, 400);
     let (_, _, text) = http(
         addr,
         "GET",
@@ -367,7 +388,7 @@ async fn http_api_happy_paths() {
     assert_eq!((s, text.as_str()), (200, "ok\n"));
     let (s, _, text) = http(addr, "GET", "/metrics", &[], "").await;
     assert_eq!(s, 200);
-    assert!(text.contains("runcast_events_published_total 2"), "{text}");
+    assert!(text.contains("runcast_events_published_total 3"), "{text}");
     let (s, h, text) = http(addr, "GET", "/", &[], "").await;
     assert_eq!(s, 200);
     assert!(h["content-type"].to_str().unwrap().starts_with("text/html"));
