@@ -481,15 +481,9 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
                 let ws =
                     WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg))
                         .await;
-                let ConnCtx {
-                    gw,
-                    stop,
-                    done,
-                    _permit,
-                } = ctx;
-                drop(stop);
+                let (gw, tokens) = ctx.detach();
                 crate::ws::serve(gw, ws).await;
-                drop((done, _permit));
+                drop(tokens);
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -538,16 +532,10 @@ fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Bod
         },
     };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let ConnCtx {
-        gw,
-        stop,
-        done,
-        _permit,
-    } = ctx;
+    let (gw, tokens) = ctx.detach();
     let task = async move {
-        drop(stop);
         crate::sse::serve(gw, run, since, tx).await;
-        drop((done, _permit));
+        drop(tokens);
     };
     tokio::spawn(tracing::Instrument::instrument(
         task,

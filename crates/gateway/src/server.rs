@@ -105,13 +105,32 @@ impl Gateway {
 #[derive(Clone)]
 pub(crate) struct ConnCtx {
     pub gw: Arc<Gateway>,
-    /// Flips to `true` when plain HTTP connections must finish.
-    pub stop: watch::Receiver<bool>,
     /// Held by every task that must finish before shutdown completes.
     pub done: mpsc::Sender<()>,
     /// The connection's slot under `max_connections`, held by upgraded
     /// WebSockets and SSE streams too.
     pub _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl ConnCtx {
+    /// For a task that outlives the HTTP exchange (an upgraded WebSocket, an
+    /// SSE stream): the gateway, and tokens that keep shutdown waiting and the
+    /// connection slot taken until the task drops them.
+    pub(crate) fn detach(self) -> (Arc<Gateway>, SessionTokens) {
+        let ConnCtx { gw, done, _permit } = self;
+        (
+            gw,
+            SessionTokens {
+                _done: done,
+                _permit,
+            },
+        )
+    }
+}
+
+pub(crate) struct SessionTokens {
+    _done: mpsc::Sender<()>,
+    _permit: Arc<OwnedSemaphorePermit>,
 }
 
 /// Serves the gateway on `listener` until `shutdown` completes, then drains:
@@ -184,7 +203,6 @@ async fn serve_tcp(
     let _ = tcp.set_nodelay(true);
     let ctx = ConnCtx {
         gw: gw.clone(),
-        stop: stop.clone(),
         done,
         _permit: Arc::new(permit),
     };
