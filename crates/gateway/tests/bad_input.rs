@@ -345,6 +345,8 @@ async fn http_api_happy_paths() {
     let runs = json(&text);
     assert_eq!(runs["runs"][0]["run"], "api-run");
     assert_eq!(runs["runs"][0]["percent"], 40.0);
+    // Timestamps are in milliseconds: make "most recent" unambiguous.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     http(
         addr,
         "POST",
