@@ -577,3 +577,56 @@ async fn graceful_shutdown_fails_readiness_closes_clients_resumably_and_finishes
         "listener closed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_interest_follows_distinct_runs_not_clients() {
+    let gw = TestGateway::start().await;
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        let mut c = WsClient::connect(&gw.ws_url()).await;
+        c.subscribe(&format!("run-{}", i % 5), None).await;
+        clients.push(c);
+    }
+    assert_eq!(
+        gw.gw.hub.watched_runs(),
+        5,
+        "50 clients on 5 runs hold 5 bus watches"
+    );
+    assert!(gw.gw.metrics.render().contains("runcast_subscriptions 50"));
+
+    // Unsubscribing stops delivery for that run only.
+    let c = &mut clients[0];
+    c.send(json!({"type": "unsubscribe", "run": "run-0"})).await;
+    assert_eq!(
+        c.recv().await,
+        json!({"type": "unsubscribed", "run": "run-0"})
+    );
+    c.subscribe("run-1", None).await;
+    publish_n(&gw.bus(), "run-0", 1, 3).await;
+    publish_n(&gw.bus(), "run-1", 1, 1).await;
+    let f = c.recv().await;
+    assert_eq!(
+        (f["run"].as_str(), f["seq"].as_u64()),
+        (Some("run-1"), Some(1)),
+        "nothing from run-0 after unsubscribe: {f}"
+    );
+
+    // When every client is gone, every watch is released.
+    for c in clients {
+        drop(c);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gw.gw.hub.watched_runs() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watches not released: {}",
+            gw.gw.hub.watched_runs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let m = gw.gw.metrics.render();
+    assert!(
+        m.contains("runcast_subscriptions 0") && m.contains("runcast_watched_runs 0"),
+        "{m}"
+    );
+}
