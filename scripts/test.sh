@@ -19,6 +19,13 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium >/dev/null
 fi
 chromium --version
+# A real protoc (from grpcio-tools) to check the protocol schema and docs.
+if ! python3 -c 'import grpc_tools' 2>/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check grpcio-tools
+fi
+
+step "protocol schema"
+python3 scripts/check_proto.py
 
 step "format"
 if cargo fmt --version >/dev/null 2>&1; then
