@@ -153,9 +153,9 @@ impl NatsServer {
         std::fs::read_to_string(self.conf.with_file_name("nats.log")).unwrap_or_default()
     }
 
-    /// Waits until `/healthz` reports JetStream healthy (up to 20 s).
+    /// Waits until `/healthz` reports JetStream healthy (up to 40 s: a restarted cluster node catches up first).
     pub async fn wait_healthy(&self) {
-        for _ in 0..400 {
+        for _ in 0..800 {
             if tokio::net::TcpStream::connect(self.monitor()).await.is_ok()
                 && http(self.monitor(), "GET", "/healthz", &[], "").await.0 == 200
             {
@@ -164,7 +164,7 @@ impl NatsServer {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!(
-            "nats-server {} not healthy within 20s; log:\n{}",
+            "nats-server {} not healthy within 40s; log:\n{}",
             self.name,
             self.log()
         );
@@ -243,7 +243,7 @@ impl NatsCluster {
 
     /// Waits until a running node reports a JetStream meta leader and all peers.
     pub async fn wait_meta_leader(&self) {
-        for _ in 0..400 {
+        for _ in 0..800 {
             for n in &self.nodes {
                 // A killed node refuses connections; skip it.
                 if tokio::net::TcpStream::connect(n.monitor()).await.is_err() {
@@ -267,6 +267,14 @@ impl NatsCluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("no JetStream meta leader within 20s");
+        let logs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("--- {} ---\n{}", n.name, n.log()))
+            .collect();
+        panic!(
+            "no JetStream meta leader within 40s; logs:\n{}",
+            logs.join("\n")
+        );
     }
 }
