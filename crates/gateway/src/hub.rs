@@ -29,7 +29,8 @@ use crate::Metrics;
 #[derive(Debug)]
 pub struct OutFrame {
     pub run: RunId,
-    /// The seqs this frame covers: one event (`first == last`), or a gap.
+    /// The seqs this frame covers: for an event, everything after the run's
+    /// previous event up to this one; for a gap, the missing range.
     pub first: u64,
     pub last: u64,
     pub text: Utf8Bytes,
@@ -48,8 +49,11 @@ impl OutFrame {
         }
     }
 
-    pub fn event(ev: &Event) -> Self {
-        Self::new(ev.run.clone(), ev.seq, ev.seq, frame::encode_event(ev))
+    /// An event that directly follows seq `prev` of its run: the frame covers
+    /// `prev+1..=seq`, so a subscriber whose cursor is anywhere in that range
+    /// has missed nothing.
+    pub fn event_after(ev: &Event, prev: u64) -> Self {
+        Self::new(ev.run.clone(), prev + 1, ev.seq, frame::encode_event(ev))
     }
 
     pub fn sse(&self) -> &Bytes {
@@ -289,9 +293,11 @@ async fn fanout(
     };
     loop {
         let item = watch.feed.next().await;
+        // Seqs need not be contiguous (NATS numbers events across all runs),
+        // so a jump is not a hole: only the feed saying it lagged is.
         let upto = match &item {
             Some(Live::Event(ev)) if ev.seq <= last => continue,
-            Some(Live::Event(ev)) => ev.seq - 1,
+            Some(Live::Event(_)) => last,
             Some(Live::Lagged) => u64::MAX,
             None => {
                 tracing::warn!("bus closed the watch; closing subscribers so they resume");
@@ -322,7 +328,7 @@ async fn fanout(
                 let mut progressed = false;
                 for ev in p.events.iter().take_while(|e| e.seq <= upto) {
                     metrics.events_received.inc();
-                    emit(OutFrame::event(ev));
+                    emit(OutFrame::event_after(ev, last));
                     last = ev.seq;
                     progressed = true;
                 }
@@ -335,7 +341,7 @@ async fn fanout(
             && ev.seq > last
         {
             metrics.events_received.inc();
-            emit(OutFrame::event(&ev));
+            emit(OutFrame::event_after(&ev, last));
             last = ev.seq;
         }
     }

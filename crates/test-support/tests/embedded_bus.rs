@@ -10,8 +10,20 @@ fn make() -> Arc<dyn Bus> {
 }
 
 #[tokio::test]
-async fn seqs_start_at_one_per_run() {
-    c::seqs_start_at_one_per_run(make()).await;
+async fn seqs_increase_per_run() {
+    c::seqs_increase_per_run(make()).await;
+}
+
+/// The embedded bus's own promise: each run is numbered 1, 2, 3, … without holes.
+#[tokio::test]
+async fn embedded_seqs_are_contiguous_per_run() {
+    use runcast_core::{EventKind, NewEvent, RunId};
+    let bus = make();
+    let ev = || NewEvent::json(EventKind::Log, &1).unwrap();
+    let (a, b) = (RunId::parse("a").unwrap(), RunId::parse("b").unwrap());
+    assert_eq!(bus.publish(&a, vec![ev()]).await.unwrap(), vec![1]);
+    assert_eq!(bus.publish(&b, vec![ev()]).await.unwrap(), vec![1]);
+    assert_eq!(bus.publish(&a, vec![ev(), ev()]).await.unwrap(), vec![2, 3]);
 }
 
 #[tokio::test]
@@ -30,6 +42,6 @@ async fn state_and_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_publishers_get_contiguous_seqs() {
-    c::concurrent_publishers_get_contiguous_seqs(make()).await;
+async fn concurrent_publishers_get_distinct_ordered_seqs() {
+    c::concurrent_publishers_get_distinct_ordered_seqs(make()).await;
 }
