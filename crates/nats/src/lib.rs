@@ -15,10 +15,12 @@
 //! '{"done":1}'`). The `seq` a run's events get is the stream sequence: it
 //! strictly increases per run and means the same on every gateway.
 
+mod bus;
 mod config;
 mod publish;
 mod stream;
 
+pub use bus::NatsBus;
 pub use config::{NatsConfig, connect};
 pub use publish::NatsTarget;
 pub use stream::{StreamSettings, ensure_stream};

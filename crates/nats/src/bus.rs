@@ -1,0 +1,356 @@
+//! [`NatsBus`]: the [`Bus`] on NATS JetStream, for gateways that scale out.
+//!
+//! History is the `RUNCAST_EVENTS` stream itself, read with direct gets that
+//! any replica can serve. A watch is an ordered consumer filtered to one run
+//! (`<prefix>.runs.<run>.*`) that starts right after the run's last event,
+//! so it is seamless by construction and survives NATS reconnects (the
+//! client recreates it from the last sequence it delivered). Run state is
+//! derived from the stream, not stored beside it: the first and last event,
+//! the last event of each well-known kind, and the per-subject counts. Every
+//! gateway therefore computes the same state, and it survives restarts of
+//! anything for as long as the events are retained.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{DeliverPolicy, pull},
+    stream::{DirectGetErrorKind, Stream},
+};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use runcast_bus::{Bus, BusError, Feed, Live, Page, Watch};
+use runcast_core::{Event, EventKind, NewEvent, RunId, RunState, subject};
+use runcast_worker::{PublishErrorKind, PublishTarget};
+use serde_json::value::RawValue;
+use tokio::task::JoinHandle;
+
+use crate::{NatsConfig, NatsError, NatsTarget, StreamSettings, connect, ensure_stream};
+
+#[derive(Clone)]
+pub struct NatsBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    prefix: String,
+    max_event_bytes: usize,
+    /// Set once the stream exists and is verified.
+    stream: OnceLock<Stream>,
+    /// Why the stream is not ready yet (for readiness and errors).
+    setup_error: Mutex<String>,
+    target: NatsTarget,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+impl NatsBus {
+    /// Connects and returns at once; the connection and the stream are set
+    /// up in the background (the returned task), retrying every second, so
+    /// a gateway starts while NATS is unreachable and reports why it is not
+    /// ready until it is.
+    pub async fn start(
+        cfg: &NatsConfig,
+        settings: StreamSettings,
+    ) -> Result<(Self, JoinHandle<()>), NatsError> {
+        let client = connect(cfg, true).await?;
+        let inner = Arc::new(Inner {
+            target: NatsTarget::new(client.clone(), &cfg.prefix),
+            client: client.clone(),
+            prefix: cfg.prefix.clone(),
+            max_event_bytes: settings.max_message_size.max(0) as usize,
+            stream: OnceLock::new(),
+            setup_error: Mutex::new("connecting to NATS".into()),
+        });
+        let setup = {
+            let inner = inner.clone();
+            let js = jetstream::new(client);
+            tokio::spawn(async move {
+                loop {
+                    match ensure_stream(&js, &inner.prefix, &settings).await {
+                        Ok(stream) => {
+                            let _ = inner.stream.set(stream);
+                            tracing::info!(stream = %settings.name, "NATS stream ready");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "NATS stream not ready; retrying");
+                            *inner.setup_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                                e.to_string();
+                        }
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            })
+        };
+        Ok((Self { inner }, setup))
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    fn stream(&self) -> Result<&Stream, BusError> {
+        self.inner.stream.get().ok_or_else(|| {
+            let why = self
+                .inner
+                .setup_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            BusError::Unavailable(format!("NATS stream not ready: {why}"))
+        })
+    }
+
+    fn filter(&self, run: &RunId) -> String {
+        subject::run_wildcard(&self.inner.prefix, run)
+    }
+
+    /// The last event of `subject` (may be a wildcard), if any is retained.
+    async fn last(&self, subject: &str) -> Result<Option<Event>, BusError> {
+        match self.stream()?.direct_get_last_for_subject(subject).await {
+            Ok(m) => Ok(to_event(&self.inner.prefix, m)),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(format!("reading {subject}: {e}"))),
+        }
+    }
+}
+
+/// Turns a stored message into an event; `None` for subjects that are not
+/// runcast events (the stream only captures `<prefix>.runs.>`, so only a
+/// malformed run or kind token gets here, and is logged).
+fn to_event(prefix: &str, m: jetstream::message::StreamMessage) -> Option<Event> {
+    let Some((run, kind)) = subject::parse_event_subject(prefix, m.subject.as_str()) else {
+        tracing::warn!(subject = %m.subject, seq = m.sequence, "skipping a message on a subject that is not a runcast event");
+        return None;
+    };
+    Some(Event {
+        run,
+        seq: m.sequence,
+        kind,
+        data: payload_json(&m.payload),
+        ts: (m.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+        traceparent: m.headers.get("traceparent").map(|v| v.to_string()),
+    })
+}
+
+/// The payload as JSON. Publishers are meant to send JSON; anything else
+/// (a plain-text `nats pub`) is delivered as a JSON string rather than dropped.
+fn payload_json(payload: &[u8]) -> Box<RawValue> {
+    if let Ok(text) = std::str::from_utf8(payload)
+        && let Ok(raw) = serde_json::from_str::<&RawValue>(text)
+    {
+        return raw.to_owned();
+    }
+    let text = String::from_utf8_lossy(payload);
+    serde_json::value::to_raw_value(&text)
+        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("valid JSON"))
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, BusError> {
+        self.stream()?;
+        for ev in &events {
+            let size = ev.data.get().len();
+            if size > self.inner.max_event_bytes {
+                return Err(BusError::EventTooLarge {
+                    size,
+                    limit: self.inner.max_event_bytes,
+                });
+            }
+        }
+        self.inner
+            .target
+            .publish(run, events)
+            .await
+            .map_err(|e| match e.kind {
+                PublishErrorKind::Unavailable => BusError::Unavailable(e.message),
+                _ => BusError::EventTooLarge {
+                    size: 0,
+                    limit: self.inner.max_event_bytes,
+                },
+            })
+    }
+
+    async fn watch(&self, run: &RunId) -> Result<Watch, BusError> {
+        let filter = self.filter(run);
+        let head = self.last(&filter).await?.map_or(0, |e| e.seq);
+        let consumer = self
+            .stream()?
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: filter.clone(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: head + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(format!("watching {filter}: {e}")))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable(format!("watching {filter}: {e}")))?;
+        Ok(Watch {
+            head,
+            feed: Box::new(NatsFeed {
+                prefix: self.inner.prefix.clone(),
+                messages,
+                errors: 0,
+            }),
+        })
+    }
+
+    async fn read(&self, run: &RunId, from: u64, limit: usize) -> Result<Page, BusError> {
+        let stream = self.stream()?;
+        let filter = self.filter(run);
+        let head = self.last(&filter).await?.map_or(0, |e| e.seq);
+        // Everything from the stream's oldest message on is retained; what
+        // lies before it may have held events of this run.
+        let oldest = stream
+            .get_info()
+            .await
+            .map_err(unavailable)?
+            .state
+            .first_sequence
+            .max(1);
+        let mut events = Vec::new();
+        let mut seq = from.max(1);
+        while events.len() < limit && seq <= head {
+            match stream.direct_get_next_for_subject(&filter, Some(seq)).await {
+                Ok(m) => {
+                    seq = m.sequence + 1;
+                    if let Some(ev) = to_event(&self.inner.prefix, m) {
+                        events.push(Arc::new(ev));
+                    }
+                }
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(unavailable(format!("reading {filter}: {e}"))),
+            }
+        }
+        let first = if head == 0 { 1 } else { oldest };
+        Ok(Page {
+            events,
+            first,
+            head,
+        })
+    }
+
+    async fn state(&self, run: &RunId) -> Result<Option<RunState>, BusError> {
+        let p = &self.inner.prefix;
+        let Some(last) = self.last(&self.filter(run)).await? else {
+            return Ok(None);
+        };
+        let first = match self
+            .stream()?
+            .direct_get_first_for_subject(self.filter(run))
+            .await
+        {
+            Ok(m) => to_event(p, m),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
+            Err(e) => return Err(unavailable(e)),
+        };
+        let mut folded = vec![last];
+        folded.extend(first);
+        for kind in [
+            EventKind::Progress,
+            EventKind::Status,
+            EventKind::Complete,
+            EventKind::Error,
+        ] {
+            folded.extend(self.last(&subject::event_subject(p, run, &kind)).await?);
+        }
+        folded.sort_by_key(|e| e.seq);
+        folded.dedup_by_key(|e| e.seq);
+        let mut state = RunState::new(&folded[0]);
+        for ev in &folded[1..] {
+            state.apply(ev);
+        }
+        // The fold saw a sample of the events; the count comes from the stream.
+        let mut subjects = self
+            .stream()?
+            .info_with_subjects(self.filter(run))
+            .await
+            .map_err(unavailable)?;
+        let mut count = 0;
+        while let Some(s) = subjects.next().await {
+            count += s.map_err(unavailable)?.1 as u64;
+        }
+        state.events = count;
+        Ok(Some(state))
+    }
+
+    async fn runs(&self) -> Result<Vec<RunState>, BusError> {
+        let p = &self.inner.prefix;
+        let mut subjects = self
+            .stream()?
+            .info_with_subjects(format!("{p}.runs.*.*"))
+            .await
+            .map_err(unavailable)?;
+        let mut ids = std::collections::BTreeSet::new();
+        while let Some(s) = subjects.next().await {
+            if let Some((run, _)) = subject::parse_event_subject(p, &s.map_err(unavailable)?.0) {
+                ids.insert(run);
+            }
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for run in ids {
+            out.extend(self.state(&run).await?);
+        }
+        out.sort_by(|a, b| {
+            b.updated_ts
+                .cmp(&a.updated_ts)
+                .then_with(|| a.run.cmp(&b.run))
+        });
+        Ok(out)
+    }
+
+    fn health(&self) -> Result<(), String> {
+        if self.inner.client.connection_state() != async_nats::connection::State::Connected {
+            return Err("NATS disconnected; reconnecting".into());
+        }
+        self.stream().map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+struct NatsFeed {
+    prefix: String,
+    messages: pull::Ordered,
+    errors: u32,
+}
+
+#[async_trait]
+impl Feed for NatsFeed {
+    async fn next(&mut self) -> Option<Live> {
+        loop {
+            match self.messages.next().await? {
+                Ok(msg) => {
+                    self.errors = 0;
+                    let Ok(info) = msg.info() else { continue };
+                    let stored = jetstream::message::StreamMessage {
+                        subject: msg.subject.clone(),
+                        sequence: info.stream_sequence,
+                        headers: msg.headers.clone().unwrap_or_default(),
+                        payload: msg.payload.clone(),
+                        time: info.published,
+                    };
+                    if let Some(ev) = to_event(&self.prefix, stored) {
+                        return Some(Live::Event(Arc::new(ev)));
+                    }
+                }
+                Err(e) => {
+                    // The ordered consumer recreates itself after most
+                    // errors; a run of them means the watch is lost.
+                    self.errors += 1;
+                    tracing::warn!(error = %e, errors = self.errors, "watch error");
+                    if self.errors > 20 {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
