@@ -17,8 +17,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a gateway on the embedded in-process bus, with the watch page at /.
+    /// Run everything in one process: a gateway with the watch page at /, on
+    /// the embedded bus (default) or on NATS with --nats.
     Up(UpArgs),
+    /// Run a gateway pod on NATS: stateless, any number of them side by side.
+    Gateway(GatewayRoleArgs),
+    /// Run simulated jobs that publish to NATS (the demo workload, for worker pods).
+    Worker(WorkerArgs),
     /// Follow a run's events, reconnecting and resuming without loss.
     Tail(TailArgs),
     /// Publish one event to a run through a gateway's HTTP API.
@@ -42,6 +47,96 @@ pub struct UpArgs {
     pub gateway: GatewayArgs,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayRoleArgs {
+    /// Address to listen on.
+    #[arg(long, env = "RUNCAST_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// How many simulated jobs run at once.
+    #[arg(long, env = "RUNCAST_WORKER_JOBS", default_value_t = 4)]
+    pub jobs: usize,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// Where NATS is and how to log in. Without --nats, `up` uses the embedded bus.
+#[derive(Debug, Args)]
+pub struct NatsArgs {
+    /// NATS server URLs, comma-separated (e.g. nats://n1:4222,nats://n2:4222).
+    #[arg(long = "nats", env = "RUNCAST_NATS_URL")]
+    pub url: Option<String>,
+    /// Subject prefix: events are published on <prefix>.runs.<run>.<kind>.
+    #[arg(long, env = "RUNCAST_NATS_PREFIX", default_value = "runcast")]
+    pub nats_prefix: String,
+    /// JetStream stream that keeps the events.
+    #[arg(long, env = "RUNCAST_NATS_STREAM", default_value = "RUNCAST_EVENTS")]
+    pub nats_stream: String,
+    /// Stream replicas in a clustered NATS (1, 3 or 5).
+    #[arg(long, env = "RUNCAST_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "RUNCAST_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password (with --nats-user).
+    #[arg(long, env = "RUNCAST_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "RUNCAST_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT and NKey seed).
+    #[arg(long, env = "RUNCAST_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// NATS NKey seed.
+    #[arg(long, env = "RUNCAST_NATS_NKEY", hide_env_values = true)]
+    pub nats_nkey: Option<String>,
+    /// CA certificate for TLS to NATS.
+    #[arg(long, env = "RUNCAST_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+}
+
+impl NatsArgs {
+    pub fn config(&self, url: &str, client_name: &str) -> runcast_nats::NatsConfig {
+        runcast_nats::NatsConfig {
+            urls: url.to_owned(),
+            prefix: self.nats_prefix.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            creds_file: self.nats_creds.clone(),
+            nkey_seed: self.nats_nkey.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            client_name: client_name.to_owned(),
+            ..runcast_nats::NatsConfig::default()
+        }
+    }
+
+    /// Stream limits from the same retention flags the embedded bus uses.
+    pub fn stream(&self, r: &RetentionArgs) -> runcast_nats::StreamSettings {
+        runcast_nats::StreamSettings {
+            name: self.nats_stream.clone(),
+            max_age: r.history_age,
+            max_per_subject: r.history_events as i64,
+            max_bytes: r.history_total_bytes as i64,
+            replicas: self.nats_replicas,
+            ..runcast_nats::StreamSettings::default()
+        }
+    }
 }
 
 /// Parses `250ms`, `20s`, `5m`, `2h` or plain seconds.

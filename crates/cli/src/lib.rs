@@ -28,6 +28,8 @@ pub fn init_logging(filter: &str) {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Command::Up(a) => up(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Gateway(a) => gateway(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Worker(a) => worker(a).await.map(|()| ExitCode::SUCCESS),
         Command::Tail(a) => tail::run(a).await,
         Command::Publish(a) => publish(a).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(a) => bench::run(a).await.map(|()| ExitCode::SUCCESS),
@@ -47,22 +49,97 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 async fn up(a: args::UpArgs) -> anyhow::Result<()> {
-    let retention = a.retention.to_retention();
-    let bus = EmbeddedBus::new(retention);
-    let sweeper = bus.spawn_sweeper(Duration::from_secs(5));
-    let gw = Gateway::new(Arc::new(bus.clone()), a.gateway.to_config(), "embedded");
-    let listener = bind(a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, demo = a.demo, "runcast is up: open http://{addr}/");
-    let demo = a
-        .demo
-        .then(|| demo::spawn(Arc::new(bus.clone()), a.demo_jobs));
-    let server = tokio::spawn(runcast_gateway::run(gw, listener, shutdown_signal()));
-    let result = server.await.context("gateway task failed")?;
-    if let Some(d) = demo {
-        d.abort();
+    match &a.nats.url {
+        Some(url) => {
+            let (bus, setup) = start_nats(&a.nats, url, &a.retention, "runcast-up").await?;
+            serve(
+                a.listen,
+                a.gateway.to_config(),
+                bus,
+                "nats",
+                a.demo.then_some(a.demo_jobs),
+                vec![setup],
+            )
+            .await
+        }
+        None => {
+            let bus = EmbeddedBus::new(a.retention.to_retention());
+            let sweeper = bus.spawn_sweeper(Duration::from_secs(5));
+            serve(
+                a.listen,
+                a.gateway.to_config(),
+                Arc::new(bus),
+                "embedded",
+                a.demo.then_some(a.demo_jobs),
+                vec![sweeper],
+            )
+            .await
+        }
     }
-    sweeper.abort();
+}
+
+async fn gateway(a: args::GatewayRoleArgs) -> anyhow::Result<()> {
+    let Some(url) = &a.nats.url else {
+        anyhow::bail!(
+            "runcast gateway needs --nats (or RUNCAST_NATS_URL); for a single process without NATS use `runcast up`"
+        );
+    };
+    let (bus, setup) = start_nats(&a.nats, url, &a.retention, "runcast-gateway").await?;
+    serve(
+        a.listen,
+        a.gateway.to_config(),
+        bus,
+        "nats",
+        None,
+        vec![setup],
+    )
+    .await
+}
+
+async fn worker(a: args::WorkerArgs) -> anyhow::Result<()> {
+    let Some(url) = &a.nats.url else {
+        anyhow::bail!("runcast worker needs --nats (or RUNCAST_NATS_URL)");
+    };
+    let (bus, setup) = start_nats(&a.nats, url, &a.retention, "runcast-worker").await?;
+    let jobs = demo::spawn(bus, a.jobs);
+    tracing::info!(jobs = a.jobs, "worker publishing demo jobs to NATS");
+    shutdown_signal().await;
+    jobs.abort();
+    setup.abort();
+    Ok(())
+}
+
+async fn start_nats(
+    n: &args::NatsArgs,
+    url: &str,
+    r: &args::RetentionArgs,
+    name: &str,
+) -> anyhow::Result<(Arc<dyn runcast_bus::Bus>, tokio::task::JoinHandle<()>)> {
+    let (bus, setup) = runcast_nats::NatsBus::start(&n.config(url, name), n.stream(r)).await?;
+    Ok((Arc::new(bus), setup))
+}
+
+/// Serves a gateway on `bus` until SIGTERM/Ctrl-C, with optional demo jobs;
+/// `helpers` are background tasks (sweeper, NATS setup) stopped at the end.
+async fn serve(
+    listen: SocketAddr,
+    config: runcast_gateway::Config,
+    bus: Arc<dyn runcast_bus::Bus>,
+    source: &str,
+    demo_jobs: Option<usize>,
+    helpers: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    let gw = Gateway::new(bus.clone(), config, source);
+    let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, bus = source, demo = demo_jobs.is_some(), "runcast is up: open http://{addr}/");
+    let demo = demo_jobs.map(|n| demo::spawn(bus, n));
+    let result = tokio::spawn(runcast_gateway::run(gw, listener, shutdown_signal()))
+        .await
+        .context("gateway task failed")?;
+    for h in demo.into_iter().chain(helpers) {
+        h.abort();
+    }
     result.context("gateway failed")?;
     tracing::info!("stopped");
     Ok(())

@@ -24,7 +24,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub gw: Arc<Gateway>,
-    pub bus: EmbeddedBus,
+    bus: Arc<dyn Bus>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -35,8 +35,12 @@ impl TestGateway {
     }
 
     pub async fn with(config: Config, retention: Retention) -> Self {
-        let bus = EmbeddedBus::new(retention);
-        let gw = Gateway::new(Arc::new(bus.clone()), config, "embedded");
+        Self::on(Arc::new(EmbeddedBus::new(retention)), config, "embedded").await
+    }
+
+    /// A gateway on any bus (e.g. a `NatsBus`); `source` labels its metrics.
+    pub async fn on(bus: Arc<dyn Bus>, config: Config, source: &str) -> Self {
+        let gw = Gateway::new(bus.clone(), config, source);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -55,7 +59,7 @@ impl TestGateway {
     }
 
     pub fn bus(&self) -> Arc<dyn Bus> {
-        Arc::new(self.bus.clone())
+        self.bus.clone()
     }
 
     pub fn ws_url(&self) -> String {

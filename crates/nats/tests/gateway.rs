@@ -1,0 +1,129 @@
+//! Gateways on the NATS bus: any gateway serves any client, a client that
+//! leaves one gateway resumes on another without loss or duplicates, and a
+//! gateway's NATS interest follows distinct runs, not clients.
+
+use std::{sync::Arc, time::Duration};
+
+use runcast_bus::Bus;
+use runcast_gateway::Config;
+use runcast_nats::{NatsBus, NatsConfig, StreamSettings};
+use runcast_test_support::{TestGateway, WsClient, http, json, nats::NatsServer, seqs};
+use runcast_worker::Publisher;
+
+async fn nats_gateway(server: &NatsServer) -> TestGateway {
+    let (bus, _setup) = NatsBus::start(
+        &NatsConfig::with_urls(server.url()),
+        StreamSettings::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..200 {
+        if bus.health().is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bus.health().expect("NATS bus ready");
+    TestGateway::on(Arc::new(bus), Config::default(), "nats").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_gateway_without_loss_or_duplicates() {
+    let nats = NatsServer::start().await;
+    let (gw1, gw2) = (nats_gateway(&nats).await, nats_gateway(&nats).await);
+    let mut c = WsClient::connect(&gw1.ws_url()).await;
+    let state = c.subscribe("deploy", None).await;
+    assert_eq!(state["seq"], 0);
+
+    // A worker publishes through the second gateway's bus connection.
+    let publisher = Publisher::on_bus(gw2.bus(), "deploy").unwrap();
+    let publishing = tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        for i in 1..=200u64 {
+            seqs.push(publisher.progress(i, 200).await.unwrap());
+            if i % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        seqs
+    });
+    let mut got = Vec::new();
+    while got.len() < 60 {
+        let f = c.recv().await;
+        if f["type"] == "event" {
+            got.push(f["seq"].as_u64().unwrap());
+        }
+    }
+    drop(c); // gateway 1 is gone for this client
+
+    let published = publishing.await.unwrap();
+    let mut c = WsClient::connect(&gw2.ws_url()).await;
+    c.subscribe("deploy", Some(*got.last().unwrap())).await;
+    let mut frames = Vec::new();
+    while got.len() + seqs(&frames, "deploy").len() < published.len() {
+        let f = c.recv().await;
+        assert_ne!(f["type"], "gap", "nothing is past retention: {f}");
+        frames.push(f);
+    }
+    got.extend(seqs(&frames, "deploy"));
+    assert_eq!(
+        got, published,
+        "every event once, in publish order, across two gateways"
+    );
+
+    // Both gateways report the same state.
+    let (_, _, a) = http(gw1.addr, "GET", "/v1/runs/deploy", &[], "").await;
+    let (_, _, b) = http(gw2.addr, "GET", "/v1/runs/deploy", &[], "").await;
+    let (a, b) = (json(&a), json(&b));
+    assert_eq!(a["seq"], b["seq"]);
+    assert_eq!(
+        (a["events"].as_u64(), a["percent"].as_f64()),
+        (Some(200), Some(100.0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_on_ten_runs_hold_ten_nats_watches() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let mut clients = Vec::new();
+    for i in 0..1000 {
+        let mut c = WsClient::connect(&gw.ws_url()).await;
+        c.subscribe(&format!("run-{}", i % 10), None).await;
+        clients.push(c);
+    }
+    assert_eq!(gw.gw.hub.watched_runs(), 10);
+    // Each watch is one ordered consumer on the stream, as NATS itself reports.
+    let jsz = nats.monitor_json("/jsz?streams=true").await;
+    let stream = &jsz["account_details"][0]["stream_detail"][0];
+    assert_eq!(stream["name"], "RUNCAST_EVENTS", "{jsz}");
+    assert_eq!(
+        stream["state"]["consumer_count"].as_u64(),
+        Some(10),
+        "one NATS consumer per run, not per client: {stream}"
+    );
+
+    // And every client still gets its run's events.
+    let bus = gw.bus();
+    for r in 0..10 {
+        Publisher::on_bus(bus.clone(), &format!("run-{r}"))
+            .unwrap()
+            .log("hello")
+            .await
+            .unwrap();
+    }
+    for c in &mut clients {
+        let f = c.recv().await;
+        assert_eq!(
+            (f["type"].as_str(), f["kind"].as_str()),
+            (Some("event"), Some("log")),
+            "{f}"
+        );
+    }
+    drop(clients);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gw.gw.hub.watched_runs() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "watches released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
