@@ -232,6 +232,26 @@ impl NatsCluster {
         c
     }
 
+    /// Kills every node (`kill -9`) without restarting them.
+    pub fn kill_all(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+    }
+
+    /// Starts every killed node again and waits for the cluster.
+    pub async fn start_all(&mut self) {
+        for n in &mut self.nodes {
+            if !n.is_running() {
+                n.spawn();
+            }
+        }
+        for n in &self.nodes {
+            n.wait_healthy().await;
+        }
+        self.wait_meta_leader().await;
+    }
+
     /// All client URLs, comma-separated (what `--nats` takes).
     pub fn urls(&self) -> String {
         self.nodes
