@@ -19,10 +19,15 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium >/dev/null
 fi
 chromium --version
-# A real protoc (from grpcio-tools) to check the protocol schema and docs.
-if ! python3 -c 'import grpc_tools' 2>/dev/null; then
-  python3 -m pip install -q --disable-pip-version-check grpcio-tools
-fi
+# A real protoc (from grpcio-tools) to check the protocol schema and docs,
+# and the official Python NATS client for the other-language worker example.
+for module_package in grpc_tools:grpcio-tools nats:nats-py; do
+  module=${module_package%%:*}
+  package=${module_package#*:}
+  if ! python3 -c "import $module" 2>/dev/null; then
+    python3 -m pip install -q --disable-pip-version-check "$package"
+  fi
+done
 
 # A real NATS server (JetStream, clustering) for the NATS tests; the
 # test-support crate finds it on PATH or in Python's scripts directory.

@@ -127,3 +127,54 @@ async fn a_thousand_clients_on_ten_runs_hold_ten_nats_watches() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `examples/python/publish.py`, the documented worker contract for other
+/// languages, run with the official Python client (`pip install nats-py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_worker_publishes_with_the_official_nats_client() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("py-scan", None).await;
+
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/python/publish.py"
+    );
+    let out = tokio::process::Command::new("python3")
+        .args([script, &nats.url(), "py-scan", "5"])
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "publish.py failed (scripts/test.sh installs nats-py): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last_seq: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+
+    let mut kinds = Vec::new();
+    loop {
+        let f = c.recv().await;
+        assert_eq!(f["type"], "event", "{f}");
+        kinds.push(f["kind"].as_str().unwrap().to_owned());
+        if kinds.len() == 2 {
+            assert_eq!(f["data"], serde_json::json!({"done": 1, "total": 5}));
+        }
+        if f["kind"] == "complete" {
+            assert_eq!(f["seq"].as_u64(), Some(last_seq));
+            break;
+        }
+    }
+    assert_eq!(
+        kinds.len(),
+        12,
+        "status, 5 x (progress, log), complete: {kinds:?}"
+    );
+    let (_, _, body) = http(gw.addr, "GET", "/v1/runs/py-scan", &[], "").await;
+    let state = json(&body);
+    assert_eq!(
+        (state["status"].as_str(), state["percent"].as_f64()),
+        (Some("completed"), Some(100.0))
+    );
+}
