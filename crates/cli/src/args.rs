@@ -336,6 +336,13 @@ pub struct BenchArgs {
     /// Bytes of padding in each event's data.
     #[arg(long, default_value_t = 100)]
     pub payload: usize,
+    /// Benchmark NATS-backed gateways on this NATS (publishing straight to NATS, as workers do)
+    /// instead of `runcast up` on the embedded bus.
+    #[arg(long)]
+    pub nats: Option<String>,
+    /// How many NATS-backed gateways to start; clients are spread over them.
+    #[arg(long, default_value_t = 1)]
+    pub gateways: usize,
     /// Benchmark a gateway that is already running at this address instead of starting one.
     #[arg(long)]
     pub target: Option<SocketAddr>,

@@ -50,16 +50,29 @@ pub struct Report {
     pub bench_cpu_cores: Option<f64>,
 }
 
-/// A gateway child process, killed (by PID) on drop.
-struct Server {
-    child: std::process::Child,
-    addr: SocketAddr,
+/// The gateways under test: child processes (killed by PID on drop), or
+/// one already running gateway (`--target`).
+struct Fleet {
+    addrs: Vec<SocketAddr>,
+    pids: Vec<u32>,
+    children: Vec<std::process::Child>,
 }
 
-impl Drop for Server {
+impl Drop for Fleet {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Fleet {
+    fn cpu_seconds(&self) -> Option<f64> {
+        self.pids.iter().map(|&p| cpu_seconds(p)).sum()
+    }
+    fn rss_mib(&self) -> Option<f64> {
+        self.pids.iter().map(|&p| rss_mib(p)).sum()
     }
 }
 
@@ -69,24 +82,84 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-async fn start_server(clients: usize) -> anyhow::Result<Server> {
-    let port = free_port()?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+/// Starts `runcast up` (embedded bus), or `--gateways` × `runcast gateway`
+/// on the NATS at `--nats`, and waits until each answers `/readyz`.
+async fn start_fleet(a: &BenchArgs) -> anyhow::Result<Fleet> {
     let exe = std::env::current_exe()?;
-    let child = std::process::Command::new(exe)
-        .args(["up", "--listen", &addr.to_string(), "--log", "warn"])
-        .args(["--max-connections", &(clients + 1000).to_string()])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .context("starting the gateway")?;
-    let server = Server { child, addr };
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(server);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut fleet = Fleet {
+        addrs: Vec::new(),
+        pids: Vec::new(),
+        children: Vec::new(),
+    };
+    let count = if a.nats.is_some() {
+        a.gateways.max(1)
+    } else {
+        1
+    };
+    for _ in 0..count {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut cmd = std::process::Command::new(&exe);
+        match &a.nats {
+            Some(url) => cmd.args(["gateway", "--nats", url]),
+            None => cmd.arg("up"),
+        };
+        let child = cmd
+            .args(["--listen", &addr.to_string(), "--log", "warn"])
+            .args(["--max-connections", &(a.clients + 1000).to_string()])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("starting a gateway")?;
+        fleet.pids.push(child.id());
+        fleet.children.push(child);
+        fleet.addrs.push(addr);
     }
-    bail!("gateway at {addr} did not start within 5s")
+    for &addr in &fleet.addrs {
+        let mut ready = false;
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok()
+                && http_status(addr, "/readyz").await == Some(200)
+            {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !ready {
+            bail!("gateway at {addr} was not ready within 10s");
+        }
+    }
+    Ok(fleet)
+}
+
+/// Status of a GET, by a bare HTTP/1.1 exchange.
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = vec![0; 64];
+    let n = s.read(&mut buf).await.ok()?;
+    std::str::from_utf8(&buf[..n])
+        .ok()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Where the bench publishes: straight to NATS (as a worker would) when
+/// benchmarking NATS-backed gateways, else the first gateway's HTTP API.
+async fn publish_target(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Arc<dyn PublishTarget>> {
+    Ok(match &a.nats {
+        Some(url) => {
+            let client =
+                runcast_nats::connect(&runcast_nats::NatsConfig::with_urls(url.as_str()), false)
+                    .await?;
+            Arc::new(runcast_nats::NatsTarget::new(client, "runcast"))
+        }
+        None => Arc::new(HttpTarget::new(&format!("http://{}", fleet.addrs[0]))?),
+    })
 }
 
 /// (utime + stime) seconds of a process, from /proc.
@@ -133,7 +206,6 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
 struct ClientStats {
     received: u64,
     duplicated: u64,
-    gaps: u64,
     latencies_us: Vec<u32>,
 }
 
@@ -163,12 +235,17 @@ async fn connect_and_subscribe(url: &str, run: &str) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
-async fn connect_all(addr: SocketAddr, clients: usize, runs: &[String]) -> anyhow::Result<Vec<Ws>> {
-    let url = format!("ws://{addr}/v1/ws");
+/// Client `i` watches run `i mod runs` through gateway `i mod gateways`.
+async fn connect_all(
+    addrs: &[SocketAddr],
+    clients: usize,
+    runs: &[String],
+) -> anyhow::Result<Vec<Ws>> {
     let gate = Arc::new(Semaphore::new(100));
     let mut set = JoinSet::new();
     for i in 0..clients {
-        let (url, run, gate) = (url.clone(), runs[i % runs.len()].clone(), gate.clone());
+        let url = format!("ws://{}/v1/ws", addrs[i % addrs.len()]);
+        let (run, gate) = (runs[i % runs.len()].clone(), gate.clone());
         set.spawn(async move {
             let _p = gate.acquire_owned().await;
             (i, connect_and_subscribe(&url, &run).await)
@@ -186,20 +263,20 @@ async fn connect_all(addr: SocketAddr, clients: usize, runs: &[String]) -> anyho
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
-    let (server, addr, pid) = match a.target {
-        Some(addr) => (None, addr, a.server_pid),
-        None => {
-            let s = start_server(a.clients).await?;
-            let (addr, pid) = (s.addr, s.child.id());
-            (Some(s), addr, Some(pid))
-        }
+    let fleet = match a.target {
+        Some(addr) => Fleet {
+            addrs: vec![addr],
+            pids: a.server_pid.into_iter().collect(),
+            children: Vec::new(),
+        },
+        None => start_fleet(&a).await?,
     };
     let report = match a.scenario.as_str() {
-        "fanout" => fanout(&a, addr, pid).await?,
-        "idle" => idle(&a, addr, pid).await?,
+        "fanout" => fanout(&a, &fleet).await?,
+        "idle" => idle(&a, &fleet).await?,
         other => bail!("unknown scenario {other:?}; use fanout or idle"),
     };
-    drop(server);
+    drop(fleet);
     print_report(&report);
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
@@ -223,15 +300,16 @@ fn run_names(n: usize) -> Vec<String> {
         .collect()
 }
 
-async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Report> {
+async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
     let runs = run_names(a.runs);
     eprintln!(
-        "connecting {} clients over {} runs to {addr} ...",
+        "connecting {} clients over {} runs to {:?} ...",
         a.clients,
-        runs.len()
+        runs.len(),
+        fleet.addrs
     );
-    let clients = connect_all(addr, a.clients, &runs).await?;
-    let rss_before = pid.and_then(rss_mib);
+    let clients = connect_all(&fleet.addrs, a.clients, &runs).await?;
+    let rss_before = fleet.rss_mib();
 
     // Receivers: each counts, checks order and records latency.
     let stop_at = Arc::new(AtomicU64::new(u64::MAX));
@@ -264,9 +342,6 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
                     st.duplicated += 1;
                     continue;
                 }
-                if seq != last + 1 {
-                    st.gaps += seq - last - 1;
-                }
                 last = seq;
                 st.received += 1;
                 st.latencies_us
@@ -285,7 +360,8 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
     let published: Arc<Vec<AtomicU64>> =
         Arc::new((0..runs.len()).map(|_| AtomicU64::new(0)).collect());
     let errors = Arc::new(AtomicU64::new(0));
-    let cpu_before = pid.and_then(cpu_seconds);
+    let cpu_before = fleet.cpu_seconds();
+    let target = publish_target(a, fleet).await?;
     let bench_cpu_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let mut pubs = JoinSet::new();
@@ -298,7 +374,7 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
             .map(|(i, r)| (i, RunId::parse(r).expect("valid")))
             .collect();
         let share = a.rate as f64 / tasks as f64;
-        let target = HttpTarget::new(&format!("http://{addr}"))?;
+        let target = target.clone();
         let (published, errors, pad, duration) =
             (published.clone(), errors.clone(), pad.clone(), a.duration);
         pubs.spawn(async move {
@@ -334,7 +410,7 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
         r?;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu_after = pid.and_then(cpu_seconds);
+    let cpu_after = fleet.cpu_seconds();
     let bench_cpu_after = cpu_seconds(std::process::id());
     // Let in-flight events land, then tell receivers to stop once idle.
     stop_at.store(now_nanos() + 5_000_000_000, Ordering::Relaxed);
@@ -360,7 +436,7 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
         report.expected_deliveries += per_run[run_idx];
         report.delivered += st.received;
         report.duplicated += st.duplicated;
-        report.lost += per_run[run_idx].saturating_sub(st.received).max(st.gaps);
+        report.lost += per_run[run_idx].saturating_sub(st.received);
         lat.extend(st.latencies_us);
     }
     lat.sort_unstable();
@@ -378,14 +454,14 @@ async fn fanout(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Re
         .zip(bench_cpu_after)
         .map(|(b, a)| (a - b) / elapsed);
     report.server_rss_mib_before = rss_before;
-    report.server_rss_mib_after = pid.and_then(rss_mib);
+    report.server_rss_mib_after = fleet.rss_mib();
     Ok(report)
 }
 
-async fn idle(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Report> {
+async fn idle(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
     let runs = run_names(a.runs);
     // Give every run a first event so subscribers get real state.
-    let target = HttpTarget::new(&format!("http://{addr}"))?;
+    let target = publish_target(a, fleet).await?;
     for r in &runs {
         let run = RunId::parse(r)?;
         target
@@ -399,15 +475,15 @@ async fn idle(a: &BenchArgs, addr: SocketAddr, pid: Option<u32>) -> anyhow::Resu
             .await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = pid.and_then(rss_mib);
+    let before = fleet.rss_mib();
     eprintln!(
         "opening {} idle connections over {} runs ...",
         a.clients,
         runs.len()
     );
-    let clients = connect_all(addr, a.clients, &runs).await?;
+    let clients = connect_all(&fleet.addrs, a.clients, &runs).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = pid.and_then(rss_mib);
+    let after = fleet.rss_mib();
     // Prove they are alive: one event per run must reach every client.
     for r in &runs {
         let run = RunId::parse(r)?;

@@ -107,21 +107,31 @@ impl<O: Output> Session<O> {
         if let Some(since) = since
             && since > head
         {
-            self.gw.hub.remove(&run, self.conn.id);
-            return Err(SessionError::Protocol(ProtocolError::for_run(
-                ErrorCode::SinceOutOfRange,
-                &run,
-                format!("since {since} is past the run's last seq {head}"),
-            )));
+            // A bus may serve a state a moment old (NATS caches it briefly);
+            // ask for the run's current head before calling the cursor bad.
+            let fresh = match self.gw.bus.read(&run, since.saturating_add(1), 0).await {
+                Ok(page) => page.head,
+                Err(_) => head,
+            };
+            if since > fresh {
+                self.gw.hub.remove(&run, self.conn.id);
+                return Err(SessionError::Protocol(ProtocolError::for_run(
+                    ErrorCode::SinceOutOfRange,
+                    &run,
+                    format!("since {since} is past the run's last seq {fresh}"),
+                )));
+            }
         }
         self.cursors.insert(run.clone(), since.unwrap_or(head) + 1);
         self.gw.metrics.subscriptions.inc();
         self.out
             .send_text(frame::encode_state(&run, state.as_ref()), Some(head))
             .await?;
-        if since.is_some() {
-            self.catch_up(&run, head).await?;
-        }
+        // Replay everything after the cursor that history holds now, not
+        // only up to the state's seq: a state may be a moment old, and if
+        // nothing else is ever published (a finished run) no live frame would
+        // reveal what lies between.
+        self.catch_up(&run, u64::MAX).await?;
         self.out.flush().await?;
         Ok(())
     }

@@ -30,6 +30,11 @@ use crate::{NatsConfig, NatsError, NatsTarget, StreamSettings, connect, ensure_s
 /// See the comment where it is used.
 const WATCH_EXPIRES: std::time::Duration = std::time::Duration::from_secs(4);
 
+/// How long a derived run state is reused.
+const STATE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most cached run states.
+const STATE_CACHE_MAX: usize = 10_000;
+
 /// How often readiness asks JetStream whether the stream answers.
 const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -46,6 +51,8 @@ struct Inner {
     stream: OnceLock<Stream>,
     /// Why the stream is not ready (for readiness and errors); empty when it is.
     setup_error: Mutex<String>,
+    /// Recently derived run states (see `Inner::cached_state`).
+    states: Mutex<std::collections::HashMap<RunId, (std::time::Instant, RunState)>>,
     target: NatsTarget,
 }
 
@@ -76,6 +83,7 @@ impl NatsBus {
             max_event_bytes: settings.max_message_size.max(0) as usize,
             stream: OnceLock::new(),
             setup_error: Mutex::new("connecting to NATS".into()),
+            states: Mutex::new(std::collections::HashMap::new()),
         });
         let setup = {
             let inner = inner.clone();
@@ -142,6 +150,91 @@ impl NatsBus {
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(format!("reading {subject}: {e}"))),
         }
+    }
+}
+
+impl NatsBus {
+    /// Folds the run's state from the stream: its first and last event, the
+    /// last event of each well-known kind (all read concurrently), and the
+    /// per-subject counts.
+    async fn derive_state(&self, run: &RunId) -> Result<Option<RunState>, BusError> {
+        let p = &self.inner.prefix;
+        let stream = self.stream()?;
+        let filter = self.filter(run);
+        let first = async {
+            match stream.direct_get_first_for_subject(filter.clone()).await {
+                Ok(m) => Ok(to_event(p, m)),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+                Err(e) => Err(unavailable(e)),
+            }
+        };
+        let subj = |k: EventKind| subject::event_subject(p, run, &k);
+        let (progress, status, complete, error) = (
+            subj(EventKind::Progress),
+            subj(EventKind::Status),
+            subj(EventKind::Complete),
+            subj(EventKind::Error),
+        );
+        let (last, first, progress, status, complete, error) = tokio::join!(
+            self.last(&filter),
+            first,
+            self.last(&progress),
+            self.last(&status),
+            self.last(&complete),
+            self.last(&error),
+        );
+        let Some(last) = last? else { return Ok(None) };
+        let mut folded = vec![last];
+        for e in [first?, progress?, status?, complete?, error?]
+            .into_iter()
+            .flatten()
+        {
+            folded.push(e);
+        }
+        folded.sort_by_key(|e| e.seq);
+        folded.dedup_by_key(|e| e.seq);
+        let mut state = RunState::new(&folded[0]);
+        for ev in &folded[1..] {
+            state.apply(ev);
+        }
+        // The fold saw a sample of the events; the count comes from the stream.
+        let mut subjects = stream
+            .info_with_subjects(filter)
+            .await
+            .map_err(unavailable)?;
+        let mut count = 0;
+        while let Some(s) = subjects.next().await {
+            count += s.map_err(unavailable)?.1 as u64;
+        }
+        state.events = count;
+        Ok(Some(state))
+    }
+}
+
+impl Inner {
+    /// A state derived less than `STATE_TTL` ago. A slightly old state is
+    /// safe: a subscriber's cursor starts at its seq and the session replays
+    /// whatever came after from history, so it only costs a replay, never a
+    /// lost or repeated event. It spares NATS six requests per subscribe when
+    /// many clients join the same run at once.
+    fn cached_state(&self, run: &RunId) -> Option<RunState> {
+        let cache = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(run)
+            .filter(|(at, _)| at.elapsed() < STATE_TTL)
+            .map(|(_, s)| s.clone())
+    }
+
+    fn cache_state(&self, state: RunState) {
+        let mut cache = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: expired entries go whenever the cache reaches its limit.
+        if cache.len() >= STATE_CACHE_MAX {
+            cache.retain(|_, (at, _)| at.elapsed() < STATE_TTL);
+            if cache.len() >= STATE_CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(state.run.clone(), (std::time::Instant::now(), state));
     }
 }
 
@@ -274,47 +367,14 @@ impl Bus for NatsBus {
     }
 
     async fn state(&self, run: &RunId) -> Result<Option<RunState>, BusError> {
-        let p = &self.inner.prefix;
-        let Some(last) = self.last(&self.filter(run)).await? else {
-            return Ok(None);
-        };
-        let first = match self
-            .stream()?
-            .direct_get_first_for_subject(self.filter(run))
-            .await
-        {
-            Ok(m) => to_event(p, m),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
-            Err(e) => return Err(unavailable(e)),
-        };
-        let mut folded = vec![last];
-        folded.extend(first);
-        for kind in [
-            EventKind::Progress,
-            EventKind::Status,
-            EventKind::Complete,
-            EventKind::Error,
-        ] {
-            folded.extend(self.last(&subject::event_subject(p, run, &kind)).await?);
+        if let Some(hit) = self.inner.cached_state(run) {
+            return Ok(Some(hit));
         }
-        folded.sort_by_key(|e| e.seq);
-        folded.dedup_by_key(|e| e.seq);
-        let mut state = RunState::new(&folded[0]);
-        for ev in &folded[1..] {
-            state.apply(ev);
+        let state = self.derive_state(run).await?;
+        if let Some(s) = &state {
+            self.inner.cache_state(s.clone());
         }
-        // The fold saw a sample of the events; the count comes from the stream.
-        let mut subjects = self
-            .stream()?
-            .info_with_subjects(self.filter(run))
-            .await
-            .map_err(unavailable)?;
-        let mut count = 0;
-        while let Some(s) = subjects.next().await {
-            count += s.map_err(unavailable)?.1 as u64;
-        }
-        state.events = count;
-        Ok(Some(state))
+        Ok(state)
     }
 
     async fn runs(&self) -> Result<Vec<RunState>, BusError> {

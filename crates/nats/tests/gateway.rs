@@ -178,3 +178,56 @@ async fn a_python_worker_publishes_with_the_official_nats_client() {
         (Some("completed"), Some(100.0))
     );
 }
+
+/// Run states are cached for a moment; a subscriber must still end up with
+/// every event, even when the run finished within that moment and nothing
+/// more will ever be published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_briefly_cached_state_never_hides_the_last_events() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let p = Publisher::on_bus(gw.bus(), "short").unwrap();
+    for i in 1..=5 {
+        p.progress(i, 8).await.unwrap();
+    }
+    let mut warm = WsClient::connect(&gw.ws_url()).await;
+    warm.subscribe("short", None).await; // derives and caches the state at seq 5
+    let mut tail = Vec::new();
+    for i in 6..=7 {
+        tail.push(p.progress(i, 8).await.unwrap());
+    }
+    tail.push(p.complete(&serde_json::json!({"ok": true})).await.unwrap());
+
+    // A fresh subscriber, inside the cache window: state, then whatever the
+    // state did not include, up to the end.
+    let mut fresh = WsClient::connect(&gw.ws_url()).await;
+    let state = fresh.subscribe("short", None).await;
+    let mut last = state["seq"].as_u64().unwrap();
+    while last < *tail.last().unwrap() {
+        let f = fresh.recv().await;
+        assert_eq!(f["type"], "event", "{f}");
+        let seq = f["seq"].as_u64().unwrap();
+        assert!(
+            seq > last && tail.contains(&seq),
+            "only what the state lacked, in order: {f}"
+        );
+        last = seq;
+    }
+    // A resume from the start replays all 8, once each.
+    let mut resumed = WsClient::connect(&gw.ws_url()).await;
+    resumed.subscribe("short", Some(0)).await;
+    let mut frames = Vec::new();
+    while seqs(&frames, "short").len() < 8 {
+        frames.push(resumed.recv().await);
+    }
+    assert_eq!(seqs(&frames, "short")[5..].to_vec(), tail);
+    // And a cursor newer than the cached state is not refused.
+    let mut ahead = WsClient::connect(&gw.ws_url()).await;
+    ahead.subscribe("short", Some(tail[1])).await;
+    let f = ahead.recv().await;
+    assert_eq!(
+        (f["type"].as_str(), f["seq"].as_u64()),
+        (Some("event"), Some(tail[2])),
+        "{f}"
+    );
+}
