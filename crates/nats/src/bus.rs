@@ -111,9 +111,20 @@ impl NatsBus {
                 let stream = inner.stream.get().expect("set above").clone();
                 loop {
                     tokio::time::sleep(PROBE_EVERY).await;
-                    let probe = tokio::time::timeout(PROBE_EVERY * 2, stream.get_info()).await;
+                    // Both paths reads use: the stream's info and a direct
+                    // get (answered by the stream's servers themselves).
+                    let any_event = format!("{}.runs.>", inner.prefix);
+                    let probe = tokio::time::timeout(PROBE_EVERY * 2, async {
+                        stream.get_info().await.map_err(|e| e.to_string())?;
+                        match stream.direct_get_last_for_subject(any_event).await {
+                            Ok(_) => Ok(()),
+                            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    })
+                    .await;
                     inner.set_problem(match probe {
-                        Ok(Ok(_)) => String::new(),
+                        Ok(Ok(())) => String::new(),
                         Ok(Err(e)) => format!("JetStream not answering: {e}"),
                         Err(_) => "JetStream not answering within 2s".into(),
                     });
@@ -175,15 +186,19 @@ impl NatsBus {
             subj(EventKind::Complete),
             subj(EventKind::Error),
         );
-        let (last, first, progress, status, complete, error) = tokio::join!(
-            self.last(&filter),
+        // The last event first: a run with none needs nothing else, and the
+        // other lookups (first for a wildcard above all) cost the server a
+        // search when nothing matches.
+        let Some(last) = self.last(&filter).await? else {
+            return Ok(None);
+        };
+        let (first, progress, status, complete, error) = tokio::join!(
             first,
             self.last(&progress),
             self.last(&status),
             self.last(&complete),
             self.last(&error),
         );
-        let Some(last) = last? else { return Ok(None) };
         let mut folded = vec![last];
         for e in [first?, progress?, status?, complete?, error?]
             .into_iter()
@@ -269,6 +284,54 @@ fn payload_json(payload: &[u8]) -> Box<RawValue> {
         .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("valid JSON"))
 }
 
+impl NatsBus {
+    async fn open_watch(&self, run: &RunId) -> Result<Watch, BusError> {
+        let filter = self.filter(run);
+        let head = self.last(&filter).await?.map_or(0, |e| e.seq);
+        // A run with no events yet: only what is published from now on. (Starting
+        // at seq 1 would make the server scan the whole stream for this
+        // run's subject; anything published between the `last` above and
+        // the consumer's creation is in history, and every subscriber
+        // replays history after its watch is open.)
+        let deliver_policy = if head == 0 {
+            DeliverPolicy::New
+        } else {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: head + 1,
+            }
+        };
+        let consumer = self
+            .stream()?
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: filter.clone(),
+                deliver_policy,
+                // Pull requests expire after this and the idle heartbeat is
+                // half of it. A consumer lost with a NATS node is noticed by
+                // missed heartbeats and recreated from the last delivered
+                // seq, so this bounds how long a watch can stall. Measured
+                // in the cluster fault test: with the default (30 s) live
+                // delivery stalled ~30 s after a node loss; with 4 s, 0-9 s
+                // (2 s did not do better, so the rest is recovery elsewhere).
+                max_expires: WATCH_EXPIRES,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(format!("watching {filter}: {e}")))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable(format!("watching {filter}: {e}")))?;
+        Ok(Watch {
+            head,
+            feed: Box::new(NatsFeed {
+                prefix: self.inner.prefix.clone(),
+                messages,
+                errors: 0,
+            }),
+        })
+    }
+}
+
 #[async_trait]
 impl Bus for NatsBus {
     async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, BusError> {
@@ -296,39 +359,15 @@ impl Bus for NatsBus {
     }
 
     async fn watch(&self, run: &RunId) -> Result<Watch, BusError> {
-        let filter = self.filter(run);
-        let head = self.last(&filter).await?.map_or(0, |e| e.seq);
-        let consumer = self
-            .stream()?
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: filter.clone(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: head + 1,
-                },
-                // Pull requests expire after this and the idle heartbeat is
-                // half of it. A consumer lost with a NATS node is noticed by
-                // missed heartbeats and recreated from the last delivered
-                // seq, so this bounds how long a watch can stall. Measured
-                // in the cluster fault test: with the default (30 s) live
-                // delivery stalled ~30 s after a node loss; with 4 s, 0-9 s
-                // (2 s did not do better, so the rest is recovery elsewhere).
-                max_expires: WATCH_EXPIRES,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable(format!("watching {filter}: {e}")))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| unavailable(format!("watching {filter}: {e}")))?;
-        Ok(Watch {
-            head,
-            feed: Box::new(NatsFeed {
-                prefix: self.inner.prefix.clone(),
-                messages,
-                errors: 0,
-            }),
-        })
+        // JetStream calls have their own timeouts, but creating an ordered
+        // consumer and its first pull is several of them: bound the whole.
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), self.open_watch(run)).await;
+        let elapsed = started.elapsed();
+        if elapsed > std::time::Duration::from_millis(500) {
+            tracing::warn!(run = %run, ms = elapsed.as_millis() as u64, "slow NATS watch");
+        }
+        r.map_err(|_| unavailable(format!("opening a NATS watch for {run} took over 5s")))?
     }
 
     async fn read(&self, run: &RunId, from: u64, limit: usize) -> Result<Page, BusError> {
