@@ -227,7 +227,12 @@ async fn connect_and_subscribe(url: &str, run: &str) -> anyhow::Result<Ws> {
     let mut seen_state = false;
     while !seen_state {
         match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => seen_state = t.contains(r#""type":"state""#),
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if t.contains(r#""type":"error""#) {
+                    bail!("subscribe to {run} refused: {t}");
+                }
+                seen_state = t.contains(r#""type":"state""#);
+            }
             Ok(Some(Ok(_))) => {}
             other => bail!("subscribe failed: {other:?}"),
         }

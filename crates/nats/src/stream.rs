@@ -23,6 +23,8 @@ pub struct StreamSettings {
     pub duplicate_window: Duration,
     /// Largest event payload accepted.
     pub max_message_size: i32,
+    /// Consumers the stream allows: one per run per gateway watching it.
+    pub max_consumers: i32,
 }
 
 impl Default for StreamSettings {
@@ -35,6 +37,7 @@ impl Default for StreamSettings {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             max_message_size: 1 << 20,
+            max_consumers: 100_000,
         }
     }
 }
@@ -53,6 +56,11 @@ impl StreamSettings {
             num_replicas: self.replicas,
             duplicate_window: self.duplicate_window,
             max_message_size: self.max_message_size,
+            // Every gateway opens one consumer per run it watches. Since
+            // nats-server 2.15 a stream without a positive limit gets a
+            // default of 1,000 consumers (0 and -1 both mean "default"),
+            // which the 3-gateway benchmark hit; so the limit is explicit.
+            max_consumers: self.max_consumers,
             // Gateways read history with direct gets, served by any replica.
             allow_direct: true,
             description: Some("runcast run events: recent history of every run".into()),
@@ -125,6 +133,7 @@ pub async fn ensure_stream(
         || have.num_replicas != want.num_replicas
         || have.duplicate_window != want.duplicate_window
         || have.max_message_size != want.max_message_size
+        || have.max_consumers != want.max_consumers
         || !have.allow_direct;
     if limits_differ {
         let updated = Config {

@@ -39,6 +39,9 @@ async fn ensure_stream_creates_verifies_updates_and_refuses_incompatible_streams
     let info = s.info().await.unwrap();
     assert_eq!(info.config.subjects, vec!["runcast.runs.>"]);
     assert!(info.config.allow_direct);
+    // nats-server 2.15 caps streams without an explicit limit at 1,000
+    // consumers; one per watched run per gateway needs more.
+    assert_eq!(info.config.max_consumers, 100_000);
 
     // Same settings again: verified, unchanged. New limits: updated in place.
     ensure_stream(&js, "runcast", &StreamSettings::default())
