@@ -138,6 +138,19 @@ impl NatsBus {
         &self.inner.client
     }
 
+    /// Waits until the bus is ready (connected, stream answering), up to
+    /// `within`; the reason it is not, otherwise.
+    pub async fn ready(&self, within: std::time::Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match self.health() {
+                Ok(()) => return Ok(()),
+                Err(why) if tokio::time::Instant::now() >= deadline => return Err(why),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(25)).await,
+            }
+        }
+    }
+
     fn stream(&self) -> Result<&Stream, BusError> {
         self.inner.stream.get().ok_or_else(|| {
             let why = self

@@ -4,7 +4,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use runcast_bus::Bus;
 use runcast_gateway::Config;
 use runcast_nats::{NatsBus, NatsConfig, StreamSettings};
 use runcast_test_support::{TestGateway, WsClient, http, json, nats::NatsServer, seqs};
@@ -17,13 +16,9 @@ async fn nats_gateway(server: &NatsServer) -> TestGateway {
     )
     .await
     .unwrap();
-    for _ in 0..200 {
-        if bus.health().is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    bus.health().expect("NATS bus ready");
+    bus.ready(Duration::from_secs(5))
+        .await
+        .expect("NATS bus ready");
     TestGateway::on(Arc::new(bus), Config::default(), "nats").await
 }
 

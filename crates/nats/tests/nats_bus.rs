@@ -21,13 +21,9 @@ async fn bus(server: &NatsServer) -> Arc<dyn Bus> {
 }
 
 async fn wait_ready(bus: &NatsBus) {
-    for _ in 0..200 {
-        if bus.health().is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("NATS bus not ready: {:?}", bus.health());
+    bus.ready(Duration::from_secs(5))
+        .await
+        .expect("NATS bus ready");
 }
 
 #[tokio::test]
