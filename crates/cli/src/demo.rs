@@ -26,16 +26,18 @@ impl Rng {
 }
 
 /// Keeps `jobs` demo jobs running until aborted.
-pub fn spawn(bus: Arc<dyn Bus>, jobs: usize) -> JoinHandle<()> {
+/// Run IDs are `<prefix><kind>-<n>`: several workers on one NATS each
+/// pass their own prefix so their runs never collide.
+pub fn spawn(bus: Arc<dyn Bus>, jobs: usize, prefix: String) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut set = JoinSet::new();
         let mut n: u64 = 0;
         loop {
             while set.len() < jobs.max(1) {
                 n += 1;
-                let bus = bus.clone();
+                let (bus, prefix) = (bus.clone(), prefix.clone());
                 set.spawn(async move {
-                    let r = job(bus, n).await;
+                    let r = job(bus, &prefix, n).await;
                     (n, r)
                 });
                 // Stagger starts so jobs are at different stages.
@@ -50,12 +52,30 @@ pub fn spawn(bus: Arc<dyn Bus>, jobs: usize) -> JoinHandle<()> {
     })
 }
 
-async fn job(bus: Arc<dyn Bus>, n: u64) -> Result<(), PublishError> {
+async fn job(bus: Arc<dyn Bus>, prefix: &str, n: u64) -> Result<(), PublishError> {
     let seed = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     match n % 3 {
-        1 => load_test(Publisher::on_bus(bus, &format!("loadtest-{n}"))?, Rng(seed)).await,
-        2 => batch(Publisher::on_bus(bus, &format!("batch-{n}"))?, Rng(seed)).await,
-        _ => codegen(Publisher::on_bus(bus, &format!("codegen-{n}"))?, Rng(seed)).await,
+        1 => {
+            load_test(
+                Publisher::on_bus(bus, &format!("{prefix}loadtest-{n}"))?,
+                Rng(seed),
+            )
+            .await
+        }
+        2 => {
+            batch(
+                Publisher::on_bus(bus, &format!("{prefix}batch-{n}"))?,
+                Rng(seed),
+            )
+            .await
+        }
+        _ => {
+            codegen(
+                Publisher::on_bus(bus, &format!("{prefix}codegen-{n}"))?,
+                Rng(seed),
+            )
+            .await
+        }
     }
 }
 

@@ -52,6 +52,7 @@ async fn up(a: args::UpArgs) -> anyhow::Result<()> {
     match &a.nats.url {
         Some(url) => {
             let (bus, setup) = start_nats(&a.nats, url, &a.retention, "runcast-up").await?;
+            let bus: Arc<dyn runcast_bus::Bus> = Arc::new(bus);
             serve(
                 a.listen,
                 a.gateway.to_config(),
@@ -85,6 +86,7 @@ async fn gateway(a: args::GatewayRoleArgs) -> anyhow::Result<()> {
         );
     };
     let (bus, setup) = start_nats(&a.nats, url, &a.retention, "runcast-gateway").await?;
+    let bus: Arc<dyn runcast_bus::Bus> = Arc::new(bus);
     serve(
         a.listen,
         a.gateway.to_config(),
@@ -101,7 +103,16 @@ async fn worker(a: args::WorkerArgs) -> anyhow::Result<()> {
         anyhow::bail!("runcast worker needs --nats (or RUNCAST_NATS_URL)");
     };
     let (bus, setup) = start_nats(&a.nats, url, &a.retention, "runcast-worker").await?;
-    let jobs = demo::spawn(bus, a.jobs);
+    // Jobs start once NATS and the stream answer; until then, say why.
+    loop {
+        match bus.ready(Duration::from_secs(5)).await {
+            Ok(()) => break,
+            Err(why) => tracing::warn!(reason = %why, "waiting for NATS before starting jobs"),
+        }
+    }
+    // Several workers share one NATS: each names its runs after itself.
+    let prefix = format!("w{}-", std::process::id());
+    let jobs = demo::spawn(Arc::new(bus), a.jobs, prefix);
     tracing::info!(jobs = a.jobs, "worker publishing demo jobs to NATS");
     shutdown_signal().await;
     jobs.abort();
@@ -114,9 +125,8 @@ async fn start_nats(
     url: &str,
     r: &args::RetentionArgs,
     name: &str,
-) -> anyhow::Result<(Arc<dyn runcast_bus::Bus>, tokio::task::JoinHandle<()>)> {
-    let (bus, setup) = runcast_nats::NatsBus::start(&n.config(url, name), n.stream(r)).await?;
-    Ok((Arc::new(bus), setup))
+) -> anyhow::Result<(runcast_nats::NatsBus, tokio::task::JoinHandle<()>)> {
+    Ok(runcast_nats::NatsBus::start(&n.config(url, name), n.stream(r)).await?)
 }
 
 /// Serves a gateway on `bus` until SIGTERM/Ctrl-C, with optional demo jobs;
@@ -133,7 +143,7 @@ async fn serve(
     let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, bus = source, demo = demo_jobs.is_some(), "runcast is up: open http://{addr}/");
-    let demo = demo_jobs.map(|n| demo::spawn(bus, n));
+    let demo = demo_jobs.map(|n| demo::spawn(bus, n, String::new()));
     let result = tokio::spawn(runcast_gateway::run(gw, listener, shutdown_signal()))
         .await
         .context("gateway task failed")?;

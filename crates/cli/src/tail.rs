@@ -137,11 +137,13 @@ async fn session(a: &TailArgs, since: &mut Option<u64>) -> anyhow::Result<Outcom
                 );
             }
             Some("error") => {
-                bail!(
-                    "{}: {}",
-                    f["code"].as_str().unwrap_or("error"),
-                    f["message"].as_str().unwrap_or("")
-                );
+                let code = f["code"].as_str().unwrap_or("error");
+                let message = f["message"].as_str().unwrap_or("");
+                // The server or its bus is briefly unable to serve: come back.
+                if matches!(code, "unavailable" | "draining" | "capacity") {
+                    return Ok(Outcome::Resume(format!("{code}: {message}")));
+                }
+                bail!("{code}: {message}");
             }
             _ => {}
         }
