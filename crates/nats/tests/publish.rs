@@ -279,3 +279,61 @@ async fn connect_errors_are_clear() {
     .unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
+
+#[tokio::test]
+async fn user_password_and_token_auth_work_and_wrong_credentials_are_clear() {
+    let secured = NatsServer::start_with("authorization { user: runcast, password: s3cret }").await;
+    let good = NatsConfig {
+        user: Some("runcast".into()),
+        password: Some("s3cret".into()),
+        ..NatsConfig::with_urls(secured.url())
+    };
+    let client = connect(&good, false)
+        .await
+        .expect("right credentials connect");
+    let js = jetstream::new(client.clone());
+    ensure_stream(&js, "runcast", &StreamSettings::default())
+        .await
+        .unwrap();
+    let seq = NatsTarget::new(client, "runcast")
+        .publish_one(
+            &run("authed"),
+            &NewEvent::json(EventKind::Log, &1).unwrap(),
+            "auth-1",
+        )
+        .await
+        .unwrap();
+    assert!(seq >= 1);
+
+    let wrong = NatsConfig {
+        password: Some("nope".into()),
+        connect_timeout: Duration::from_secs(2),
+        ..good.clone()
+    };
+    let err = connect(&wrong, false).await.unwrap_err().to_string();
+    assert!(
+        err.contains("cannot connect to NATS") && err.to_lowercase().contains("authorization"),
+        "{err}"
+    );
+    let anonymous = NatsConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..NatsConfig::with_urls(secured.url())
+    };
+    assert!(
+        connect(&anonymous, false).await.is_err(),
+        "no credentials, no connection"
+    );
+
+    let tokened = NatsServer::start_with("authorization { token: t0ken }").await;
+    let ok = NatsConfig {
+        token: Some("t0ken".into()),
+        ..NatsConfig::with_urls(tokened.url())
+    };
+    connect(&ok, false).await.expect("right token connects");
+    let bad = NatsConfig {
+        token: Some("other".into()),
+        connect_timeout: Duration::from_secs(2),
+        ..ok.clone()
+    };
+    assert!(connect(&bad, false).await.is_err());
+}

@@ -89,8 +89,19 @@ pub struct NatsServer {
 impl NatsServer {
     /// A single node with JetStream on file storage.
     pub async fn start() -> Self {
-        let s = Self::configure("n1", None);
-        let mut s = s;
+        Self::start_with("").await
+    }
+
+    /// A single node with extra configuration appended (e.g. an
+    /// `authorization { … }` block).
+    pub async fn start_with(extra_conf: &str) -> Self {
+        let mut s = Self::configure("n1", None);
+        if !extra_conf.is_empty() {
+            let mut conf = std::fs::read_to_string(&s.conf).expect("read nats.conf");
+            conf.push_str(extra_conf);
+            conf.push('\n');
+            std::fs::write(&s.conf, conf).expect("write nats.conf");
+        }
         s.spawn();
         s.wait_healthy().await;
         s
