@@ -9,14 +9,18 @@ step() { printf '\n== %s\n' "$*"; }
 # Load tests open ~2,000 sockets in one process; make sure the limit allows it.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-# What the tests need beyond Rust: Debian's Chromium, for the test that
-# renders the watch page in a real headless browser.
+# What the tests need beyond Rust, from Debian: Chromium (the watch page in
+# a real headless browser) and openssl (certificates for the NATS TLS test).
 step "install test dependencies"
-if ! command -v chromium >/dev/null 2>&1; then
+missing=""
+command -v chromium >/dev/null 2>&1 || missing+=" chromium"
+command -v openssl >/dev/null 2>&1 || missing+=" openssl"
+if [ -n "$missing" ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq $missing >/dev/null
 fi
 chromium --version
 # A real protoc (from grpcio-tools) to check the protocol schema and docs,
