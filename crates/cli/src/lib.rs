@@ -49,34 +49,27 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 async fn up(a: args::UpArgs) -> anyhow::Result<()> {
-    match &a.nats.url {
+    let (bus, source, helper): (Arc<dyn runcast_bus::Bus>, _, _) = match &a.nats.url {
         Some(url) => {
             let (bus, setup) = start_nats(&a.nats, url, &a.retention, "runcast-up").await?;
-            let bus: Arc<dyn runcast_bus::Bus> = Arc::new(bus);
-            serve(
-                a.listen,
-                a.gateway.to_config(),
-                bus,
-                "nats",
-                a.demo.then_some(a.demo_jobs),
-                vec![setup],
-            )
-            .await
+            (Arc::new(bus), "nats", setup)
         }
         None => {
             let bus = EmbeddedBus::new(a.retention.to_retention());
             let sweeper = bus.spawn_sweeper(Duration::from_secs(5));
-            serve(
-                a.listen,
-                a.gateway.to_config(),
-                Arc::new(bus),
-                "embedded",
-                a.demo.then_some(a.demo_jobs),
-                vec![sweeper],
-            )
-            .await
+            (Arc::new(bus), "embedded", sweeper)
         }
-    }
+    };
+    let demo = a.demo.then_some(a.demo_jobs);
+    serve(
+        a.listen,
+        a.gateway.to_config(),
+        bus,
+        source,
+        demo,
+        vec![helper],
+    )
+    .await
 }
 
 async fn gateway(a: args::GatewayRoleArgs) -> anyhow::Result<()> {
