@@ -173,6 +173,11 @@ pub struct Hub {
     // critical section is a map operation or a loop of `try_send`, never an
     // `.await`.
     runs: Mutex<HashMap<RunId, RunFanout>>,
+    /// Runs whose bus watch is being opened. The first subscriber of a run
+    /// opens it while later ones wait on this lock (an async mutex, held
+    /// across the open on purpose), so a burst of subscribers to a new run
+    /// costs the bus one watch, not one each.
+    opening: Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -186,6 +191,7 @@ impl Hub {
             metrics,
             replay_page,
             runs: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
         }
     }
 
@@ -196,13 +202,32 @@ impl Hub {
         if self.try_join(run, conn) {
             return Ok(());
         }
-        let watch = self.bus.watch(run).await?;
+        let gate = lock(&self.opening).entry(run.clone()).or_default().clone();
+        let _opening = gate.lock().await;
+        // Whoever held the gate before us may have opened the watch.
+        if self.try_join(run, conn) {
+            return Ok(());
+        }
+        let opened = self.bus.watch(run).await;
+        let result = opened.map(|watch| self.install(run, conn, watch));
+        // After `install`: a subscriber arriving now joins the open watch.
+        let mut opening = lock(&self.opening);
+        // Drop the gate once nobody else holds a handle to it.
+        if opening.get(run).is_some_and(|g| Arc::strong_count(g) <= 2) {
+            opening.remove(run);
+        }
+        result
+    }
+
+    /// Registers the fan-out for a freshly opened watch, with `conn` as its
+    /// first subscriber.
+    fn install(&self, run: &RunId, conn: &Arc<Conn>, watch: runcast_bus::Watch) {
         let mut runs = lock(&self.runs);
         if let Some(f) = runs.get(run) {
-            // Another connection opened the watch while we awaited ours;
-            // join theirs and drop ours.
+            // Cannot happen while openings go through the gate; harmless
+            // if it does: join the existing watch and drop this one.
             lock(&f.subs).insert(conn.id, conn.clone());
-            return Ok(());
+            return;
         }
         let subs: Subscribers = Arc::new(Mutex::new(HashMap::from([(conn.id, conn.clone())])));
         let span = tracing::info_span!("fanout", run = %run);
@@ -219,7 +244,6 @@ impl Hub {
         );
         runs.insert(run.clone(), RunFanout { subs, task });
         self.metrics.watched_runs.set(runs.len() as i64);
-        Ok(())
     }
 
     fn try_join(&self, run: &RunId, conn: &Arc<Conn>) -> bool {

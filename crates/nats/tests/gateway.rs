@@ -226,3 +226,38 @@ async fn a_briefly_cached_state_never_hides_the_last_events() {
         "{f}"
     );
 }
+
+/// A burst of first subscribers to one run opens one NATS watch, not one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_subscribers_to_a_new_run_opens_one_watch() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(WsClient::connect(&gw.ws_url()).await);
+    }
+    // All subscribe at once.
+    for c in &mut clients {
+        c.send(serde_json::json!({"type": "subscribe", "run": "burst"}))
+            .await;
+    }
+    for c in &mut clients {
+        assert_eq!(c.recv().await["type"], "state");
+    }
+    let jsz = nats.monitor_json("/jsz?streams=true").await;
+    let consumers =
+        jsz["account_details"][0]["stream_detail"][0]["state"]["consumer_count"].as_u64();
+    assert_eq!(
+        consumers,
+        Some(1),
+        "one watch for 50 simultaneous first subscribers"
+    );
+    Publisher::on_bus(gw.bus(), "burst")
+        .unwrap()
+        .log("all of you")
+        .await
+        .unwrap();
+    for c in &mut clients {
+        assert_eq!(c.recv().await["type"], "event");
+    }
+}
