@@ -44,6 +44,9 @@ pub fn binary() -> PathBuf {
     }
 }
 
+/// How often a server start is retried when a chosen port was taken.
+const PORT_ATTEMPTS: usize = 5;
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -95,16 +98,25 @@ impl NatsServer {
     /// A single node with extra configuration appended (e.g. an
     /// `authorization { … }` block).
     pub async fn start_with(extra_conf: &str) -> Self {
-        let mut s = Self::configure("n1", None);
-        if !extra_conf.is_empty() {
-            let mut conf = std::fs::read_to_string(&s.conf).expect("read nats.conf");
-            conf.push_str(extra_conf);
-            conf.push('\n');
-            std::fs::write(&s.conf, conf).expect("write nats.conf");
+        let mut last = String::new();
+        // Ports are chosen by binding port 0 and releasing it, so another
+        // process can take one before nats-server binds it: try again.
+        for _ in 0..PORT_ATTEMPTS {
+            let mut s = Self::configure("n1", None);
+            if !extra_conf.is_empty() {
+                let mut conf = std::fs::read_to_string(&s.conf).expect("read nats.conf");
+                conf.push_str(extra_conf);
+                conf.push('\n');
+                std::fs::write(&s.conf, conf).expect("write nats.conf");
+            }
+            s.spawn();
+            match s.try_wait_healthy().await {
+                Ok(()) => return s,
+                Err(why) if why.contains("address already in use") => last = why,
+                Err(why) => panic!("{why}"),
+            }
         }
-        s.spawn();
-        s.wait_healthy().await;
-        s
+        panic!("no free ports after {PORT_ATTEMPTS} attempts: {last}");
     }
 
     fn configure(name: &str, cluster: Option<(u16, &[u16])>) -> Self {
@@ -165,20 +177,35 @@ impl NatsServer {
     }
 
     /// Waits until `/healthz` reports JetStream healthy (up to 40 s: a restarted cluster node catches up first).
-    pub async fn wait_healthy(&self) {
+    pub async fn wait_healthy(&mut self) {
+        if let Err(why) = self.try_wait_healthy().await {
+            panic!("{why}");
+        }
+    }
+
+    /// Like [`wait_healthy`](Self::wait_healthy), but a process that exits
+    /// (e.g. a port taken between choosing and binding it) is an error at once.
+    async fn try_wait_healthy(&mut self) -> Result<(), String> {
         for _ in 0..800 {
+            if !self.is_running() {
+                return Err(format!(
+                    "nats-server {} exited; log:\n{}",
+                    self.name,
+                    self.log()
+                ));
+            }
             if tokio::net::TcpStream::connect(self.monitor()).await.is_ok()
                 && http(self.monitor(), "GET", "/healthz", &[], "").await.0 == 200
             {
-                return;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!(
+        Err(format!(
             "nats-server {} not healthy within 40s; log:\n{}",
             self.name,
             self.log()
-        );
+        ))
     }
 
     /// `kill -9`: the process dies without a chance to clean up.
@@ -223,6 +250,18 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub async fn start(size: usize) -> Self {
+        let mut last = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            match Self::try_start(size).await {
+                Ok(c) => return c,
+                Err(why) if why.contains("address already in use") => last = why,
+                Err(why) => panic!("{why}"),
+            }
+        }
+        panic!("no free ports after {PORT_ATTEMPTS} attempts: {last}");
+    }
+
+    async fn try_start(size: usize) -> Result<Self, String> {
         let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let mut nodes: Vec<NatsServer> = (0..size)
             .map(|i| {
@@ -235,12 +274,12 @@ impl NatsCluster {
         for n in &mut nodes {
             n.spawn();
         }
-        let c = Self { nodes };
-        for n in &c.nodes {
-            n.wait_healthy().await;
+        let mut c = Self { nodes };
+        for n in &mut c.nodes {
+            n.try_wait_healthy().await?;
         }
         c.wait_meta_leader().await;
-        c
+        Ok(c)
     }
 
     /// Kills every node (`kill -9`) without restarting them.
@@ -257,7 +296,7 @@ impl NatsCluster {
                 n.spawn();
             }
         }
-        for n in &self.nodes {
+        for n in &mut self.nodes {
             n.wait_healthy().await;
         }
         self.wait_meta_leader().await;
