@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use runcast_core::{Event, NewEvent, RunId, RunState, now_millis};
 use tokio::sync::broadcast;
 
-use crate::{Bus, BusError, Feed, Live, Page, Watch};
+use crate::{Bus, BusError, Feed, Live, Page, RunFilter, Watch};
 
 /// How much history the embedded bus keeps.
 #[derive(Debug, Clone)]
@@ -292,18 +292,19 @@ impl Bus for EmbeddedBus {
         Ok(self.lock().runs.get(run).and_then(|l| l.state.clone()))
     }
 
-    async fn runs(&self) -> Result<Vec<RunState>, BusError> {
+    async fn runs(&self, filter: RunFilter) -> Result<Vec<RunState>, BusError> {
         let mut all: Vec<RunState> = self
             .lock()
             .runs
             .values()
-            .filter_map(|l| l.state.clone())
+            .filter_map(|l| l.state.as_ref().filter(|s| filter.matches(s)).cloned())
             .collect();
         all.sort_by(|a, b| {
             b.updated_ts
                 .cmp(&a.updated_ts)
                 .then_with(|| a.run.cmp(&b.run))
         });
+        all.truncate(filter.limit);
         Ok(all)
     }
 

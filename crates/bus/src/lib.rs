@@ -15,7 +15,7 @@
 mod embedded;
 
 use async_trait::async_trait;
-use runcast_core::{Event, NewEvent, RunId, RunState};
+use runcast_core::{Event, NewEvent, RunId, RunState, RunStatus};
 use std::sync::Arc;
 
 pub use embedded::{EmbeddedBus, Retention};
@@ -35,6 +35,30 @@ pub enum BusError {
     /// The bus is unreachable or shutting down.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+}
+
+/// Which runs [`Bus::runs`] lists.
+#[derive(Debug, Clone, Copy)]
+pub struct RunFilter {
+    /// Only runs in this status.
+    pub status: Option<RunStatus>,
+    /// At most this many, the most recently updated first.
+    pub limit: usize,
+}
+
+impl Default for RunFilter {
+    fn default() -> Self {
+        Self {
+            status: None,
+            limit: usize::MAX,
+        }
+    }
+}
+
+impl RunFilter {
+    pub fn matches(&self, s: &RunState) -> bool {
+        self.status.is_none_or(|want| s.status == want)
+    }
 }
 
 /// One page of a run's history.
@@ -86,8 +110,9 @@ pub trait Bus: Send + Sync + 'static {
     /// The current state of `run`; `None` if it has no retained events.
     async fn state(&self, run: &RunId) -> Result<Option<RunState>, BusError>;
 
-    /// The state of every retained run, most recently updated first.
-    async fn runs(&self) -> Result<Vec<RunState>, BusError>;
+    /// The state of retained runs that match `filter`, most recently updated
+    /// first. A bus may stop looking once it has `filter.limit` of them.
+    async fn runs(&self, filter: RunFilter) -> Result<Vec<RunState>, BusError>;
 
     /// Whether the bus can serve requests now; the reason if not.
     fn health(&self) -> Result<(), String>;

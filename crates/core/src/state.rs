@@ -46,6 +46,18 @@ pub struct RunState {
     pub result: Option<Box<RawValue>>,
 }
 
+impl RunStatus {
+    /// Parses `running`, `completed` or `failed`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "running" => Some(Self::Running),
+            "completed" => Some(Self::Completed),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
 impl RunState {
     /// The state of a run whose first event is `first`.
     pub fn new(first: &Event) -> Self {

@@ -14,7 +14,8 @@ use hyper::{
     header::{self, HeaderValue},
 };
 use hyper_util::rt::TokioIo;
-use runcast_core::{ErrorCode, EventKind, NewEvent, ProtocolError, RunId, frame};
+use runcast_bus::RunFilter;
+use runcast_core::{ErrorCode, EventKind, NewEvent, ProtocolError, RunId, RunStatus, frame};
 use serde_json::value::RawValue;
 use tokio_tungstenite::{WebSocketStream, tungstenite::protocol::Role};
 
@@ -163,32 +164,26 @@ async fn list_runs(gw: &Gateway, q: &str) -> Response<Body> {
         Ok(l) => l.map_or(usize::MAX, |l| l as usize),
         Err(e) => return error(ProtocolError::new(ErrorCode::InvalidFrame, e.message)),
     };
-    let status = q.split('&').find_map(|kv| kv.strip_prefix("status="));
-    if let Some(s) = status
-        && !matches!(s, "running" | "completed" | "failed")
-    {
-        return error(ProtocolError::new(
-            ErrorCode::InvalidFrame,
-            format!(
-                "status must be running, completed or failed, not {:?}",
-                truncate(s)
-            ),
-        ));
-    }
-    match gw.bus.runs().await {
-        Ok(runs) => {
-            let runs: Vec<_> = runs
-                .into_iter()
-                .filter(|r| {
-                    status.is_none_or(|s| serde_json::to_value(r.status).is_ok_and(|v| v == s))
-                })
-                .take(limit)
-                .collect();
-            json(
-                StatusCode::OK,
-                serde_json::json!({ "runs": runs }).to_string(),
-            )
-        }
+    let status = match q.split('&').find_map(|kv| kv.strip_prefix("status=")) {
+        None => None,
+        Some(s) => match RunStatus::parse(s) {
+            Some(st) => Some(st),
+            None => {
+                return error(ProtocolError::new(
+                    ErrorCode::InvalidFrame,
+                    format!(
+                        "status must be running, completed or failed, not {:?}",
+                        truncate(s)
+                    ),
+                ));
+            }
+        },
+    };
+    match gw.bus.runs(RunFilter { status, limit }).await {
+        Ok(runs) => json(
+            StatusCode::OK,
+            serde_json::json!({ "runs": runs }).to_string(),
+        ),
         Err(e) => error(ProtocolError::new(ErrorCode::Unavailable, e.to_string())),
     }
 }

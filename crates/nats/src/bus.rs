@@ -19,7 +19,7 @@ use async_nats::jetstream::{
 };
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use runcast_bus::{Bus, BusError, Feed, Live, Page, Watch};
+use runcast_bus::{Bus, BusError, Feed, Live, Page, RunFilter, Watch};
 use runcast_core::{Event, EventKind, NewEvent, RunId, RunState, subject};
 use runcast_worker::{PublishErrorKind, PublishTarget};
 use serde_json::value::RawValue;
@@ -429,7 +429,7 @@ impl Bus for NatsBus {
         Ok(state)
     }
 
-    async fn runs(&self) -> Result<Vec<RunState>, BusError> {
+    async fn runs(&self, filter: RunFilter) -> Result<Vec<RunState>, BusError> {
         let p = &self.inner.prefix;
         let mut subjects = self
             .stream()?
@@ -442,15 +442,27 @@ impl Bus for NatsBus {
                 ids.insert(run);
             }
         }
-        let mut out = Vec::with_capacity(ids.len());
+        // Order by each run's last event (one lookup per run), then derive
+        // full states only until `limit` runs match: listing the 50 latest
+        // runs costs 50 states, not one per run ever seen.
+        let mut latest = Vec::with_capacity(ids.len());
         for run in ids {
-            out.extend(self.state(&run).await?);
+            if let Some(last) = self.last(&self.filter(&run)).await? {
+                latest.push((last.ts, run));
+            }
         }
-        out.sort_by(|a, b| {
-            b.updated_ts
-                .cmp(&a.updated_ts)
-                .then_with(|| a.run.cmp(&b.run))
-        });
+        latest.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let mut out = Vec::new();
+        for (_, run) in latest {
+            if out.len() >= filter.limit {
+                break;
+            }
+            if let Some(s) = self.state(&run).await?
+                && filter.matches(&s)
+            {
+                out.push(s);
+            }
+        }
         Ok(out)
     }
 

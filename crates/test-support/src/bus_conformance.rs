@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use runcast_bus::{Bus, Live};
+use runcast_bus::{Bus, Live, RunFilter};
 use runcast_core::{EventKind, NewEvent, RunId, RunStatus};
 
 fn run(s: &str) -> RunId {
@@ -154,18 +154,33 @@ pub async fn state_and_runs(bus: Arc<dyn Bus>) {
         Some(r#"{"message":"boom"}"#)
     );
     let _ = bus.watch(&run("watch-only")).await.unwrap();
-    let runs: Vec<String> = bus
-        .runs()
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.run.to_string())
-        .collect();
+    let names = |runs: Vec<runcast_core::RunState>| {
+        runs.iter().map(|s| s.run.to_string()).collect::<Vec<_>>()
+    };
+    let all = names(bus.runs(RunFilter::default()).await.unwrap());
     assert_eq!(
-        runs,
+        all,
         vec!["state-b", "state-a"],
         "runs with events only, most recent first"
     );
+    let one = names(
+        bus.runs(RunFilter {
+            limit: 1,
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap(),
+    );
+    assert_eq!(one, vec!["state-b"], "limit keeps the most recent");
+    let running = names(
+        bus.runs(RunFilter {
+            status: Some(RunStatus::Running),
+            limit: 10,
+        })
+        .await
+        .unwrap(),
+    );
+    assert_eq!(running, vec!["state-a"], "status filter");
 }
 
 /// Concurrent publishers to one run get distinct seqs, each publisher's in
