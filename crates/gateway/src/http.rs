@@ -58,7 +58,7 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         | (["v1", "ws"], _)
         | (["v1", "runs"], _)
         | (["v1", "runs", _], _)
-        | (["v1", "runs", _, "stream"], _) => method_not_allowed(allowed(&segs)),
+        | (["v1", "runs", _, "stream"], _) => method_not_allowed("GET"),
         (["v1", "runs", _, "events"], _) => method_not_allowed("GET, POST"),
         _ => error(ProtocolError::new(
             ErrorCode::NotFound,
@@ -69,10 +69,6 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         tracing::debug!(method = %m, status = resp.status().as_u16(), "request failed");
     }
     resp
-}
-
-fn allowed(_segs: &[&str]) -> &'static str {
-    "GET"
 }
 
 fn truncate(s: &str) -> String {

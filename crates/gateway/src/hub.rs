@@ -11,7 +11,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
 };
 
@@ -69,7 +69,7 @@ pub struct Conn {
     tx: tokio::sync::mpsc::Sender<Arc<OutFrame>>,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
-    closing: AtomicBool,
+    /// Set once, by the first close request; also what `offer` checks.
     close_code: OnceLock<CloseCode>,
     /// Wakes the connection's task when it must close. Only that one task
     /// ever waits, so an `AtomicWaker` (two atomic operations per poll)
@@ -91,7 +91,6 @@ impl Conn {
             tx,
             queued_bytes: AtomicUsize::new(0),
             max_bytes,
-            closing: AtomicBool::new(false),
             close_code: OnceLock::new(),
             close_waker: AtomicWaker::new(),
         };
@@ -101,7 +100,7 @@ impl Conn {
     /// Queues a shared frame. Returns false when the queue is over its
     /// message or byte bound, in which case the connection is told to close.
     fn offer(&self, frame: &Arc<OutFrame>) -> bool {
-        if self.closing.load(Ordering::Relaxed) {
+        if self.close_code.get().is_some() {
             return true;
         }
         let len = frame.text.len();
@@ -132,7 +131,6 @@ impl Conn {
     /// Asks the connection to close with `code` (the first request wins).
     pub fn close(&self, code: CloseCode) {
         if self.close_code.set(code).is_ok() {
-            self.closing.store(true, Ordering::Release);
             self.close_waker.wake();
         }
     }
