@@ -317,10 +317,10 @@ async fn fanout(
         let item = watch.feed.next().await;
         // Seqs need not be contiguous (NATS numbers events across all runs),
         // so a jump is not a hole: only the feed saying it lagged is.
-        let upto = match &item {
+        let lagged = match &item {
             Some(Live::Event(ev)) if ev.seq <= last => continue,
-            Some(Live::Event(_)) => last,
-            Some(Live::Lagged) => u64::MAX,
+            Some(Live::Event(_)) => false,
+            Some(Live::Lagged) => true,
             None => {
                 tracing::warn!("bus closed the watch; closing subscribers so they resume");
                 for conn in lock(&subs).values() {
@@ -329,15 +329,17 @@ async fn fanout(
                 return;
             }
         };
-        if upto > last {
-            // Fill the hole from history before the live event.
+        if lagged {
+            // The feed skipped events: forward history from `last` to its
+            // end (what retention dropped as a gap); live events already
+            // covered by it are skipped above.
             loop {
                 let Ok(p) = bus.read(&run, last + 1, page).await else {
                     tracing::warn!("history read failed while repairing the live feed");
                     break;
                 };
                 if p.first > last + 1 {
-                    let to = (p.first - 1).min(upto).min(p.head);
+                    let to = (p.first - 1).min(p.head);
                     metrics.gap_notices.inc();
                     emit(OutFrame::new(
                         run.clone(),
@@ -347,14 +349,12 @@ async fn fanout(
                     ));
                     last = to;
                 }
-                let mut progressed = false;
-                for ev in p.events.iter().take_while(|e| e.seq <= upto) {
+                for ev in &p.events {
                     metrics.events_received.inc();
                     emit(OutFrame::event_after(ev, last));
                     last = ev.seq;
-                    progressed = true;
                 }
-                if !progressed || last >= upto.min(p.head) {
+                if p.events.is_empty() || last >= p.head {
                     break;
                 }
             }
@@ -366,5 +366,70 @@ async fn fanout(
             emit(OutFrame::event_after(&ev, last));
             last = ev.seq;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runcast_bus::{EmbeddedBus, Feed, Retention, Watch};
+    use runcast_core::{EventKind, NewEvent};
+
+    /// A feed that replays a script, then ends.
+    struct Scripted(std::collections::VecDeque<Live>);
+
+    #[async_trait::async_trait]
+    impl Feed for Scripted {
+        async fn next(&mut self) -> Option<Live> {
+            match self.0.pop_front() {
+                Some(item) => Some(item),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lagged_feed_is_repaired_from_history_without_duplicates() {
+        let bus = EmbeddedBus::new(Retention::default());
+        let run = RunId::parse("lagging").unwrap();
+        let mut events = Vec::new();
+        for i in 1..=6u64 {
+            let seq = bus
+                .publish(&run, vec![NewEvent::json(EventKind::Log, &i).unwrap()])
+                .await
+                .unwrap()[0];
+            events.push(bus.read(&run, seq, 1).await.unwrap().events[0].clone());
+        }
+        // The feed delivers 1, says it lagged (2..=6 were skipped), then
+        // delivers 5 and 6 late: the repair must cover 2..=6 once each.
+        let script = [
+            Live::Event(events[0].clone()),
+            Live::Lagged,
+            Live::Event(events[4].clone()),
+            Live::Event(events[5].clone()),
+        ];
+        let watch = Watch {
+            head: 0,
+            feed: Box::new(Scripted(script.into_iter().collect())),
+        };
+        let (conn, mut rx) = Conn::new(1, 64, 1 << 20);
+        let subs: Subscribers = Arc::new(Mutex::new(HashMap::from([(1, conn)])));
+        let metrics = Arc::new(Metrics::new("embedded"));
+        let task = tokio::spawn(fanout(run, watch, subs, Arc::new(bus), metrics, 2));
+        let mut got = Vec::new();
+        while got.len() < 6 {
+            let f = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            got.push((f.first, f.last));
+        }
+        task.abort();
+        assert_eq!(
+            got,
+            (1..=6).map(|s| (s, s)).collect::<Vec<_>>(),
+            "contiguous, each once"
+        );
+        assert!(rx.try_recv().is_err(), "nothing extra");
     }
 }
