@@ -72,7 +72,7 @@ impl<O: Output> Session<O> {
     }
 
     /// Subscribes to `run`: registers interest, sends the state frame, and
-    /// replays everything after `since` when given.
+    /// replays what history holds after the cursor (`since`, or the state's seq).
     pub async fn subscribe(&mut self, run: RunId, since: Option<u64>) -> Result<(), SessionError> {
         let max = self.gw.config.max_subscriptions;
         if self.cursors.contains_key(&run) {
@@ -210,7 +210,7 @@ impl<O: Output> Session<O> {
     /// Replays history from the run's cursor up to `to` (inclusive), sending a
     /// gap frame for anything retention already dropped.
     async fn catch_up(&mut self, run: &RunId, to: u64) -> Result<(), Closed> {
-        let Some(&mut mut next) = self.cursors.get_mut(run) else {
+        let Some(mut next) = self.cursors.get(run).copied() else {
             return Ok(());
         };
         while next <= to {
@@ -255,7 +255,9 @@ impl<O: Output> Session<O> {
                 break;
             }
         }
-        self.cursors.insert(run.clone(), next);
+        if let Some(cursor) = self.cursors.get_mut(run) {
+            *cursor = next;
+        }
         Ok(())
     }
 }
