@@ -87,7 +87,10 @@ pub struct NatsArgs {
     /// JetStream stream that keeps the events.
     #[arg(long, env = "RUNCAST_NATS_STREAM", default_value = "RUNCAST_EVENTS")]
     pub nats_stream: String,
-    /// Stream replicas in a clustered NATS (1, 3 or 5).
+    /// JetStream KV bucket that keeps each run's state.
+    #[arg(long, env = "RUNCAST_NATS_KV", default_value = "RUNCAST_RUNS")]
+    pub nats_kv: String,
+    /// Stream and bucket replicas in a clustered NATS (1, 3 or 5).
     #[arg(long, env = "RUNCAST_NATS_REPLICAS", default_value_t = 1)]
     pub nats_replicas: usize,
     /// NATS user (with --nats-password).
@@ -134,6 +137,7 @@ impl NatsArgs {
             max_per_subject: r.history_events as i64,
             max_bytes: r.history_total_bytes as i64,
             replicas: self.nats_replicas,
+            state_bucket: self.nats_kv.clone(),
             ..runcast_nats::StreamSettings::default()
         }
     }

@@ -1,10 +1,10 @@
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::{Event, EventKind, RunId};
 
 /// Where a run is in its life, derived from its events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Has events, none of them `complete` or `error`.
@@ -17,7 +17,9 @@ pub enum RunStatus {
 
 /// The current state of a run, folded from its events. This is what a late
 /// joiner receives first, so it never starts from a blank progress bar.
-#[derive(Debug, Clone, Serialize)]
+/// It is also what the NATS bus stores per run in its KV bucket, so the JSON
+/// form must read back as the same state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunState {
     pub run: RunId,
     /// The last sequence number assigned in this run.

@@ -4,11 +4,10 @@
 //! any replica can serve. A watch is an ordered consumer filtered to one run
 //! (`<prefix>.runs.<run>.*`) that starts right after the run's last event,
 //! so it is seamless by construction and survives NATS reconnects (the
-//! client recreates it from the last sequence it delivered). Run state is
-//! derived from the stream, not stored beside it: the first and last event,
-//! the last event of each well-known kind, and the per-subject counts. Every
-//! gateway therefore computes the same state, and it survives restarts of
-//! anything for as long as the events are retained.
+//! client recreates it from the last sequence it delivered). Run state lives
+//! in the `RUNCAST_RUNS` KV bucket, folded from the stream by the gateways
+//! themselves (see [`crate::state`]); reading a run's state adds whatever
+//! the bucket has not folded yet, so it is never behind the stream.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -20,17 +19,25 @@ use async_nats::jetstream::{
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use runcast_bus::{Bus, BusError, Feed, Live, Page, RunFilter, Watch};
-use runcast_core::{Event, EventKind, NewEvent, RunId, RunState, subject};
+use runcast_core::{Event, NewEvent, RunId, RunState, subject};
 use runcast_worker::{PublishErrorKind, PublishTarget};
 use serde_json::value::RawValue;
 use tokio::task::JoinHandle;
 
-use crate::{NatsConfig, NatsError, NatsTarget, StreamSettings, connect, ensure_stream};
+use crate::{
+    NatsConfig, NatsError, NatsTarget, StreamSettings, connect, ensure_stream,
+    state::{self, Mirror},
+};
 
 /// See the comment where it is used.
 const WATCH_EXPIRES: std::time::Duration = std::time::Duration::from_secs(4);
 
-/// How long a derived run state is reused.
+/// Most events a state read folds on top of the stored state; a bucket
+/// further behind than this (its folder down) gives an older, still
+/// consistent state, and subscribers replay the rest from history.
+const TAIL_MAX: usize = 256;
+
+/// How long a run state read is reused.
 const STATE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most cached run states.
 const STATE_CACHE_MAX: usize = 10_000;
@@ -51,7 +58,11 @@ struct Inner {
     stream: OnceLock<Stream>,
     /// Why the stream is not ready (for readiness and errors); empty when it is.
     setup_error: Mutex<String>,
-    /// Recently derived run states (see `Inner::cached_state`).
+    /// The state bucket, once it exists.
+    kv: OnceLock<async_nats::jetstream::kv::Store>,
+    /// Every run's stored state, as the bucket's watch last reported it.
+    mirror: Arc<Mirror>,
+    /// Recently read run states (see `Inner::cached_state`).
     states: Mutex<std::collections::HashMap<RunId, (std::time::Instant, RunState)>>,
     target: NatsTarget,
 }
@@ -82,6 +93,8 @@ impl NatsBus {
             prefix: cfg.prefix.clone(),
             max_event_bytes: settings.max_message_size.max(0) as usize,
             stream: OnceLock::new(),
+            kv: OnceLock::new(),
+            mirror: Arc::new(Mirror::default()),
             setup_error: Mutex::new("connecting to NATS".into()),
             states: Mutex::new(std::collections::HashMap::new()),
         });
@@ -90,10 +103,16 @@ impl NatsBus {
             let js = jetstream::new(client);
             tokio::spawn(async move {
                 loop {
-                    match ensure_stream(&js, &inner.prefix, &settings).await {
-                        Ok(stream) => {
+                    let ready = async {
+                        let stream = ensure_stream(&js, &inner.prefix, &settings).await?;
+                        let kv = state::ensure_bucket(&js, &settings).await?;
+                        Ok::<_, NatsError>((stream, kv))
+                    };
+                    match ready.await {
+                        Ok((stream, kv)) => {
                             let _ = inner.stream.set(stream);
-                            tracing::info!(stream = %settings.name, "NATS stream ready");
+                            let _ = inner.kv.set(kv);
+                            tracing::info!(stream = %settings.name, bucket = %settings.state_bucket, "NATS stream and state bucket ready");
                             break;
                         }
                         Err(e) => {
@@ -109,26 +128,37 @@ impl NatsBus {
                 // answers "temporarily unavailable" until its raft groups
                 // recover. Readiness follows what the stream actually answers.
                 let stream = inner.stream.get().expect("set above").clone();
-                loop {
-                    tokio::time::sleep(PROBE_EVERY).await;
-                    // Both paths reads use: the stream's info and a direct
-                    // get (answered by the stream's servers themselves).
-                    let any_event = format!("{}.runs.>", inner.prefix);
-                    let probe = tokio::time::timeout(PROBE_EVERY * 2, async {
-                        stream.get_info().await.map_err(|e| e.to_string())?;
-                        match stream.direct_get_last_for_subject(any_event).await {
-                            Ok(_) => Ok(()),
-                            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(()),
-                            Err(e) => Err(e.to_string()),
-                        }
-                    })
-                    .await;
-                    inner.set_problem(match probe {
-                        Ok(Ok(())) => String::new(),
-                        Ok(Err(e)) => format!("JetStream not answering: {e}"),
-                        Err(_) => "JetStream not answering within 2s".into(),
-                    });
-                }
+                let kv = inner.kv.get().expect("set above").clone();
+                let folder = state::fold(
+                    stream.clone(),
+                    kv.clone(),
+                    inner.prefix.clone(),
+                    settings.state_bucket.clone(),
+                );
+                let mirror = inner.mirror.clone().follow(kv);
+                let probe = async {
+                    loop {
+                        tokio::time::sleep(PROBE_EVERY).await;
+                        // Both paths reads use: the stream's info and a direct
+                        // get (answered by the stream's servers themselves).
+                        let any_event = format!("{}.runs.>", inner.prefix);
+                        let probe = tokio::time::timeout(PROBE_EVERY * 2, async {
+                            stream.get_info().await.map_err(|e| e.to_string())?;
+                            match stream.direct_get_last_for_subject(any_event).await {
+                                Ok(_) => Ok(()),
+                                Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(()),
+                                Err(e) => Err(e.to_string()),
+                            }
+                        })
+                        .await;
+                        inner.set_problem(match probe {
+                            Ok(Ok(())) => String::new(),
+                            Ok(Err(e)) => format!("JetStream not answering: {e}"),
+                            Err(_) => "JetStream not answering within 2s".into(),
+                        });
+                    }
+                };
+                tokio::join!(probe, folder, mirror);
             })
         };
         Ok((Self { inner }, setup))
@@ -177,70 +207,8 @@ impl NatsBus {
     }
 }
 
-impl NatsBus {
-    /// Folds the run's state from the stream: its first and last event, the
-    /// last event of each well-known kind (all read concurrently), and the
-    /// per-subject counts.
-    async fn derive_state(&self, run: &RunId) -> Result<Option<RunState>, BusError> {
-        let p = &self.inner.prefix;
-        let stream = self.stream()?;
-        let filter = self.filter(run);
-        let first = async {
-            match stream.direct_get_first_for_subject(filter.clone()).await {
-                Ok(m) => Ok(to_event(p, m)),
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-                Err(e) => Err(unavailable(e)),
-            }
-        };
-        let subj = |k: EventKind| subject::event_subject(p, run, &k);
-        let (progress, status, complete, error) = (
-            subj(EventKind::Progress),
-            subj(EventKind::Status),
-            subj(EventKind::Complete),
-            subj(EventKind::Error),
-        );
-        // The last event first: a run with none needs nothing else, and the
-        // other lookups (first for a wildcard above all) cost the server a
-        // search when nothing matches.
-        let Some(last) = self.last(&filter).await? else {
-            return Ok(None);
-        };
-        let (first, progress, status, complete, error) = tokio::join!(
-            first,
-            self.last(&progress),
-            self.last(&status),
-            self.last(&complete),
-            self.last(&error),
-        );
-        let mut folded = vec![last];
-        for e in [first?, progress?, status?, complete?, error?]
-            .into_iter()
-            .flatten()
-        {
-            folded.push(e);
-        }
-        folded.sort_by_key(|e| e.seq);
-        folded.dedup_by_key(|e| e.seq);
-        let mut state = RunState::new(&folded[0]);
-        for ev in &folded[1..] {
-            state.apply(ev);
-        }
-        // The fold saw a sample of the events; the count comes from the stream.
-        let mut subjects = stream
-            .info_with_subjects(filter)
-            .await
-            .map_err(unavailable)?;
-        let mut count = 0;
-        while let Some(s) = subjects.next().await {
-            count += s.map_err(unavailable)?.1 as u64;
-        }
-        state.events = count;
-        Ok(Some(state))
-    }
-}
-
 impl Inner {
-    /// A state derived less than `STATE_TTL` ago. A slightly old state is
+    /// A state read less than `STATE_TTL` ago. A slightly old state is
     /// safe: a subscriber's cursor starts at its seq and the session replays
     /// whatever came after from history, so it only costs a replay, never a
     /// lost or repeated event. It spares NATS six requests per subscribe when
@@ -269,7 +237,7 @@ impl Inner {
 /// Turns a stored message into an event; `None` for subjects that are not
 /// runcast events (the stream only captures `<prefix>.runs.>`, so only a
 /// malformed run or kind token gets here, and is logged).
-fn to_event(prefix: &str, m: jetstream::message::StreamMessage) -> Option<Event> {
+pub(crate) fn to_event(prefix: &str, m: jetstream::message::StreamMessage) -> Option<Event> {
     let Some((run, kind)) = subject::parse_event_subject(prefix, m.subject.as_str()) else {
         tracing::warn!(subject = %m.subject, seq = m.sequence, "skipping a message on a subject that is not a runcast event");
         return None;
@@ -422,48 +390,35 @@ impl Bus for NatsBus {
         if let Some(hit) = self.inner.cached_state(run) {
             return Ok(Some(hit));
         }
-        let state = self.derive_state(run).await?;
+        let stream = self.stream()?;
+        let stored = match (self.inner.mirror.get(run), self.inner.kv.get()) {
+            (Some(s), _) => Some(s),
+            (None, Some(kv)) => state::load(kv, run).await?.state,
+            (None, None) => None,
+        };
+        // The bucket is folded a moment after each publish (or much later,
+        // with no gateway folding): add what it lacks from the stream.
+        let state = match self.last(&self.filter(run)).await? {
+            Some(last) if stored.as_ref().is_none_or(|s| s.seq < last.seq) => {
+                let from = stored.as_ref().map_or(1, |s| s.seq + 1);
+                let tail =
+                    state::read_events(stream, &self.inner.prefix, run, (from, last.seq), TAIL_MAX)
+                        .await?;
+                state::fold_onto(stored, &tail)
+            }
+            _ => stored,
+        };
         if let Some(s) = &state {
             self.inner.cache_state(s.clone());
         }
         Ok(state)
     }
 
+    /// From the mirrored bucket: runs appear once folded, a moment after
+    /// their first event.
     async fn runs(&self, filter: RunFilter) -> Result<Vec<RunState>, BusError> {
-        let p = &self.inner.prefix;
-        let mut subjects = self
-            .stream()?
-            .info_with_subjects(format!("{p}.runs.*.*"))
-            .await
-            .map_err(unavailable)?;
-        let mut ids = std::collections::BTreeSet::new();
-        while let Some(s) = subjects.next().await {
-            if let Some((run, _)) = subject::parse_event_subject(p, &s.map_err(unavailable)?.0) {
-                ids.insert(run);
-            }
-        }
-        // Order by each run's last event (one lookup per run), then derive
-        // full states only until `limit` runs match: listing the 50 latest
-        // runs costs 50 states, not one per run ever seen.
-        let mut latest = Vec::with_capacity(ids.len());
-        for run in ids {
-            if let Some(last) = self.last(&self.filter(&run)).await? {
-                latest.push((last.ts, run));
-            }
-        }
-        latest.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        let mut out = Vec::new();
-        for (_, run) in latest {
-            if out.len() >= filter.limit {
-                break;
-            }
-            if let Some(s) = self.state(&run).await?
-                && filter.matches(&s)
-            {
-                out.push(s);
-            }
-        }
-        Ok(out)
+        self.stream()?;
+        Ok(self.inner.mirror.list(|s| filter.matches(s), filter.limit))
     }
 
     fn health(&self) -> Result<(), String> {

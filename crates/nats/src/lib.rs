@@ -18,11 +18,13 @@
 mod bus;
 mod config;
 mod publish;
+mod state;
 mod stream;
 
 pub use bus::NatsBus;
 pub use config::{NatsConfig, connect};
 pub use publish::NatsTarget;
+pub use state::ensure_bucket;
 pub use stream::{StreamSettings, ensure_stream};
 
 /// What went wrong talking to NATS.

@@ -25,6 +25,9 @@ pub struct StreamSettings {
     pub max_message_size: i32,
     /// Consumers the stream allows: one per run per gateway watching it.
     pub max_consumers: i32,
+    /// The KV bucket holding each run's state (same age limit and replicas
+    /// as the stream).
+    pub state_bucket: String,
 }
 
 impl Default for StreamSettings {
@@ -38,6 +41,7 @@ impl Default for StreamSettings {
             duplicate_window: Duration::from_secs(120),
             max_message_size: 1 << 20,
             max_consumers: 100_000,
+            state_bucket: "RUNCAST_RUNS".into(),
         }
     }
 }
@@ -54,7 +58,8 @@ impl StreamSettings {
             max_messages_per_subject: self.max_per_subject,
             max_bytes: self.max_bytes,
             num_replicas: self.replicas,
-            duplicate_window: self.duplicate_window,
+            // JetStream refuses a window longer than the age limit.
+            duplicate_window: self.duplicate_window.min(self.max_age),
             max_message_size: self.max_message_size,
             // Every gateway opens one consumer per run it watches. Since
             // nats-server 2.15 a stream without a positive limit gets a

@@ -9,6 +9,34 @@ use runcast_nats::{NatsBus, NatsConfig, StreamSettings};
 use runcast_test_support::{TestGateway, WsClient, http, json, nats::NatsServer, seqs};
 use runcast_worker::Publisher;
 
+/// The watches on the events stream, as the NATS server reports them: its
+/// consumers other than the run state folder (one durable shared by all
+/// gateways).
+async fn watch_consumers(nats: &NatsServer) -> usize {
+    let jsz = nats.monitor_json("/jsz?consumers=true").await;
+    let streams = jsz["account_details"][0]["stream_detail"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no streams: {jsz}"));
+    let events = streams
+        .iter()
+        .find(|s| s["name"] == "RUNCAST_EVENTS")
+        .unwrap_or_else(|| panic!("no events stream: {jsz}"));
+    let consumers = events["consumer_detail"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let (folders, watches): (Vec<_>, Vec<_>) = consumers
+        .iter()
+        .partition(|c| c["name"] == "fold_RUNCAST_RUNS");
+    assert_eq!(folders.len(), 1, "the state folder's consumer: {events}");
+    assert_eq!(
+        events["state"]["consumer_count"].as_u64(),
+        Some(consumers.len() as u64),
+        "every consumer listed"
+    );
+    watches.len()
+}
+
 async fn nats_gateway(server: &NatsServer) -> TestGateway {
     let (bus, _setup) = NatsBus::start(
         &NatsConfig::with_urls(server.url()),
@@ -89,13 +117,10 @@ async fn a_thousand_clients_on_ten_runs_hold_ten_nats_watches() {
     }
     assert_eq!(gw.gw.hub.watched_runs(), 10);
     // Each watch is one ordered consumer on the stream, as NATS itself reports.
-    let jsz = nats.monitor_json("/jsz?streams=true").await;
-    let stream = &jsz["account_details"][0]["stream_detail"][0];
-    assert_eq!(stream["name"], "RUNCAST_EVENTS", "{jsz}");
     assert_eq!(
-        stream["state"]["consumer_count"].as_u64(),
-        Some(10),
-        "one NATS consumer per run, not per client: {stream}"
+        watch_consumers(&nats).await,
+        10,
+        "one NATS consumer per run, not per client"
     );
 
     // And every client still gets its run's events.
@@ -244,12 +269,9 @@ async fn a_burst_of_subscribers_to_a_new_run_opens_one_watch() {
     for c in &mut clients {
         assert_eq!(c.recv().await["type"], "state");
     }
-    let jsz = nats.monitor_json("/jsz?streams=true").await;
-    let consumers =
-        jsz["account_details"][0]["stream_detail"][0]["state"]["consumer_count"].as_u64();
     assert_eq!(
-        consumers,
-        Some(1),
+        watch_consumers(&nats).await,
+        1,
         "one watch for 50 simultaneous first subscribers"
     );
     Publisher::on_bus(gw.bus(), "burst")

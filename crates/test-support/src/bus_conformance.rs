@@ -157,7 +157,16 @@ pub async fn state_and_runs(bus: Arc<dyn Bus>) {
     let names = |runs: Vec<runcast_core::RunState>| {
         runs.iter().map(|s| s.run.to_string()).collect::<Vec<_>>()
     };
-    let all = names(bus.runs(RunFilter::default()).await.unwrap());
+    // The list may trail publishes by a moment (NATS folds it into a KV
+    // bucket); a state read never does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let all = loop {
+        let all = names(bus.runs(RunFilter::default()).await.unwrap());
+        if all.len() >= 2 || std::time::Instant::now() > deadline {
+            break all;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(
         all,
         vec!["state-b", "state-a"],
