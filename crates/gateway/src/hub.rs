@@ -23,7 +23,10 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::Instrument;
 
-use crate::Metrics;
+use crate::{
+    Metrics,
+    replay::{Replay, Replayed},
+};
 
 /// A frame serialized once per gateway and shared by all subscribers of its run.
 #[derive(Debug)]
@@ -333,29 +336,35 @@ async fn fanout(
             // The feed skipped events: forward history from `last` to its
             // end (what retention dropped as a gap); live events already
             // covered by it are skipped above.
+            let mut replay = Replay::new(&*bus, &run, last + 1, u64::MAX, page);
             loop {
-                let Ok(p) = bus.read(&run, last + 1, page).await else {
-                    tracing::warn!("history read failed while repairing the live feed");
-                    break;
-                };
-                if p.first > last + 1 {
-                    let to = (p.first - 1).min(p.head);
-                    metrics.gap_notices.inc();
-                    emit(OutFrame::new(
-                        run.clone(),
-                        last + 1,
-                        to,
-                        frame::encode_gap(&run, last + 1, to),
-                    ));
-                    last = to;
-                }
-                for ev in &p.events {
-                    metrics.events_received.inc();
-                    emit(OutFrame::event_after(ev, last));
-                    last = ev.seq;
-                }
-                if p.events.is_empty() || last >= p.head {
-                    break;
+                match replay.next_page().await {
+                    Ok(Some(items)) => {
+                        for item in items {
+                            match item {
+                                Replayed::Gap { from, to } => {
+                                    metrics.gap_notices.inc();
+                                    emit(OutFrame::new(
+                                        run.clone(),
+                                        from,
+                                        to,
+                                        frame::encode_gap(&run, from, to),
+                                    ));
+                                    last = to;
+                                }
+                                Replayed::Event(ev) => {
+                                    metrics.events_received.inc();
+                                    emit(OutFrame::event_after(&ev, last));
+                                    last = ev.seq;
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "history read failed while repairing the live feed");
+                        break;
+                    }
                 }
             }
         }

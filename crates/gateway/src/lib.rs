@@ -17,6 +17,7 @@ mod config;
 mod http;
 pub mod hub;
 mod metrics;
+mod replay;
 pub mod server;
 mod session;
 mod sse;

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use crate::{
     Gateway,
     hub::{Conn, OutFrame},
+    replay::{Replay, Replayed},
 };
 
 /// The transport was closed or failed; the session is over.
@@ -210,53 +211,44 @@ impl<O: Output> Session<O> {
     /// Replays history from the run's cursor up to `to` (inclusive), sending a
     /// gap frame for anything retention already dropped.
     async fn catch_up(&mut self, run: &RunId, to: u64) -> Result<(), Closed> {
-        let Some(mut next) = self.cursors.get(run).copied() else {
+        let Some(from) = self.cursors.get(run).copied() else {
             return Ok(());
         };
-        while next <= to {
-            let page = match self
-                .gw
-                .bus
-                .read(run, next, self.gw.config.replay_page)
-                .await
-            {
-                Ok(p) => p,
+        let bus = self.gw.bus.clone();
+        let mut replay = Replay::new(&*bus, run, from, to, self.gw.config.replay_page);
+        loop {
+            match replay.next_page().await {
+                Ok(Some(items)) => {
+                    for item in items {
+                        match item {
+                            Replayed::Gap { from, to } => {
+                                self.gw.metrics.gap_notices.inc();
+                                self.out
+                                    .send_text(frame::encode_gap(run, from, to), Some(to))
+                                    .await?;
+                            }
+                            Replayed::Event(ev) => {
+                                self.out
+                                    .send_text(frame::encode_event(&ev), Some(ev.seq))
+                                    .await?;
+                                self.gw.metrics.replayed_events.inc();
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break,
                 Err(e) => {
                     // The client keeps its cursor; it will be repaired by the
                     // next live frame or a reconnect. Tell it why it waits.
-                    let err = bus_error(e, run);
-                    if let SessionError::Protocol(p) = err {
+                    if let SessionError::Protocol(p) = bus_error(e, run) {
                         self.send_error(&p).await?;
                     }
                     break;
                 }
-            };
-            if page.first > next {
-                let gap_to = (page.first - 1).min(to);
-                self.gw.metrics.gap_notices.inc();
-                self.out
-                    .send_text(frame::encode_gap(run, next, gap_to), Some(gap_to))
-                    .await?;
-                next = gap_to + 1;
-            }
-            let mut sent = false;
-            for ev in page.events.iter().take_while(|e| e.seq <= to) {
-                if ev.seq < next {
-                    continue;
-                }
-                self.out
-                    .send_text(frame::encode_event(ev), Some(ev.seq))
-                    .await?;
-                self.gw.metrics.replayed_events.inc();
-                next = ev.seq + 1;
-                sent = true;
-            }
-            if !sent {
-                break;
             }
         }
         if let Some(cursor) = self.cursors.get_mut(run) {
-            *cursor = next;
+            *cursor = replay.next_seq();
         }
         Ok(())
     }

@@ -1,0 +1,132 @@
+//! Walking a run's history page by page, for the two places that replay it:
+//! a session catching a client up, and the fan-out repairing a lagged feed.
+//! Both must turn what retention already dropped into a gap notice and
+//! never send an event twice; this is the one copy of that logic.
+
+use std::sync::Arc;
+
+use runcast_bus::{Bus, BusError};
+use runcast_core::{Event, RunId};
+
+/// What a replay yields, in seq order.
+#[derive(Debug)]
+pub enum Replayed {
+    /// Events `from..=to` are gone from history.
+    Gap {
+        from: u64,
+        to: u64,
+    },
+    Event(Arc<Event>),
+}
+
+/// Reads a run's history from `next` up to `to`, one page per call.
+pub struct Replay<'a> {
+    bus: &'a dyn Bus,
+    run: &'a RunId,
+    /// The first seq not yet replayed.
+    next: u64,
+    to: u64,
+    page: usize,
+    done: bool,
+}
+
+impl<'a> Replay<'a> {
+    pub fn new(bus: &'a dyn Bus, run: &'a RunId, from: u64, to: u64, page: usize) -> Self {
+        Self {
+            bus,
+            run,
+            next: from.max(1),
+            to,
+            page: page.max(1),
+            done: false,
+        }
+    }
+
+    /// The first seq not replayed yet: where a cursor stands afterwards.
+    pub fn next_seq(&self) -> u64 {
+        self.next
+    }
+
+    /// The next page of what to send; `None` once history holds nothing
+    /// more up to `to`. After an error the walk can be resumed or dropped:
+    /// `next_seq` still says where it stopped.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<Replayed>>, BusError> {
+        if self.done || self.next > self.to {
+            return Ok(None);
+        }
+        let page = self.bus.read(self.run, self.next, self.page).await?;
+        let mut out = Vec::with_capacity(page.events.len() + 1);
+        // Retention dropped what lies before the oldest retained seq; no
+        // event can lie beyond the head.
+        let gap_to = (page.first.saturating_sub(1)).min(page.head).min(self.to);
+        if page.first > self.next && gap_to >= self.next {
+            out.push(Replayed::Gap {
+                from: self.next,
+                to: gap_to,
+            });
+            self.next = gap_to + 1;
+        }
+        let mut events = 0;
+        for ev in &page.events {
+            if ev.seq > self.to {
+                break;
+            }
+            if ev.seq >= self.next {
+                self.next = ev.seq + 1;
+                out.push(Replayed::Event(ev.clone()));
+                events += 1;
+            }
+        }
+        if events == 0 || self.next > page.head {
+            self.done = true;
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runcast_bus::{EmbeddedBus, Retention};
+    use runcast_core::{EventKind, NewEvent};
+
+    fn ev() -> NewEvent {
+        NewEvent::json(EventKind::Log, &serde_json::json!("x")).unwrap()
+    }
+
+    async fn walk(bus: &dyn Bus, run: &RunId, from: u64, to: u64, page: usize) -> Vec<String> {
+        let mut r = Replay::new(bus, run, from, to, page);
+        let mut out = Vec::new();
+        while let Some(items) = r.next_page().await.unwrap() {
+            for i in items {
+                out.push(match i {
+                    Replayed::Gap { from, to } => format!("gap {from}-{to}"),
+                    Replayed::Event(e) => e.seq.to_string(),
+                });
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn pages_gaps_and_bounds() {
+        let bus = EmbeddedBus::new(Retention {
+            max_events_per_run: 5,
+            ..Retention::default()
+        });
+        let run = RunId::parse("r").unwrap();
+        for _ in 0..8 {
+            bus.publish(&run, vec![ev()]).await.unwrap();
+        }
+        // 1..=3 were dropped; 4..=8 are kept.
+        assert_eq!(
+            walk(&bus, &run, 1, u64::MAX, 2).await,
+            ["gap 1-3", "4", "5", "6", "7", "8"]
+        );
+        assert_eq!(walk(&bus, &run, 5, 6, 2).await, ["5", "6"]);
+        assert_eq!(walk(&bus, &run, 2, 2, 2).await, ["gap 2-2"]);
+        assert!(walk(&bus, &run, 9, u64::MAX, 2).await.is_empty());
+        let empty = RunId::parse("none").unwrap();
+        assert!(walk(&bus, &empty, 1, u64::MAX, 2).await.is_empty());
+    }
+}
