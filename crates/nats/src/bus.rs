@@ -252,6 +252,24 @@ pub(crate) fn to_event(prefix: &str, m: jetstream::message::StreamMessage) -> Op
     })
 }
 
+/// A consumer's delivery as an event, the same as a direct read of it.
+pub(crate) fn delivered_event(
+    prefix: &str,
+    msg: &jetstream::Message,
+    info: &jetstream::message::Info<'_>,
+) -> Option<Event> {
+    to_event(
+        prefix,
+        jetstream::message::StreamMessage {
+            subject: msg.subject.clone(),
+            sequence: info.stream_sequence,
+            headers: msg.headers.clone().unwrap_or_default(),
+            payload: msg.payload.clone(),
+            time: info.published,
+        },
+    )
+}
+
 /// The payload as JSON. Publishers are meant to send JSON; anything else
 /// (a plain-text `nats pub`) is delivered as a JSON string rather than dropped.
 fn payload_json(payload: &[u8]) -> Box<RawValue> {
@@ -454,14 +472,7 @@ impl Feed for NatsFeed {
                 Ok(msg) => {
                     self.errors = 0;
                     let Ok(info) = msg.info() else { continue };
-                    let stored = jetstream::message::StreamMessage {
-                        subject: msg.subject.clone(),
-                        sequence: info.stream_sequence,
-                        headers: msg.headers.clone().unwrap_or_default(),
-                        payload: msg.payload.clone(),
-                        time: info.published,
-                    };
-                    if let Some(ev) = to_event(&self.prefix, stored) {
+                    if let Some(ev) = delivered_event(&self.prefix, &msg, &info) {
                         return Some(Live::Event(Arc::new(ev)));
                     }
                 }

@@ -38,7 +38,10 @@ use futures_util::StreamExt;
 use runcast_bus::BusError;
 use runcast_core::{Event, RunId, RunState, subject};
 
-use crate::{NatsError, StreamSettings, bus::to_event};
+use crate::{
+    NatsError, StreamSettings,
+    bus::{delivered_event, to_event},
+};
 
 /// How long the pin stays with a folder that stopped pulling.
 const PIN_TIMEOUT: Duration = Duration::from_secs(6);
@@ -46,6 +49,8 @@ const PIN_TIMEOUT: Duration = Duration::from_secs(6);
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// Events folded per batch; a batch costs one write per run in it.
 const BATCH: usize = 512;
+/// How long a batch gathers events before it is folded.
+const FOLD_WINDOW: Duration = Duration::from_millis(100);
 /// Runs folded at once within a batch.
 const PARALLEL: usize = 32;
 /// Cached (revision, state) pairs kept by a folder.
@@ -270,7 +275,17 @@ impl Folder {
             .map_err(|e| format!("pulling: {e}"))?;
         let mut batches = messages.ready_chunks(BATCH);
         let mut seen = Contiguity::default();
-        while let Some(batch) = batches.next().await {
+        while let Some(mut batch) = batches.next().await {
+            // Gather for a moment: a busy run's events then cost one write
+            // per window instead of one each. Reads never wait for this:
+            // a state read adds what the bucket has not folded yet.
+            let until = tokio::time::Instant::now() + FOLD_WINDOW;
+            while batch.len() < BATCH {
+                match tokio::time::timeout_at(until, batches.next()).await {
+                    Ok(Some(more)) => batch.extend(more),
+                    Ok(None) | Err(_) => break,
+                }
+            }
             let mut msgs = Vec::with_capacity(batch.len());
             for m in batch {
                 match m {
@@ -286,14 +301,7 @@ impl Folder {
             for m in &msgs {
                 let Ok(info) = m.info() else { continue };
                 seen.observe(&info);
-                let stored = jetstream::message::StreamMessage {
-                    subject: m.subject.clone(),
-                    sequence: info.stream_sequence,
-                    headers: m.headers.clone().unwrap_or_default(),
-                    payload: m.payload.clone(),
-                    time: info.published,
-                };
-                if let Some(ev) = to_event(&self.prefix, stored) {
+                if let Some(ev) = delivered_event(&self.prefix, m, &info) {
                     by_run.entry(ev.run.clone()).or_default().push(ev);
                 }
             }
