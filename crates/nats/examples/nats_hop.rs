@@ -3,6 +3,7 @@
 //! a run (see docs/benchmarks.md, "Why watches are ordered consumers"):
 //!
 //! - `pull`: an ordered pull consumer per run (what `NatsBus` uses);
+//! - `shared`: one ordered pull consumer for all runs (`filter_subjects`);
 //! - `republish`: a core subscription to the stream's republished subject,
 //!   which is fast but at most once, and carries no per-run predecessor;
 //! - `verified`: the same, plus the direct get that would prove each event
@@ -91,14 +92,36 @@ async fn follow(
     });
 }
 
+/// One ordered consumer for every run at once (`filter_subjects`), as a
+/// gateway could hold one for all the runs it watches.
+async fn follow_all(stream: &Stream, tx: UnboundedSender<u64>) {
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subjects: (0..RUNS).map(|r| format!("hop.runs.r{r}.*")).collect(),
+            deliver_policy: DeliverPolicy::New,
+            max_expires: Duration::from_secs(4),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = messages.next().await {
+            if let Some(t) = sent_at(&m.payload) {
+                let _ = tx.send(now_micros().saturating_sub(t));
+            }
+        }
+    });
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (url, mode) = (args[1].as_str(), args[2].as_str());
     let burst: u64 = args.get(3).and_then(|b| b.parse().ok()).unwrap_or(1).max(1);
     assert!(
-        ["pull", "republish", "verified"].contains(&mode),
-        "mode: pull | republish | verified"
+        ["pull", "shared", "republish", "verified"].contains(&mode),
+        "mode: pull | shared | republish | verified"
     );
     let client = async_nats::connect(url).await.expect("connect");
     let js = jetstream::new(client.clone());
@@ -109,7 +132,7 @@ async fn main() {
             name: "HOP".into(),
             subjects: vec!["hop.runs.>".into()],
             storage: StorageType::File,
-            republish: (mode != "pull").then(|| Republish {
+            republish: (mode == "republish" || mode == "verified").then(|| Republish {
                 source: "hop.runs.>".into(),
                 destination: "hoplive.runs.>".into(),
                 headers_only: false,
@@ -121,8 +144,12 @@ async fn main() {
         .await
         .expect("stream");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for run in 0..RUNS {
-        follow(mode, &client, &stream, run, tx.clone()).await;
+    if mode == "shared" {
+        follow_all(&stream, tx.clone()).await;
+    } else {
+        for run in 0..RUNS {
+            follow(mode, &client, &stream, run, tx.clone()).await;
+        }
     }
     drop(tx);
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -1,10 +1,10 @@
 //! [`NatsBus`]: the [`Bus`] on NATS JetStream, for gateways that scale out.
 //!
 //! History is the `RUNCAST_EVENTS` stream itself, read with direct gets that
-//! any replica can serve. A watch is an ordered consumer filtered to one run
-//! (`<prefix>.runs.<run>.*`) that starts right after the run's last event,
-//! so it is seamless by construction and survives NATS reconnects (the
-//! client recreates it from the last sequence it delivered). Run state lives
+//! any replica can serve. Live events for every watched run come through
+//! one ordered consumer per gateway, with one filter per run (see
+//! [`crate::watch`]); it survives NATS reconnects by recreating itself from
+//! the last sequence it delivered. Run state lives
 //! in the `RUNCAST_RUNS` KV bucket, folded from the stream by the gateways
 //! themselves (see [`crate::state`]); reading a run's state adds whatever
 //! the bucket has not folded yet, so it is never behind the stream.
@@ -13,12 +13,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use async_nats::jetstream::{
     self,
-    consumer::{DeliverPolicy, pull},
     stream::{DirectGetErrorKind, Stream},
 };
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use runcast_bus::{Bus, BusError, Feed, Live, Page, RunFilter, Watch};
+use runcast_bus::{Bus, BusError, Page, RunFilter, Watch};
 use runcast_core::{Event, NewEvent, RunId, RunState, subject};
 use runcast_worker::{PublishErrorKind, PublishTarget};
 use serde_json::value::RawValue;
@@ -27,10 +25,8 @@ use tokio::task::JoinHandle;
 use crate::{
     NatsConfig, NatsError, NatsTarget, StreamSettings, connect, ensure_stream,
     state::{self, Mirror},
+    watch::Watches,
 };
-
-/// See the comment where it is used.
-const WATCH_EXPIRES: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// Most events a state read folds on top of the stored state; a bucket
 /// further behind than this (its folder down) gives an older, still
@@ -60,6 +56,8 @@ struct Inner {
     setup_error: Mutex<String>,
     /// The state bucket, once it exists.
     kv: OnceLock<async_nats::jetstream::kv::Store>,
+    /// The runs watched live, fed by one consumer (see [`crate::watch`]).
+    watches: Arc<Watches>,
     /// Every run's stored state, as the bucket's watch last reported it.
     mirror: Arc<Mirror>,
     /// Recently read run states (see `Inner::cached_state`).
@@ -95,6 +93,7 @@ impl NatsBus {
             stream: OnceLock::new(),
             kv: OnceLock::new(),
             mirror: Arc::new(Mirror::default()),
+            watches: Arc::new(Watches::default()),
             setup_error: Mutex::new("connecting to NATS".into()),
             states: Mutex::new(std::collections::HashMap::new()),
         });
@@ -136,6 +135,10 @@ impl NatsBus {
                     settings.state_bucket.clone(),
                 );
                 let mirror = inner.mirror.clone().follow(kv);
+                let live = inner
+                    .watches
+                    .clone()
+                    .follow(stream.clone(), inner.prefix.clone());
                 let probe = async {
                     loop {
                         tokio::time::sleep(PROBE_EVERY).await;
@@ -158,7 +161,7 @@ impl NatsBus {
                         });
                     }
                 };
-                tokio::join!(probe, folder, mirror);
+                tokio::join!(probe, folder, mirror, live);
             })
         };
         Ok((Self { inner }, setup))
@@ -286,48 +289,34 @@ fn payload_json(payload: &[u8]) -> Box<RawValue> {
 impl NatsBus {
     async fn open_watch(&self, run: &RunId) -> Result<Watch, BusError> {
         let filter = self.filter(run);
-        let head = self.last(&filter).await?.map_or(0, |e| e.seq);
-        // A run with no events yet: only what is published from now on. (Starting
-        // at seq 1 would make the server scan the whole stream for this
-        // run's subject; anything published between the `last` above and
-        // the consumer's creation is in history, and every subscriber
-        // replays history after its watch is open.)
-        let deliver_policy = if head == 0 {
-            DeliverPolicy::New
-        } else {
-            DeliverPolicy::ByStartSequence {
-                start_sequence: head + 1,
+        let mut head = self.last(&filter).await?.map_or(0, |e| e.seq);
+        let mut opened_at = head;
+        if head == 0 {
+            // No events yet: everything after the stream's current end. It
+            // is read before looking at the run again, so an event published
+            // in between is either seen here or lies after `opened_at`.
+            opened_at = self
+                .stream()?
+                .get_info()
+                .await
+                .map_err(|e| unavailable(format!("watching {filter}: {e}")))?
+                .state
+                .last_sequence;
+            head = self.last(&filter).await?.map_or(0, |e| e.seq);
+            if head > 0 {
+                opened_at = head;
             }
-        };
-        let consumer = self
-            .stream()?
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: filter.clone(),
-                deliver_policy,
-                // Pull requests expire after this and the idle heartbeat is
-                // half of it. A consumer lost with a NATS node is noticed by
-                // missed heartbeats and recreated from the last delivered
-                // seq, so this bounds how long a watch can stall. Measured
-                // in the cluster fault test: with the default (30 s) live
-                // delivery stalled ~30 s after a node loss; with 4 s, 0-9 s
-                // (2 s did not do better, so the rest is recovery elsewhere).
-                max_expires: WATCH_EXPIRES,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable(format!("watching {filter}: {e}")))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| unavailable(format!("watching {filter}: {e}")))?;
+        }
         Ok(Watch {
             head,
-            feed: Box::new(NatsFeed {
-                prefix: self.inner.prefix.clone(),
-                messages,
-                errors: 0,
-            }),
+            feed: Box::new(self.inner.watches.open(run, opened_at)),
         })
+    }
+
+    /// Runs this bus follows live (one filter each on the gateway's
+    /// consumer).
+    pub fn watched_runs(&self) -> usize {
+        self.inner.watches.count()
     }
 }
 
@@ -454,38 +443,6 @@ impl Bus for NatsBus {
             Ok(())
         } else {
             Err(problem)
-        }
-    }
-}
-
-struct NatsFeed {
-    prefix: String,
-    messages: pull::Ordered,
-    errors: u32,
-}
-
-#[async_trait]
-impl Feed for NatsFeed {
-    async fn next(&mut self) -> Option<Live> {
-        loop {
-            match self.messages.next().await? {
-                Ok(msg) => {
-                    self.errors = 0;
-                    let Ok(info) = msg.info() else { continue };
-                    if let Some(ev) = delivered_event(&self.prefix, &msg, &info) {
-                        return Some(Live::Event(Arc::new(ev)));
-                    }
-                }
-                Err(e) => {
-                    // The ordered consumer recreates itself after most
-                    // errors; a run of them means the watch is lost.
-                    self.errors += 1;
-                    tracing::warn!(error = %e, errors = self.errors, "watch error");
-                    if self.errors > 20 {
-                        return None;
-                    }
-                }
-            }
         }
     }
 }

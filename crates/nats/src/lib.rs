@@ -20,6 +20,7 @@ mod config;
 mod publish;
 mod state;
 mod stream;
+mod watch;
 
 pub use bus::NatsBus;
 pub use config::{NatsConfig, connect};

@@ -9,11 +9,12 @@ use runcast_nats::{NatsBus, NatsConfig, StreamSettings};
 use runcast_test_support::{TestGateway, WsClient, http, json, nats::NatsServer, seqs};
 use runcast_worker::Publisher;
 
-/// The watches on the events stream, as the NATS server reports them: its
-/// consumers other than the run state folder (one durable shared by all
-/// gateways).
-async fn watch_consumers(nats: &NatsServer) -> usize {
-    let jsz = nats.monitor_json("/jsz?consumers=true").await;
+/// What NATS itself reports about a gateway's interest: the events stream
+/// holds the run state folder's consumer (one durable shared by all
+/// gateways) and one watch consumer per gateway, with one filter per run.
+/// Returns the filters of the watch consumers.
+async fn watch_filters(nats: &NatsServer) -> Vec<String> {
+    let jsz = nats.monitor_json("/jsz?consumers=true&config=true").await;
     let streams = jsz["account_details"][0]["stream_detail"]
         .as_array()
         .unwrap_or_else(|| panic!("no streams: {jsz}"));
@@ -29,12 +30,36 @@ async fn watch_consumers(nats: &NatsServer) -> usize {
         .iter()
         .partition(|c| c["name"] == "fold_RUNCAST_RUNS");
     assert_eq!(folders.len(), 1, "the state folder's consumer: {events}");
-    assert_eq!(
-        events["state"]["consumer_count"].as_u64(),
-        Some(consumers.len() as u64),
-        "every consumer listed"
+    assert!(
+        watches.len() <= 1,
+        "one watch consumer per gateway: {events}"
     );
-    watches.len()
+    watches
+        .iter()
+        .flat_map(|c| {
+            let cfg = &c["config"];
+            let many = cfg["filter_subjects"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let one = cfg["filter_subject"].as_str().map(serde_json::Value::from);
+            many.into_iter().chain(one)
+        })
+        .filter_map(|f| f.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Waits until NATS reports `n` watch filters (the consumer is rebuilt a
+/// moment after the runs change).
+async fn wait_for_filters(nats: &NatsServer, n: usize) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let filters = watch_filters(nats).await;
+        if filters.len() == n || tokio::time::Instant::now() > deadline {
+            return filters;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn nats_gateway(server: &NatsServer) -> TestGateway {
@@ -116,12 +141,13 @@ async fn a_thousand_clients_on_ten_runs_hold_ten_nats_watches() {
         clients.push(c);
     }
     assert_eq!(gw.gw.hub.watched_runs(), 10);
-    // Each watch is one ordered consumer on the stream, as NATS itself reports.
-    assert_eq!(
-        watch_consumers(&nats).await,
-        10,
-        "one NATS consumer per run, not per client"
-    );
+    // One filter per run on the gateway's one watch consumer, as NATS
+    // itself reports.
+    let mut filters = wait_for_filters(&nats, 10).await;
+    filters.sort();
+    let mut want: Vec<String> = (0..10).map(|r| format!("runcast.runs.run-{r}.*")).collect();
+    want.sort();
+    assert_eq!(filters, want, "one NATS filter per run, not per client");
 
     // And every client still gets its run's events.
     let bus = gw.bus();
@@ -146,6 +172,8 @@ async fn a_thousand_clients_on_ten_runs_hold_ten_nats_watches() {
         assert!(tokio::time::Instant::now() < deadline, "watches released");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // And NATS drops the gateway's interest with them.
+    assert_eq!(wait_for_filters(&nats, 0).await, Vec::<String>::new());
 }
 
 /// `examples/python/publish.py`, the documented worker contract for other
@@ -270,8 +298,8 @@ async fn a_burst_of_subscribers_to_a_new_run_opens_one_watch() {
         assert_eq!(c.recv().await["type"], "state");
     }
     assert_eq!(
-        watch_consumers(&nats).await,
-        1,
+        wait_for_filters(&nats, 1).await,
+        ["runcast.runs.burst.*"],
         "one watch for 50 simultaneous first subscribers"
     );
     Publisher::on_bus(gw.bus(), "burst")
