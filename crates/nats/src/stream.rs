@@ -23,7 +23,7 @@ pub struct StreamSettings {
     pub duplicate_window: Duration,
     /// Largest event payload accepted.
     pub max_message_size: i32,
-    /// Consumers the stream allows: one per run per gateway watching it.
+    /// Consumers the stream allows (each gateway needs one or two).
     pub max_consumers: i32,
     /// The KV bucket holding each run's state (same age limit and replicas
     /// as the stream).
@@ -61,10 +61,11 @@ impl StreamSettings {
             // JetStream refuses a window longer than the age limit.
             duplicate_window: self.duplicate_window.min(self.max_age),
             max_message_size: self.max_message_size,
-            // Every gateway opens one consumer per run it watches. Since
-            // nats-server 2.15 a stream without a positive limit gets a
-            // default of 1,000 consumers (0 and -1 both mean "default"),
-            // which the 3-gateway benchmark hit; so the limit is explicit.
+            // Each gateway holds one watch consumer (two for a moment while
+            // it rebuilds one), plus the shared state folder; other tools
+            // may add their own. Since nats-server 2.15 a stream without a
+            // positive limit gets a default of 1,000 consumers (0 and -1
+            // both mean "default"), so the limit is explicit.
             max_consumers: self.max_consumers,
             // Gateways read history with direct gets, served by any replica.
             allow_direct: true,
