@@ -135,6 +135,13 @@ async fn follow(run: String, gateways: Vec<SocketAddr>, start: usize) -> (Vec<u6
                     }
                 }
                 Some("gap") => panic!("run {run}: unexpected gap {f}"),
+                // The documented client behaviour: the bus was briefly
+                // unreachable (a NATS node just died); resume from the cursor.
+                Some("error") if f["code"] == "unavailable" => {
+                    reconnects += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue 'outer;
+                }
                 Some("error") => panic!("run {run}: error {f}"),
                 _ => {}
             }

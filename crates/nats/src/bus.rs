@@ -202,11 +202,15 @@ impl NatsBus {
 
     /// The last event of `subject` (may be a wildcard), if any is retained.
     async fn last(&self, subject: &str) -> Result<Option<Event>, BusError> {
-        match self.stream()?.direct_get_last_for_subject(subject).await {
-            Ok(m) => Ok(to_event(&self.inner.prefix, m)),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(unavailable(format!("reading {subject}: {e}"))),
-        }
+        let stream = self.stream()?;
+        patiently(|| async {
+            match stream.direct_get_last_for_subject(subject).await {
+                Ok(m) => Ok(to_event(&self.inner.prefix, m)),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+                Err(e) => Err(unavailable(format!("reading {subject}: {e}"))),
+            }
+        })
+        .await
     }
 }
 
@@ -253,6 +257,32 @@ pub(crate) fn to_event(prefix: &str, m: jetstream::message::StreamMessage) -> Op
         ts: (m.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
         traceparent: m.headers.get("traceparent").map(|v| v.to_string()),
     })
+}
+
+/// How long a failed read is retried before it reaches a client as
+/// `unavailable`.
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs a read again when it fails, for up to `RETRY_FOR`: when a NATS node
+/// dies, requests get "no responders" or time out until the client has
+/// reconnected and the cluster has moved its leaders, which usually takes
+/// less than a second. Only for reads: they are safe to repeat.
+pub(crate) async fn patiently<T, Fut>(mut read: impl FnMut() -> Fut) -> Result<T, BusError>
+where
+    Fut: std::future::Future<Output = Result<T, BusError>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        match read().await {
+            Err(e) if started.elapsed() < RETRY_FOR => {
+                tracing::debug!(error = %e, "NATS read failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// A consumer's delivery as an event, the same as a direct read of it.
@@ -364,27 +394,16 @@ impl Bus for NatsBus {
         let head = self.last(&filter).await?.map_or(0, |e| e.seq);
         // Everything from the stream's oldest message on is retained; what
         // lies before it may have held events of this run.
-        let oldest = stream
-            .get_info()
-            .await
-            .map_err(unavailable)?
+        let oldest = patiently(|| async { stream.get_info().await.map_err(unavailable) })
+            .await?
             .state
             .first_sequence
             .max(1);
-        let mut events = Vec::new();
-        let mut seq = from.max(1);
-        while events.len() < limit && seq <= head {
-            match stream.direct_get_next_for_subject(&filter, Some(seq)).await {
-                Ok(m) => {
-                    seq = m.sequence + 1;
-                    if let Some(ev) = to_event(&self.inner.prefix, m) {
-                        events.push(Arc::new(ev));
-                    }
-                }
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(unavailable(format!("reading {filter}: {e}"))),
-            }
-        }
+        let events = state::read_events(stream, &self.inner.prefix, run, (from, head), limit)
+            .await?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         let first = if head == 0 { 1 } else { oldest };
         Ok(Page {
             events,

@@ -40,7 +40,7 @@ use runcast_core::{Event, RunId, RunState, subject};
 
 use crate::{
     NatsError, StreamSettings,
-    bus::{delivered_event, to_event},
+    bus::{delivered_event, patiently, to_event},
 };
 
 /// How long the pin stays with a folder that stopped pulling.
@@ -119,10 +119,12 @@ pub(crate) struct Stored {
 }
 
 pub(crate) async fn load(kv: &kv::Store, run: &RunId) -> Result<Stored, BusError> {
-    let entry = kv
-        .entry(run.as_str())
-        .await
-        .map_err(|e| BusError::Unavailable(format!("reading the state of {run}: {e}")))?;
+    let entry = patiently(|| async {
+        kv.entry(run.as_str())
+            .await
+            .map_err(|e| BusError::Unavailable(format!("reading the state of {run}: {e}")))
+    })
+    .await?;
     Ok(match entry {
         Some(e) if e.operation == Operation::Put => Stored {
             revision: e.revision,
@@ -167,14 +169,20 @@ pub(crate) async fn read_events(
     let mut out = Vec::new();
     let mut seq = from.max(1);
     while seq <= to && out.len() < limit {
-        match stream.direct_get_next_for_subject(&filter, Some(seq)).await {
-            Ok(m) if m.sequence > to => break,
-            Ok(m) => {
+        let next = patiently(|| async {
+            match stream.direct_get_next_for_subject(&filter, Some(seq)).await {
+                Ok(m) => Ok(Some(m)),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+                Err(e) => Err(BusError::Unavailable(format!("reading {filter}: {e}"))),
+            }
+        })
+        .await?;
+        match next {
+            Some(m) if m.sequence <= to => {
                 seq = m.sequence + 1;
                 out.extend(to_event(prefix, m));
             }
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-            Err(e) => return Err(BusError::Unavailable(format!("reading {filter}: {e}"))),
+            _ => break,
         }
     }
     Ok(out)
