@@ -14,7 +14,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use runcast_core::{Event, NewEvent, RunId, RunState, now_millis};
+use runcast_core::{Event, NewEvent, RunId, RunState, now_micros, now_millis};
 use tokio::sync::broadcast;
 
 use crate::{Bus, BusError, Feed, Live, Page, RunFilter, Watch};
@@ -202,7 +202,8 @@ impl EmbeddedBus {
 impl Bus for EmbeddedBus {
     async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, BusError> {
         let r = &self.inner.retention;
-        let ts = now_millis();
+        let stored_us = now_micros();
+        let ts = stored_us / 1000;
         let mut store = self.lock();
         let Store { runs, total_bytes } = &mut *store;
 
@@ -234,6 +235,7 @@ impl Bus for EmbeddedBus {
                 kind: ev.kind,
                 data: ev.data,
                 ts,
+                stored_us,
                 traceparent: ev.traceparent,
             });
             match &mut log.state {

@@ -128,6 +128,9 @@ pub struct Event {
     pub data: Box<RawValue>,
     /// Milliseconds since the Unix epoch, when the bus accepted the event.
     pub ts: u64,
+    /// Microseconds since the Unix epoch, when the bus stored the event: the
+    /// start of the latency metrics' hops (finer than `ts`; not sent to clients).
+    pub stored_us: u64,
     pub traceparent: Option<String>,
 }
 
@@ -145,6 +148,13 @@ pub fn now_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Wall-clock microseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 #[cfg(test)]

@@ -299,6 +299,7 @@ mod tests {
             data: serde_json::value::RawValue::from_string(r#"{"done": 3, "total":10}"#.into())
                 .unwrap(),
             ts: 1_700_000_000_000,
+            stored_us: 1_700_000_000_000_000,
             traceparent: Some("00-abc-\"x\"-01".into()),
         };
         let text = encode_event(&ev);

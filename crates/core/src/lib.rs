@@ -14,7 +14,7 @@ mod state;
 pub mod subject;
 
 pub use error::{CloseCode, ErrorCode, ProtocolError};
-pub use event::{Event, EventKind, NewEvent, ParseKindError, now_millis};
+pub use event::{Event, EventKind, NewEvent, ParseKindError, now_micros, now_millis};
 pub use run_id::{ParseRunIdError, RunId};
 pub use state::{RunState, RunStatus};
 

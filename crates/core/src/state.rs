@@ -141,6 +141,7 @@ mod tests {
             kind,
             data: RawValue::from_string(data.to_owned()).unwrap(),
             ts: seq * 10,
+            stored_us: seq * 10_000,
             traceparent: None,
         }
     }

@@ -33,11 +33,19 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         ([] | [""], &Method::GET) => text(StatusCode::OK, "text/html; charset=utf-8", PAGE),
         (["healthz"], &Method::GET) => text(StatusCode::OK, "text/plain", "ok\n"),
         (["readyz"], &Method::GET) => readyz(&ctx.gw),
-        (["metrics"], &Method::GET) => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            ctx.gw.metrics.render(),
-        ),
+        (["metrics"], &Method::GET) => {
+            let up = ctx.gw.bus.health().is_ok();
+            ctx.gw.metrics.bus_up.set(i64::from(up));
+            ctx.gw
+                .metrics
+                .ready
+                .set(i64::from(up && !ctx.gw.is_draining()));
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                ctx.gw.metrics.render(),
+            )
+        }
         (["v1", "ws"], &Method::GET) => upgrade(ctx.clone(), req),
         (["v1", "runs"], &Method::GET) => list_runs(&ctx.gw, req.uri().query().unwrap_or("")).await,
         (["v1", "runs", run], &Method::GET) => with_run(run, |r| get_run(ctx.gw.clone(), r)).await,

@@ -39,7 +39,14 @@ pub struct OutFrame {
     pub text: Utf8Bytes,
     /// The SSE encoding, built by the first SSE subscriber that needs it.
     sse: OnceLock<Bytes>,
+    /// For an event received live: when the bus stored it (µs since the
+    /// epoch) and when this gateway received it, for the hop latencies.
+    pub live: Option<Timing>,
 }
+
+/// When the bus stored an event (µs since the epoch) and when this gateway
+/// received it live.
+pub type Timing = (u64, std::time::Instant);
 
 impl OutFrame {
     pub fn new(run: RunId, first: u64, last: u64, text: String) -> Self {
@@ -49,6 +56,7 @@ impl OutFrame {
             last,
             text: Utf8Bytes::from(text),
             sse: OnceLock::new(),
+            live: None,
         }
     }
 
@@ -371,11 +379,23 @@ async fn fanout(
         if let Some(Live::Event(ev)) = item
             && ev.seq > last
         {
+            let received = std::time::Instant::now();
             metrics.events_received.inc();
-            emit(OutFrame::event_after(&ev, last));
+            metrics
+                .publish_to_receive
+                .observe(micros_since(ev.stored_us) as f64 / 1e6);
+            let mut frame = OutFrame::event_after(&ev, last);
+            frame.live = Some((ev.stored_us, received));
+            emit(frame);
             last = ev.seq;
         }
     }
+}
+
+/// Microseconds from `then` (µs since the epoch) to now; 0 if the clocks
+/// disagree (the bus's clock may be another machine's).
+pub fn micros_since(then: u64) -> u64 {
+    runcast_core::now_micros().saturating_sub(then)
 }
 
 #[cfg(test)]

@@ -1,4 +1,13 @@
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets from 100 µs to 10 s, 1-2.5-5 per decade.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
 
 /// The gateway's Prometheus metrics, one registry per process. Labels are
 /// bounded (transport, error code, close code); never a run ID or address.
@@ -16,6 +25,16 @@ pub struct Metrics {
     pub protocol_errors: IntCounterVec,
     pub closes: IntCounterVec,
     pub refused_connections: IntCounter,
+    /// Hop latencies (`runcast_event_latency_seconds{hop}`): from the bus
+    /// storing an event to the gateway receiving it live; from that to the
+    /// frame being written to a client socket; and the two together.
+    pub publish_to_receive: Histogram,
+    pub receive_to_write: Histogram,
+    pub publish_to_write: Histogram,
+    /// 1 while `/readyz` would answer 200 (set at each scrape).
+    pub ready: IntGauge,
+    /// 1 while the bus answers (NATS connected and the stream reachable).
+    pub bus_up: IntGauge,
 }
 
 impl Metrics {
@@ -66,7 +85,38 @@ impl Metrics {
         registry
             .register(Box::new(connections.clone()))
             .expect("unique metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "runcast_event_latency_seconds",
+                "Event latency by hop: publish_to_receive (bus stored it -> gateway got it live), \
+                 receive_to_write (-> frame written to a client socket), publish_to_write (both).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["hop"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("unique metric");
+        // CPU seconds, resident memory, open and max fds, start time (Linux).
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
         Self {
+            publish_to_receive: latency.with_label_values(&["publish_to_receive"]),
+            receive_to_write: latency.with_label_values(&["receive_to_write"]),
+            publish_to_write: latency.with_label_values(&["publish_to_write"]),
+            ready: gauge(
+                "runcast_ready",
+                "1 while the gateway is ready (bus up and not draining), as /readyz reports it.",
+            ),
+            bus_up: gauge(
+                "runcast_bus_up",
+                "1 while the bus answers (for NATS: connected and the stream reachable).",
+            ),
             events_published: counter(
                 "runcast_events_published_total",
                 "Events accepted through the HTTP publish API.",

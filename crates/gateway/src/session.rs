@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     Gateway,
-    hub::{Conn, OutFrame},
+    hub::{Conn, OutFrame, Timing},
     replay::{Replay, Replayed},
 };
 
@@ -168,35 +168,53 @@ impl<O: Output> Session<O> {
     /// Writes `first` and whatever else is already queued (up to a batch),
     /// then flushes once.
     pub async fn deliver_batch(&mut self, first: Arc<OutFrame>) -> Result<(), Closed> {
-        let mut sent = self.deliver(first).await?;
+        let mut live = [None; BATCH];
+        let mut sent = 0;
+        if let Some(t) = self.deliver(first).await? {
+            live[sent] = t;
+            sent += 1;
+        }
         for _ in 1..BATCH {
             match self.rx.try_recv() {
-                Ok(f) => sent += self.deliver(f).await?,
+                Ok(f) => {
+                    if let Some(t) = self.deliver(f).await? {
+                        live[sent] = t;
+                        sent += 1;
+                    }
+                }
                 Err(_) => break,
             }
         }
+        self.out.flush().await?;
         // One shared-counter update per batch, not per frame: the counter's
         // cache line is contended by every worker thread.
-        self.gw.metrics.events_delivered.inc_by(sent);
-        self.out.flush().await
+        self.gw.metrics.events_delivered.inc_by(sent as u64);
+        let m = &self.gw.metrics;
+        for (stored_us, received) in live[..sent].iter().flatten() {
+            m.receive_to_write.observe(received.elapsed().as_secs_f64());
+            m.publish_to_write
+                .observe(crate::hub::micros_since(*stored_us) as f64 / 1e6);
+        }
+        Ok(())
     }
 
-    /// Writes one queued frame if the client still needs it; returns how many
-    /// frames were written (0 or 1).
-    async fn deliver(&mut self, f: Arc<OutFrame>) -> Result<u64, Closed> {
+    /// Writes one queued frame if the client still needs it. `None` if it
+    /// did not; else the frame's live timing (itself `None` for frames that
+    /// did not come live from the bus).
+    async fn deliver(&mut self, f: Arc<OutFrame>) -> Result<Option<Option<Timing>>, Closed> {
         self.conn.taken(&f);
         let Some(&next) = self.cursors.get(&f.run) else {
-            return Ok(0); // unsubscribed since it was queued
+            return Ok(None); // unsubscribed since it was queued
         };
         if f.last < next {
-            return Ok(0); // already delivered by replay
+            return Ok(None); // already delivered by replay
         }
         if f.first > next {
             // Only at the seam of a fresh subscription can the queue start
             // ahead of the cursor; fill from history.
             self.catch_up(&f.run, f.first - 1).await?;
             if self.cursors.get(&f.run).is_none_or(|&n| f.last < n) {
-                return Ok(0);
+                return Ok(None);
             }
         }
         self.out.send_shared(&f).await?;
@@ -205,7 +223,7 @@ impl<O: Output> Session<O> {
         if let Some(cursor) = self.cursors.get_mut(&f.run) {
             *cursor = f.last + 1;
         }
-        Ok(1)
+        Ok(Some(f.live))
     }
 
     /// Replays history from the run's cursor up to `to` (inclusive), sending a

@@ -255,6 +255,7 @@ pub(crate) fn to_event(prefix: &str, m: jetstream::message::StreamMessage) -> Op
         kind,
         data: payload_json(&m.payload),
         ts: (m.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+        stored_us: (m.time.unix_timestamp_nanos() / 1_000).max(0) as u64,
         traceparent: m.headers.get("traceparent").map(|v| v.to_string()),
     })
 }

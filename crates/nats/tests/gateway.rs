@@ -311,3 +311,86 @@ async fn a_burst_of_subscribers_to_a_new_run_opens_one_watch() {
         assert_eq!(c.recv().await["type"], "event");
     }
 }
+
+/// A sample's value from a Prometheus text scrape, e.g.
+/// `runcast_event_latency_seconds_count{hop="publish_to_write"}`.
+fn sample(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in the scrape:\n{scrape}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Two gateways on one NATS, 3 clients on one and 2 on the other, events
+/// published through the first one's HTTP API: each hop's counter balances
+/// against the previous one times the subscribers, and each hop's latency
+/// histogram has one observation per event it saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_metrics_balance_across_gateways() {
+    const EVENTS: usize = 20;
+    let nats = NatsServer::start().await;
+    let (a, b) = (nats_gateway(&nats).await, nats_gateway(&nats).await);
+    let mut clients = Vec::new();
+    for (gw, n) in [(&a, 3), (&b, 2)] {
+        for _ in 0..n {
+            let mut c = WsClient::connect(&gw.ws_url()).await;
+            c.subscribe("metered", None).await;
+            clients.push(c);
+        }
+    }
+    for i in 0..EVENTS {
+        let body = format!(r#"{{"kind":"progress","data":{{"done":{i}}}}}"#);
+        let (status, _, text) = http(a.addr, "POST", "/v1/runs/metered/events", &[], body).await;
+        assert_eq!(status, 200, "{text}");
+    }
+    for c in &mut clients {
+        for _ in 0..EVENTS {
+            assert_eq!(c.recv().await["type"], "event");
+        }
+    }
+    let scrape = |gw: &TestGateway| {
+        let addr = gw.addr;
+        async move { http(addr, "GET", "/metrics", &[], "").await.2 }
+    };
+    let (sa, sb) = (scrape(&a).await, scrape(&b).await);
+    let published = sample(&sa, "runcast_events_published_total");
+    assert_eq!(published, EVENTS as f64, "published through gateway a");
+    for (s, clients) in [(&sa, 3.0), (&sb, 2.0)] {
+        let received = sample(s, r#"runcast_events_received_total{source="nats"}"#);
+        let delivered = sample(s, "runcast_events_delivered_total");
+        assert_eq!(
+            received, published,
+            "each gateway received every event once"
+        );
+        assert_eq!(
+            delivered,
+            received * clients,
+            "delivered = received × subscribers"
+        );
+        let count = |hop: &str| {
+            sample(
+                s,
+                &format!(r#"runcast_event_latency_seconds_count{{hop="{hop}"}}"#),
+            )
+        };
+        assert_eq!(count("publish_to_receive"), received);
+        assert_eq!(count("receive_to_write"), delivered);
+        assert_eq!(count("publish_to_write"), delivered);
+        let e2e = sample(
+            s,
+            r#"runcast_event_latency_seconds_sum{hop="publish_to_write"}"#,
+        );
+        assert!(
+            e2e > 0.0 && e2e / delivered < 1.0,
+            "plausible latencies: {e2e}s in all"
+        );
+        assert_eq!(sample(s, "runcast_ready"), 1.0);
+        assert_eq!(sample(s, "runcast_bus_up"), 1.0);
+        assert!(sample(s, "process_resident_memory_bytes") > 0.0);
+        assert!(sample(s, "process_open_fds") > 0.0);
+        assert!(sample(s, "process_cpu_seconds_total") >= 0.0);
+    }
+}
