@@ -10,11 +10,13 @@ step() { printf '\n== %s\n' "$*"; }
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # What the tests need beyond Rust, from Debian: Chromium (the watch page in
-# a real headless browser) and openssl (certificates for the NATS TLS test).
+# a real headless browser), openssl (certificates for the NATS TLS test) and
+# Prometheus's promtool (checks the metrics a gateway exposes).
 step "install test dependencies"
 missing=""
 command -v chromium >/dev/null 2>&1 || missing+=" chromium"
 command -v openssl >/dev/null 2>&1 || missing+=" openssl"
+command -v promtool >/dev/null 2>&1 || missing+=" prometheus"
 if [ -n "$missing" ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
@@ -23,6 +25,7 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq $missing >/dev/null
 fi
 chromium --version
+promtool --version 2>&1 | head -1
 # A real protoc (from grpcio-tools) to check the protocol schema and docs,
 # and the official Python NATS client for the other-language worker example.
 for module_package in grpc_tools:grpcio-tools nats:nats-py; do
