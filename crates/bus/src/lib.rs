@@ -116,4 +116,20 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether the bus can serve requests now; the reason if not.
     fn health(&self) -> Result<(), String>;
+
+    /// Counters about the bus's own machinery, for metrics (zero where a
+    /// bus has none of it).
+    fn stats(&self) -> BusStats {
+        BusStats::default()
+    }
+}
+
+/// Totals since the bus started; see [`Bus::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BusStats {
+    /// Reconnections to the bus (NATS) after the first connection.
+    pub reconnects: u64,
+    /// Times the live feed was rebuilt (NATS: the gateway's watch consumer,
+    /// on a change of watched runs or a failure).
+    pub watch_rebuilds: u64,
 }

@@ -35,6 +35,7 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         (["readyz"], &Method::GET) => readyz(&ctx.gw),
         (["metrics"], &Method::GET) => {
             let up = ctx.gw.bus.health().is_ok();
+            ctx.gw.metrics.record_bus(ctx.gw.bus.stats());
             ctx.gw.metrics.bus_up.set(i64::from(up));
             ctx.gw
                 .metrics

@@ -341,6 +341,7 @@ async fn fanout(
             }
         };
         if lagged {
+            metrics.feed_repairs.inc();
             // The feed skipped events: forward history from `last` to its
             // end (what retention dropped as a gap); live events already
             // covered by it are skipped above.
@@ -444,7 +445,7 @@ mod tests {
         let (conn, mut rx) = Conn::new(1, 64, 1 << 20);
         let subs: Subscribers = Arc::new(Mutex::new(HashMap::from([(1, conn)])));
         let metrics = Arc::new(Metrics::new("embedded"));
-        let task = tokio::spawn(fanout(run, watch, subs, Arc::new(bus), metrics, 2));
+        let task = tokio::spawn(fanout(run, watch, subs, Arc::new(bus), metrics.clone(), 2));
         let mut got = Vec::new();
         while got.len() < 6 {
             let f = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
@@ -460,5 +461,6 @@ mod tests {
             "contiguous, each once"
         );
         assert!(rx.try_recv().is_err(), "nothing extra");
+        assert_eq!(metrics.feed_repairs.get(), 1, "the repair is counted");
     }
 }

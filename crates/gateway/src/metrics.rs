@@ -35,6 +35,13 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// 1 while the bus answers (NATS connected and the stream reachable).
     pub bus_up: IntGauge,
+    /// From [`runcast_bus::Bus::stats`], brought up to date at each scrape.
+    pub bus_reconnects: IntCounter,
+    pub bus_watch_rebuilds: IntCounter,
+    /// Live feeds that fell behind and were repaired from history.
+    pub feed_repairs: IntCounter,
+    /// Frames waiting in a connection's queue when it starts writing a batch.
+    pub queue_depth: Histogram,
 }
 
 impl Metrics {
@@ -105,7 +112,33 @@ impl Metrics {
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("unique metric");
+        let queue_depth = Histogram::with_opts(
+            HistogramOpts::new(
+                "runcast_queue_depth",
+                "Frames waiting in a connection's queue when it starts writing a batch.",
+            )
+            .buckets(vec![
+                0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(queue_depth.clone()))
+            .expect("unique metric");
         Self {
+            queue_depth,
+            bus_reconnects: counter(
+                "runcast_bus_reconnects_total",
+                "Reconnections to the bus (NATS) after the first connection.",
+            ),
+            bus_watch_rebuilds: counter(
+                "runcast_bus_watch_rebuilds_total",
+                "Rebuilds of the live feed (NATS: the watch consumer, when the watched runs change or it fails).",
+            ),
+            feed_repairs: counter(
+                "runcast_feed_repairs_total",
+                "Times a run's live feed fell behind and was repaired from history.",
+            ),
             publish_to_receive: latency.with_label_values(&["publish_to_receive"]),
             receive_to_write: latency.with_label_values(&["receive_to_write"]),
             publish_to_write: latency.with_label_values(&["publish_to_write"]),
@@ -163,6 +196,13 @@ impl Metrics {
             ),
             registry,
         }
+    }
+
+    /// Brings the counters kept by the bus up to date.
+    pub fn record_bus(&self, stats: runcast_bus::BusStats) {
+        let catch_up = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        catch_up(&self.bus_reconnects, stats.reconnects);
+        catch_up(&self.bus_watch_rebuilds, stats.watch_rebuilds);
     }
 
     /// The Prometheus text exposition of every metric.

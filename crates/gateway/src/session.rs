@@ -168,6 +168,7 @@ impl<O: Output> Session<O> {
     /// Writes `first` and whatever else is already queued (up to a batch),
     /// then flushes once.
     pub async fn deliver_batch(&mut self, first: Arc<OutFrame>) -> Result<(), Closed> {
+        self.gw.metrics.queue_depth.observe(self.rx.len() as f64);
         let mut live = [None; BATCH];
         let mut sent = 0;
         if let Some(t) = self.deliver(first).await? {

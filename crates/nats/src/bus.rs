@@ -16,7 +16,7 @@ use async_nats::jetstream::{
     stream::{DirectGetErrorKind, Stream},
 };
 use async_trait::async_trait;
-use runcast_bus::{Bus, BusError, Page, RunFilter, Watch};
+use runcast_bus::{Bus, BusError, BusStats, Page, RunFilter, Watch};
 use runcast_core::{Event, NewEvent, RunId, RunState, subject};
 use runcast_worker::{PublishErrorKind, PublishTarget};
 use serde_json::value::RawValue;
@@ -446,6 +446,20 @@ impl Bus for NatsBus {
     async fn runs(&self, filter: RunFilter) -> Result<Vec<RunState>, BusError> {
         self.stream()?;
         Ok(self.inner.mirror.list(|s| filter.matches(s), filter.limit))
+    }
+
+    fn stats(&self) -> BusStats {
+        let connects = self
+            .inner
+            .client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let w = &self.inner.watches;
+        BusStats {
+            reconnects: connects.saturating_sub(1),
+            watch_rebuilds: w.rebuilds.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     fn health(&self) -> Result<(), String> {

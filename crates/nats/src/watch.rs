@@ -64,6 +64,7 @@ pub(crate) struct Watches {
     slots: Mutex<HashMap<RunId, Slot>>,
     changed: Notify,
     next_id: AtomicU64,
+    pub(crate) rebuilds: AtomicU64,
 }
 
 impl Watches {
@@ -206,6 +207,7 @@ impl Watches {
                 let _ = stream.delete_consumer(&old).await;
             }
             cursor = Some(start);
+            self.rebuilds.fetch_add(1, Ordering::Relaxed);
             built = wanted
                 .iter()
                 .map(|(run, (id, _))| (run.clone(), *id))

@@ -388,6 +388,16 @@ async fn hop_metrics_balance_across_gateways() {
             "plausible latencies: {e2e}s in all"
         );
         assert_eq!(sample(s, "runcast_ready"), 1.0);
+        assert_eq!(sample(s, "runcast_bus_reconnects_total"), 0.0);
+        assert!(
+            sample(s, "runcast_bus_watch_rebuilds_total") >= 1.0,
+            "the run's watch"
+        );
+        assert_eq!(sample(s, "runcast_feed_repairs_total"), 0.0);
+        assert!(
+            sample(s, "runcast_queue_depth_count") >= 1.0,
+            "one per written batch"
+        );
         assert_eq!(sample(s, "runcast_bus_up"), 1.0);
         assert!(sample(s, "process_resident_memory_bytes") > 0.0);
         assert!(sample(s, "process_open_fds") > 0.0);

@@ -85,6 +85,8 @@ async fn not_ready_while_nats_is_away_then_ready_and_history_survives_a_restart(
 
     s.restart().await;
     wait_ready(&bus).await;
+    // Started with retries; the first connection is not a reconnect.
+    assert_eq!(bus.stats().reconnects, 0, "{:?}", bus.stats());
     let p = runcast_worker::Publisher::on_bus(Arc::new(bus.clone()), "durable").unwrap();
     p.progress(1, 2).await.unwrap();
     let done = p.complete(&serde_json::json!({"ok": true})).await.unwrap();
@@ -92,6 +94,7 @@ async fn not_ready_while_nats_is_away_then_ready_and_history_survives_a_restart(
     // File storage: a restart of NATS keeps history and state.
     s.restart().await;
     wait_ready(&bus).await;
+    assert_eq!(bus.stats().reconnects, 1, "the restart is counted once");
     let state = bus.state(&run).await.unwrap().expect("state after restart");
     assert_eq!(
         (state.seq, state.events, state.status),
