@@ -59,9 +59,11 @@ for i in 0 1 2; do
   echo "gateway $i   pid $!  http://127.0.0.1:$p/  (log $dir/gateway$i.log)"
 done
 for i in 0 1; do
-  "$bin" worker --nats "$urls" --nats-replicas 3 --jobs 2 --log warn >"$dir/worker$i.log" 2>&1 &
+  m=$((9464 + i))
+  "$bin" worker --nats "$urls" --nats-replicas 3 --jobs 2 --metrics-listen "127.0.0.1:$m" --log warn \
+    >"$dir/worker$i.log" 2>&1 &
   pids+=($!)
-  echo "worker $i    pid $!  (log $dir/worker$i.log)"
+  echo "worker $i    pid $!  http://127.0.0.1:$m/metrics  (log $dir/worker$i.log)"
 done
 
 echo

@@ -69,6 +69,9 @@ pub struct WorkerArgs {
     /// How many simulated jobs run at once.
     #[arg(long, env = "RUNCAST_WORKER_JOBS", default_value_t = 4)]
     pub jobs: usize,
+    /// Where to serve the worker's /metrics (Prometheus) and /healthz.
+    #[arg(long, env = "RUNCAST_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub retention: RetentionArgs,
     #[command(flatten)]

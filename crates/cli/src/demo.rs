@@ -5,8 +5,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use runcast_bus::Bus;
-use runcast_worker::{PublishError, Publisher};
+use runcast_worker::{PublishError, PublishTarget, Publisher};
 use serde_json::json;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -28,16 +27,16 @@ impl Rng {
 /// Keeps `jobs` demo jobs running until aborted.
 /// Run IDs are `<prefix><kind>-<n>`: several workers on one NATS each
 /// pass their own prefix so their runs never collide.
-pub fn spawn(bus: Arc<dyn Bus>, jobs: usize, prefix: String) -> JoinHandle<()> {
+pub fn spawn(target: Arc<dyn PublishTarget>, jobs: usize, prefix: String) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut set = JoinSet::new();
         let mut n: u64 = 0;
         loop {
             while set.len() < jobs.max(1) {
                 n += 1;
-                let (bus, prefix) = (bus.clone(), prefix.clone());
+                let (target, prefix) = (target.clone(), prefix.clone());
                 set.spawn(async move {
-                    let r = job(bus, &prefix, n).await;
+                    let r = job(target, &prefix, n).await;
                     (n, r)
                 });
                 // Stagger starts so jobs are at different stages.
@@ -52,26 +51,26 @@ pub fn spawn(bus: Arc<dyn Bus>, jobs: usize, prefix: String) -> JoinHandle<()> {
     })
 }
 
-async fn job(bus: Arc<dyn Bus>, prefix: &str, n: u64) -> Result<(), PublishError> {
+async fn job(target: Arc<dyn PublishTarget>, prefix: &str, n: u64) -> Result<(), PublishError> {
     let seed = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     match n % 3 {
         1 => {
             load_test(
-                Publisher::on_bus(bus, &format!("{prefix}loadtest-{n}"))?,
+                Publisher::new(target, &format!("{prefix}loadtest-{n}"))?,
                 Rng(seed),
             )
             .await
         }
         2 => {
             batch(
-                Publisher::on_bus(bus, &format!("{prefix}batch-{n}"))?,
+                Publisher::new(target, &format!("{prefix}batch-{n}"))?,
                 Rng(seed),
             )
             .await
         }
         _ => {
             codegen(
-                Publisher::on_bus(bus, &format!("{prefix}codegen-{n}"))?,
+                Publisher::new(target, &format!("{prefix}codegen-{n}"))?,
                 Rng(seed),
             )
             .await

@@ -5,6 +5,7 @@
 mod args;
 pub mod bench;
 pub mod demo;
+mod metrics_server;
 pub mod tail;
 
 use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
@@ -105,10 +106,23 @@ async fn worker(a: args::WorkerArgs) -> anyhow::Result<()> {
     }
     // Several workers share one NATS: each names its runs after itself.
     let prefix = format!("w{}-", std::process::id());
-    let jobs = demo::spawn(Arc::new(bus), a.jobs, prefix);
-    tracing::info!(jobs = a.jobs, "worker publishing demo jobs to NATS");
+    let metrics = Arc::new(runcast_worker::PublishMetrics::new());
+    let listener = bind(a.metrics_listen)
+        .with_context(|| format!("cannot serve metrics on {}", a.metrics_listen))?;
+    let metrics_addr = listener.local_addr()?;
+    let served = {
+        let metrics = metrics.clone();
+        tokio::spawn(metrics_server::serve(
+            listener,
+            Arc::new(move || metrics.render()),
+        ))
+    };
+    let target = runcast_worker::Metered::new(runcast_worker::BusTarget(Arc::new(bus)), metrics);
+    let jobs = demo::spawn(Arc::new(target), a.jobs, prefix);
+    tracing::info!(jobs = a.jobs, metrics = %format!("http://{metrics_addr}/metrics"), "worker publishing demo jobs to NATS");
     shutdown_signal().await;
     jobs.abort();
+    served.abort();
     setup.abort();
     Ok(())
 }
@@ -136,7 +150,8 @@ async fn serve(
     let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, bus = source, demo = demo_jobs.is_some(), "runcast is up: open http://{addr}/");
-    let demo = demo_jobs.map(|n| demo::spawn(bus, n, String::new()));
+    let demo =
+        demo_jobs.map(|n| demo::spawn(Arc::new(runcast_worker::BusTarget(bus)), n, String::new()));
     let result = tokio::spawn(runcast_gateway::run(gw, listener, shutdown_signal()))
         .await
         .context("gateway task failed")?;

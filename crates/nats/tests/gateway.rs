@@ -404,30 +404,5 @@ async fn hop_metrics_balance_across_gateways() {
         assert!(sample(s, "process_cpu_seconds_total") >= 0.0);
     }
     // Prometheus's own linter accepts the exposition (names, types, units).
-    promtool_check_metrics(&sa);
-}
-
-/// Runs `promtool check metrics` (installed by scripts/test.sh from
-/// Debian's `prometheus` package) on a scrape.
-fn promtool_check_metrics(scrape: &str) {
-    use std::io::Write;
-    let mut lint = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool on PATH (scripts/test.sh installs Debian's prometheus package)");
-    lint.stdin
-        .take()
-        .expect("stdin")
-        .write_all(scrape.as_bytes())
-        .expect("write the scrape");
-    let out = lint.wait_with_output().expect("promtool ran");
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    runcast_test_support::promtool_check_metrics(&sa);
 }

@@ -226,3 +226,29 @@ pub async fn http(
 pub fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
+
+/// Runs `promtool check metrics` (installed by scripts/test.sh from
+/// Debian's `prometheus` package) on a scrape, and fails the test with what
+/// it says unless it accepts the scrape without a remark.
+pub fn promtool_check_metrics(scrape: &str) {
+    use std::io::Write;
+    let mut lint = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool on PATH (scripts/test.sh installs Debian's prometheus package)");
+    lint.stdin
+        .take()
+        .expect("stdin")
+        .write_all(scrape.as_bytes())
+        .expect("write the scrape");
+    let out = lint.wait_with_output().expect("promtool ran");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -20,6 +20,7 @@
 //! ```
 
 mod http;
+mod metrics;
 
 use std::sync::Arc;
 
@@ -29,6 +30,7 @@ use runcast_core::{EventKind, NewEvent, ParseKindError, ParseRunIdError, RunId};
 use serde::Serialize;
 
 pub use http::HttpTarget;
+pub use metrics::{Metered, PublishMetrics};
 
 /// What went wrong with a publish, as a small enum callers can match on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

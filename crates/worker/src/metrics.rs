@@ -1,0 +1,160 @@
+//! Prometheus metrics for publishers: wrap any [`PublishTarget`] in
+//! [`Metered`] to count what it publishes, why publishes fail, and how long
+//! each takes to be acknowledged.
+
+use std::{sync::Arc, time::Instant};
+
+use async_trait::async_trait;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use runcast_core::{NewEvent, RunId};
+
+use crate::{PublishError, PublishErrorKind, PublishTarget};
+
+/// Latency buckets from 100 µs to 10 s, as the gateway's.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A publisher's metrics, registered in a registry of its own.
+pub struct PublishMetrics {
+    registry: Registry,
+    published: IntCounter,
+    errors: IntCounterVec,
+    ack: Histogram,
+}
+
+impl Default for PublishMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PublishMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let published = IntCounter::new(
+            "runcast_events_published_total",
+            "Events this worker published and the bus acknowledged.",
+        )
+        .expect("valid metric");
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "runcast_publish_errors_total",
+                "Publish calls that failed, by reason (invalid_input, rejected, unavailable).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let ack = Histogram::with_opts(
+            HistogramOpts::new(
+                "runcast_publish_ack_seconds",
+                "From a publish call to the bus's acknowledgement of all its events.",
+            )
+            .buckets(BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        for reason in ["invalid_input", "rejected", "unavailable"] {
+            errors.with_label_values(&[reason]); // present at 0 from the start
+        }
+        registry
+            .register(Box::new(published.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(errors.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(ack.clone()))
+            .expect("unique metric");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        Self {
+            registry,
+            published,
+            errors,
+            ack,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+/// A [`PublishTarget`] that records [`PublishMetrics`] for another.
+pub struct Metered<T> {
+    inner: T,
+    metrics: Arc<PublishMetrics>,
+}
+
+impl<T> Metered<T> {
+    pub fn new(inner: T, metrics: Arc<PublishMetrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+#[async_trait]
+impl<T: PublishTarget> PublishTarget for Metered<T> {
+    async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError> {
+        let started = Instant::now();
+        let result = self.inner.publish(run, events).await;
+        match &result {
+            Ok(seqs) => {
+                self.metrics.ack.observe(started.elapsed().as_secs_f64());
+                self.metrics.published.inc_by(seqs.len() as u64);
+            }
+            Err(e) => {
+                let reason = match e.kind {
+                    PublishErrorKind::InvalidInput => "invalid_input",
+                    PublishErrorKind::Rejected => "rejected",
+                    PublishErrorKind::Unavailable => "unavailable",
+                };
+                self.metrics.errors.with_label_values(&[reason]).inc();
+            }
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BusTarget;
+    use runcast_bus::{EmbeddedBus, Retention};
+    use runcast_core::EventKind;
+
+    #[tokio::test]
+    async fn counts_acknowledged_events_and_errors_by_reason() {
+        let bus = EmbeddedBus::new(Retention {
+            max_event_bytes: 300,
+            ..Retention::default()
+        });
+        let metrics = Arc::new(PublishMetrics::new());
+        let target = Metered::new(BusTarget(Arc::new(bus)), metrics.clone());
+        let run = RunId::parse("m").unwrap();
+        let small = || NewEvent::json(EventKind::Log, &"hi").unwrap();
+        target.publish(&run, vec![small(), small()]).await.unwrap();
+        let big = NewEvent::json(EventKind::Log, &"x".repeat(1000)).unwrap();
+        assert!(target.publish(&run, vec![big]).await.is_err());
+        let text = metrics.render();
+        for line in [
+            "runcast_events_published_total 2",
+            r#"runcast_publish_errors_total{reason="rejected"} 1"#,
+            r#"runcast_publish_errors_total{reason="unavailable"} 0"#,
+            "runcast_publish_ack_seconds_count 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
+}
