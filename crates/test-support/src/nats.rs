@@ -47,7 +47,8 @@ pub fn binary() -> PathBuf {
 /// How often a server start is retried when a chosen port was taken.
 const PORT_ATTEMPTS: usize = 5;
 
-fn free_port() -> u16 {
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
