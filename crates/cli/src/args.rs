@@ -30,6 +30,28 @@ pub enum Command {
     Publish(PublishArgs),
     /// Load-test a gateway and report throughput, latency, loss and memory.
     Bench(BenchArgs),
+    /// Check every hop to a gateway (HTTP, readiness, WebSocket through
+    /// proxies, SSE, NATS, a published probe) and say what to fix.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The gateway's HTTP URL, as clients reach it (through any proxy or ingress).
+    #[arg(long, env = "RUNCAST_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Also check NATS directly at this URL.
+    #[arg(long = "nats", env = "RUNCAST_NATS_URL")]
+    pub nats: Option<String>,
+    /// JetStream stream to look for.
+    #[arg(long, env = "RUNCAST_NATS_STREAM", default_value = "RUNCAST_EVENTS")]
+    pub nats_stream: String,
+    /// KV bucket to look for.
+    #[arg(long, env = "RUNCAST_NATS_KV", default_value = "RUNCAST_RUNS")]
+    pub nats_kv: String,
+    /// How long each check may take.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Args)]

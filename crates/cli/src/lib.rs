@@ -5,6 +5,7 @@
 mod args;
 pub mod bench;
 pub mod demo;
+mod doctor;
 mod metrics_server;
 pub mod tail;
 
@@ -34,6 +35,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tail(a) => tail::run(a).await,
         Command::Publish(a) => publish(a).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(a) => bench::run(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Doctor(a) => doctor::run(a).await,
     }
 }
 

@@ -22,6 +22,8 @@ mod state;
 mod stream;
 mod watch;
 
+/// The NATS client runcast uses, for callers that need more of it.
+pub use async_nats;
 pub use bus::NatsBus;
 pub use config::{NatsConfig, connect};
 pub use publish::NatsTarget;

@@ -1,0 +1,493 @@
+//! `runcast doctor`: checks every hop between this machine and a gateway,
+//! and NATS behind it, the way a person debugging "progress does not show
+//! up" would: is anything listening, is it ready, does a WebSocket upgrade
+//! survive the proxies in between, does SSE stream without buffering, is
+//! NATS there with its stream and bucket, and does an event published now
+//! come back through a subscription. Each result is printed with its timing;
+//! a failure says what is wrong and how to fix it, and the exit code is 1.
+
+use std::{
+    net::SocketAddr,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::args::DoctorArgs;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One check's outcome.
+struct Check {
+    name: &'static str,
+    took: Duration,
+    result: Result<String, Problem>,
+}
+
+/// What failed and what to do about it.
+struct Problem {
+    what: String,
+    fix: String,
+}
+
+fn problem(what: impl Into<String>, fix: impl Into<String>) -> Problem {
+    Problem {
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+struct Report {
+    checks: Vec<Check>,
+}
+
+impl Report {
+    fn record(
+        &mut self,
+        name: &'static str,
+        started: Instant,
+        result: Result<String, Problem>,
+    ) -> bool {
+        let check = Check {
+            name,
+            took: started.elapsed(),
+            result,
+        };
+        let ms = check.took.as_secs_f64() * 1000.0;
+        match &check.result {
+            Ok(detail) => println!("ok    {name:<22} {ms:>8.1} ms  {detail}"),
+            Err(p) => {
+                println!("FAIL  {name:<22} {ms:>8.1} ms  {}", p.what);
+                println!("      fix: {}", p.fix);
+            }
+        }
+        let ok = check.result.is_ok();
+        self.checks.push(check);
+        ok
+    }
+
+    fn skip(&mut self, name: &'static str, why: &str) {
+        println!("skip  {name:<22} {:>8} ms  {why}", "-");
+    }
+}
+
+/// Where the gateway is: `http://host:port` (a path prefix is kept).
+struct Target {
+    addr: SocketAddr,
+    host: String,
+    prefix: String,
+}
+
+async fn target(url: &str) -> anyhow::Result<Target> {
+    let rest = if let Some(r) = url.strip_prefix("http://") {
+        r
+    } else if url.starts_with("https://") {
+        bail!(
+            "runcast doctor speaks plain HTTP only for now; check the gateway itself \
+             (kubectl port-forward svc/runcast 8080) with --url http://127.0.0.1:8080"
+        );
+    } else {
+        bail!("--url must look like http://host:port, not {url:?}");
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let with_port = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let addr = tokio::net::lookup_host(&with_port)
+        .await
+        .with_context(|| format!("cannot resolve {authority}"))?
+        .next()
+        .with_context(|| format!("{authority} resolves to no address"))?;
+    let prefix = path.trim_end_matches('/');
+    Ok(Target {
+        addr,
+        host: authority.to_owned(),
+        prefix: if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("/{prefix}")
+        },
+    })
+}
+
+/// One HTTP/1.1 request on a fresh connection; status, content type, body.
+async fn request(
+    t: &Target,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+    within: Duration,
+) -> Result<(u16, String, String), String> {
+    let exchange = async {
+        let tcp = TcpStream::connect(t.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", t.prefix))
+            .header("host", &t.host)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, ctype, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(within, exchange)
+        .await
+        .map_err(|_| format!("no answer within {within:?}"))?
+}
+
+fn message_of(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| {
+            v["error"]["message"]
+                .as_str()
+                .or(v["message"].as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| body.trim().chars().take(200).collect())
+}
+
+pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
+    let t = target(&a.url).await?;
+    let within = a.timeout;
+    let mut r = Report { checks: Vec::new() };
+    println!("runcast doctor: {} ({})", a.url, t.addr);
+
+    // 1. Anything listening, answering HTTP?
+    let started = Instant::now();
+    let reachable = match request(&t, "GET", "/healthz", None, within).await {
+        Ok((200, _, _)) => Ok("GET /healthz -> 200".to_owned()),
+        Ok((status, _, body)) => Err(problem(
+            format!("GET /healthz -> {status}: {}", message_of(&body)),
+            "this URL reaches something that is not a runcast gateway; check the port, the path prefix and your ingress routes",
+        )),
+        Err(e) if e.starts_with("connect") => Err(problem(
+            format!("nothing is listening at {} ({e})", t.addr),
+            "start the gateway, or keep `kubectl port-forward svc/<release>-runcast 8080` running, and check --url",
+        )),
+        Err(e) => Err(problem(
+            format!("no HTTP answer: {e}"),
+            "something accepts connections but does not answer HTTP; check what listens on this port",
+        )),
+    };
+    if !r.record("gateway reachable", started, reachable) {
+        return Ok(finish(&r));
+    }
+
+    // 2. Ready?
+    let started = Instant::now();
+    let ready = match request(&t, "GET", "/readyz", None, within).await {
+        Ok((200, _, _)) => Ok("GET /readyz -> 200".to_owned()),
+        Ok((status, _, body)) => {
+            let why = message_of(&body);
+            let fix = if why.contains("NATS") || why.contains("bus") {
+                "the gateway cannot use NATS: check that NATS runs, that --nats points at it, and the credentials; `runcast doctor --nats <url>` checks NATS directly"
+            } else if why.contains("drain") {
+                "the gateway is shutting down; clients will move to another pod"
+            } else {
+                "see the gateway's log for the reason"
+            };
+            Err(problem(format!("GET /readyz -> {status}: {why}"), fix))
+        }
+        Err(e) => Err(problem(
+            format!("GET /readyz: {e}"),
+            "see the gateway's log",
+        )),
+    };
+    let ready = r.record("gateway ready", started, ready);
+
+    // 3. WebSocket upgrade through whatever lies in between.
+    let ws_url = format!("ws://{}{}/v1/ws", t.host, t.prefix);
+    let started = Instant::now();
+    let mut ws: Option<Ws> = None;
+    let upgraded = match tokio::time::timeout(within, tokio_tungstenite::connect_async(&ws_url))
+        .await
+    {
+        Err(_) => Err(problem(
+            format!("no upgrade answer within {within:?}"),
+            "a proxy holds the upgrade request; check its WebSocket support and timeouts",
+        )),
+        Ok(Err(WsError::Http(resp))) => {
+            let status = resp.status().as_u16();
+            Err(problem(
+                format!(
+                    "GET /v1/ws answered {status} instead of 101 Switching Protocols: the Upgrade request did not reach the gateway intact"
+                ),
+                "a proxy strips the Upgrade and Connection headers. ingress-nginx: WebSockets work by default, check custom configuration snippets; plain nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; see docs/observability.md (runcast doctor)",
+            ))
+        }
+        Ok(Err(e)) => Err(problem(
+            format!("{e}"),
+            "check the URL and any proxy in between",
+        )),
+        Ok(Ok((mut socket, _))) => {
+            // The gateway greets first; a buffering proxy holds the greeting.
+            match tokio::time::timeout(within, socket.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) if t.contains(r#""type":"hello""#) => {
+                    ws = Some(socket);
+                    Ok(format!(
+                        "101 Switching Protocols, hello received ({ws_url})"
+                    ))
+                }
+                Ok(other) => Err(problem(
+                    format!("upgraded, but the first frame was not hello: {other:?}"),
+                    "something other than a runcast gateway answers /v1/ws",
+                )),
+                Err(_) => Err(problem(
+                    format!("upgraded, but no frame within {within:?}"),
+                    "a proxy buffers WebSocket traffic; disable buffering for /v1/ws",
+                )),
+            }
+        }
+    };
+    r.record("websocket upgrade", started, upgraded);
+
+    // 4. SSE, and whether it streams or is buffered.
+    let probe = format!("doctor-{}", std::process::id());
+    let started = Instant::now();
+    let sse = sse_check(&t, &probe, within).await;
+    r.record("sse stream", started, sse);
+
+    // 5. NATS itself.
+    match &a.nats {
+        Some(url) => {
+            let started = Instant::now();
+            let nats = nats_check(url, &a.nats_stream, &a.nats_kv, within).await;
+            r.record("nats", started, nats);
+        }
+        None => r.skip("nats", "no --nats given"),
+    }
+
+    // 6. An event published now comes back through a subscription.
+    match ws {
+        Some(ws) if ready => {
+            let started = Instant::now();
+            let round = round_trip(&t, ws, &probe, within).await;
+            r.record("publish round trip", started, round);
+        }
+        _ => r.skip(
+            "publish round trip",
+            "needs a ready gateway and a WebSocket",
+        ),
+    }
+    Ok(finish(&r))
+}
+
+fn finish(r: &Report) -> ExitCode {
+    let failed: Vec<&str> = r
+        .checks
+        .iter()
+        .filter(|c| c.result.is_err())
+        .map(|c| c.name)
+        .collect();
+    if failed.is_empty() {
+        println!("all {} checks passed", r.checks.len());
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "{} of {} checks failed: {}",
+            failed.len(),
+            r.checks.len(),
+            failed.join(", ")
+        );
+        ExitCode::from(1)
+    }
+}
+
+async fn sse_check(t: &Target, run: &str, within: Duration) -> Result<String, Problem> {
+    let path = format!("{}/v1/runs/{run}/stream", t.prefix);
+    let first_bytes = async {
+        let tcp = TcpStream::connect(t.addr)
+            .await
+            .map_err(|e| problem(e.to_string(), "check the URL"))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| problem(e.to_string(), "check the URL"))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .uri(&path)
+            .header("host", &t.host)
+            .header("accept", "text/event-stream")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| problem(e.to_string(), "report this"))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| problem(e.to_string(), "check the URL"))?;
+        let status = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        if status != 200 || !ctype.starts_with("text/event-stream") {
+            return Err(problem(
+                format!("GET {path} -> {status} ({ctype})"),
+                "something other than the gateway answers the SSE route; check the ingress paths",
+            ));
+        }
+        let mut body = resp.into_body();
+        match body.frame().await {
+            Some(Ok(_)) => Ok(format!(
+                "200 text/event-stream, first bytes streamed ({path})"
+            )),
+            _ => Err(problem("the stream ended at once", "see the gateway's log")),
+        }
+    };
+    match tokio::time::timeout(within, first_bytes).await {
+        Ok(r) => r,
+        Err(_) => Err(problem(
+            format!("no bytes from {path} within {within:?}: the stream is being buffered"),
+            "turn off response buffering for SSE: nginx proxy_buffering off; (the gateway also sends X-Accel-Buffering: no)",
+        )),
+    }
+}
+
+async fn nats_check(
+    url: &str,
+    stream: &str,
+    kv: &str,
+    within: Duration,
+) -> Result<String, Problem> {
+    let cfg = runcast_nats::NatsConfig {
+        connect_timeout: within,
+        ..runcast_nats::NatsConfig::with_urls(url)
+    };
+    let client = runcast_nats::connect(&cfg, false).await.map_err(|e| {
+        problem(
+            e.to_string(),
+            "check that NATS runs and that the URL and credentials are right",
+        )
+    })?;
+    let js = runcast_nats::async_nats::jetstream::new(client);
+    let checks = async {
+        js.get_stream(stream).await.map_err(|e| {
+            problem(
+                format!("stream {stream}: {e}"),
+                "JetStream must be enabled (nats-server -js); a gateway creates the stream when it starts",
+            )
+        })?;
+        js.get_key_value(kv).await.map_err(|e| {
+            problem(
+                format!("KV bucket {kv}: {e}"),
+                "a gateway creates the bucket when it starts; check its log",
+            )
+        })?;
+        Ok(format!("{url}: stream {stream} and KV bucket {kv} present"))
+    };
+    tokio::time::timeout(within, checks)
+        .await
+        .unwrap_or_else(|_| {
+            Err(problem(
+                format!("JetStream did not answer within {within:?}"),
+                "check the NATS servers' health (nats server report jetstream)",
+            ))
+        })
+}
+
+async fn round_trip(
+    t: &Target,
+    mut ws: Ws,
+    run: &str,
+    within: Duration,
+) -> Result<String, Problem> {
+    let sub = serde_json::json!({"type": "subscribe", "run": run}).to_string();
+    ws.send(Message::Text(sub.into()))
+        .await
+        .map_err(|e| problem(e.to_string(), "the WebSocket closed"))?;
+    // Wait for the state frame: the subscription is live.
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(f)))) if f.contains(r#""type":"state""#) => break,
+            Ok(Some(Ok(Message::Text(f)))) if f.contains(r#""type":"error""#) => {
+                return Err(problem(
+                    format!("subscribe refused: {f}"),
+                    "see the error code in docs/protocol.md",
+                ));
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => {
+                return Err(problem(
+                    "no state frame after subscribing",
+                    "see the gateway's log",
+                ));
+            }
+        }
+    }
+    let sent = Instant::now();
+    let body = serde_json::json!({"kind": "log", "data": {"doctor": "probe"}}).to_string();
+    let seq = match request(
+        t,
+        "POST",
+        &format!("/v1/runs/{run}/events"),
+        Some(body),
+        within,
+    )
+    .await
+    {
+        Ok((200, _, b)) => serde_json::from_str::<Value>(&b)
+            .ok()
+            .and_then(|v| v["seqs"][0].as_u64())
+            .unwrap_or(0),
+        Ok((status, _, b)) => {
+            return Err(problem(
+                format!("publish -> {status}: {}", message_of(&b)),
+                "the bus refused the probe event; see the gateway's log",
+            ));
+        }
+        Err(e) => return Err(problem(format!("publish: {e}"), "see the gateway's log")),
+    };
+    let acked = sent.elapsed();
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(f)))) if f.contains(r#""type":"event""#) => {
+                let got = sent.elapsed();
+                let _ = ws.close(None).await;
+                return Ok(format!(
+                    "probe seq {seq} on run {run}: publish -> ack {:.1} ms, publish -> subscriber {:.1} ms",
+                    acked.as_secs_f64() * 1000.0,
+                    got.as_secs_f64() * 1000.0
+                ));
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => {
+                return Err(problem(
+                    format!("published seq {seq}, but it did not come back within {within:?}"),
+                    "the gateway stores events but does not deliver them live: check runcast_bus_up and runcast_bus_watch_rebuilds_total in /metrics, and the NATS consumers (nats consumer ls RUNCAST_EVENTS)",
+                ));
+            }
+        }
+    }
+}
