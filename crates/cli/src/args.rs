@@ -318,6 +318,9 @@ pub struct TailArgs {
     /// Print raw JSON frames instead of lines.
     #[arg(long)]
     pub json: bool,
+    /// Also print each event's trace ID (from the publisher's traceparent).
+    #[arg(long, short)]
+    pub verbose: bool,
     /// Keep following after the run completes or fails.
     #[arg(long)]
     pub follow: bool,

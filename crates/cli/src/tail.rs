@@ -109,9 +109,15 @@ async fn session(a: &TailArgs, since: &mut Option<u64>) -> anyhow::Result<Outcom
             Some("event") => {
                 let seq = f["seq"].as_u64().unwrap_or(0);
                 *since = Some(seq);
+                // --verbose: the W3C trace ID the publisher sent, to find
+                // the event's trace in Jaeger or Tempo.
+                let trace = match (a.verbose, trace_id(&f)) {
+                    (true, Some(id)) => format!("  trace={id}"),
+                    _ => String::new(),
+                };
                 if !a.json
                     && out(&format!(
-                        "{seq:>6} {:<10} {}",
+                        "{seq:>6} {:<10} {}{trace}",
                         f["kind"].as_str().unwrap_or("?"),
                         f["data"]
                     ))
@@ -175,4 +181,30 @@ fn state_line(f: &Value) -> String {
         line.push_str(&format!("\nresult {}", s["result"]));
     }
     line
+}
+
+/// The trace ID of an event frame's `traceparent` (`00-<trace id>-<span id>-<flags>`).
+fn trace_id(frame: &Value) -> Option<&str> {
+    let mut parts = frame["traceparent"].as_str()?.split('-');
+    let (_version, id) = (parts.next()?, parts.next()?);
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_come_from_well_formed_traceparents_only() {
+        let f = |tp: &str| serde_json::json!({"type": "event", "traceparent": tp});
+        assert_eq!(
+            trace_id(&f(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            )),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id(&f("00-short-00f067aa0ba902b7-01")), None);
+        assert_eq!(trace_id(&f("garbage")), None);
+        assert_eq!(trace_id(&serde_json::json!({"type": "event"})), None);
+    }
 }

@@ -237,3 +237,45 @@ async fn publish_prints_the_assigned_seq_and_reports_rejections() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `tail --verbose` shows the trace ID a publisher sent in `traceparent`, so
+/// an event on screen leads to its trace.
+#[tokio::test]
+async fn tail_verbose_prints_the_publishers_trace_id() {
+    let gw = TestGateway::start().await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (status, _, body) = http(
+        gw.addr,
+        "POST",
+        "/v1/runs/traced/events",
+        &[("traceparent", tp)],
+        r#"[{"kind":"log","data":"step"},{"kind":"complete","data":{}}]"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(BIN)
+            .args([
+                "tail",
+                "traced",
+                "--since",
+                "0",
+                "--verbose",
+                "--url",
+                &gw.ws_url(),
+            ])
+            .output(),
+    )
+    .await
+    .expect("tail ends at complete")
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text.matches("trace=4bf92f3577b34da6a3ce929d0e0e4736")
+            .count(),
+        2,
+        "{text}"
+    );
+}
