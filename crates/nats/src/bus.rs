@@ -135,10 +135,11 @@ impl NatsBus {
                     settings.state_bucket.clone(),
                 );
                 let mirror = inner.mirror.clone().follow(kv);
-                let live = inner
-                    .watches
-                    .clone()
-                    .follow(stream.clone(), inner.prefix.clone());
+                let live = inner.watches.clone().follow(
+                    inner.client.clone(),
+                    stream.clone(),
+                    inner.prefix.clone(),
+                );
                 let probe = async {
                     loop {
                         tokio::time::sleep(PROBE_EVERY).await;

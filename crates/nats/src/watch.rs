@@ -47,6 +47,11 @@ const MAX_REWIND: u64 = 10_000;
 const DEBOUNCE: Duration = Duration::from_millis(2);
 /// See the comment where it is used.
 const PULL_EXPIRES: Duration = Duration::from_secs(4);
+/// How often the consumer checks whether the client has reconnected.
+const RECONNECT_CHECK: Duration = Duration::from_millis(500);
+/// After this long without a delivery, the consumer checks that the stream
+/// has not moved past it.
+const QUIET_CHECK: Duration = Duration::from_secs(10);
 
 struct Slot {
     id: u64,
@@ -128,7 +133,13 @@ impl Watches {
 
     /// Follows the watched runs forever: builds the consumer, delivers its
     /// events, and rebuilds it when the runs change or it fails.
-    pub(crate) async fn follow(self: Arc<Self>, stream: Stream, prefix: String) {
+    pub(crate) async fn follow(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        stream: Stream,
+        prefix: String,
+    ) {
+        let connects = || client.statistics().connects.load(Ordering::Relaxed);
         // Every watched run's events from this seq on are delivered (or
         // will be): where the next consumer must start at the latest.
         let mut cursor: Option<u64> = None;
@@ -214,11 +225,43 @@ impl Watches {
                 .collect();
             self.mark_lagged(&repair);
 
-            // Deliver until the runs change or the consumer gives up.
+            // Deliver until the runs change or the consumer gives up, or
+            // the client reconnects: after NATS restarts the consumer (R1,
+            // in memory) is gone, and rebuilding it at once from the
+            // cursor beats waiting for the ordered consumer's own recovery
+            // (missed heartbeats, then retries backing off to 10 s).
+            let built_on = connects();
+            let mut check = tokio::time::interval(RECONNECT_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_delivery = tokio::time::Instant::now();
             loop {
                 tokio::select! {
+                    _ = check.tick() => {
+                        if connects() != built_on {
+                            tracing::info!("NATS reconnected; rebuilding the watch consumer");
+                            break;
+                        }
+                        // A safety net for a consumer that went quiet while
+                        // the stream moved on (seen once after a restart of
+                        // the whole NATS cluster): after a quiet spell, ask
+                        // the stream where it is, and rebuild if it is past
+                        // the cursor. Rebuilding redelivers nothing twice
+                        // that matters: the fan-out skips what it has.
+                        if last_delivery.elapsed() >= QUIET_CHECK {
+                            last_delivery = tokio::time::Instant::now();
+                            let behind = match (&cursor, stream.get_info().await) {
+                                (Some(c), Ok(info)) => info.state.last_sequence >= *c,
+                                _ => false,
+                            };
+                            if behind {
+                                tracing::debug!("watch consumer quiet while the stream moved on; rebuilding");
+                                break;
+                            }
+                        }
+                    }
                     next = messages.next() => match next {
                         Some(Ok(msg)) => {
+                            last_delivery = tokio::time::Instant::now();
                             let Ok(info) = msg.info() else { continue };
                             cursor = Some(info.stream_sequence + 1);
                             if let Some(ev) = delivered_event(&prefix, &msg, &info) {
