@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     Gateway,
-    hub::{Conn, OutFrame, Timing},
+    hub::{Conn, OutFrame},
     replay::{Replay, Replayed},
 };
 
@@ -169,62 +169,53 @@ impl<O: Output> Session<O> {
     /// then flushes once.
     pub async fn deliver_batch(&mut self, first: Arc<OutFrame>) -> Result<(), Closed> {
         self.gw.metrics.queue_depth.observe(self.rx.len() as f64);
-        let mut live = [None; BATCH];
-        let mut sent = 0;
-        if let Some(t) = self.deliver(first).await? {
-            live[sent] = t;
-            sent += 1;
-        }
+        let mut sent = u64::from(self.deliver(first).await?);
         for _ in 1..BATCH {
             match self.rx.try_recv() {
-                Ok(f) => {
-                    if let Some(t) = self.deliver(f).await? {
-                        live[sent] = t;
-                        sent += 1;
-                    }
-                }
+                Ok(f) => sent += u64::from(self.deliver(f).await?),
                 Err(_) => break,
             }
         }
-        self.out.flush().await?;
         // One shared-counter update per batch, not per frame: the counter's
         // cache line is contended by every worker thread.
-        self.gw.metrics.events_delivered.inc_by(sent as u64);
-        let m = &self.gw.metrics;
-        for (stored_us, received) in live[..sent].iter().flatten() {
-            m.receive_to_write.observe(received.elapsed().as_secs_f64());
-            m.publish_to_write
-                .observe(crate::hub::micros_since(*stored_us) as f64 / 1e6);
-        }
-        Ok(())
+        self.gw.metrics.events_delivered.inc_by(sent);
+        self.out.flush().await
     }
 
-    /// Writes one queued frame if the client still needs it. `None` if it
-    /// did not; else the frame's live timing (itself `None` for frames that
-    /// did not come live from the bus).
-    async fn deliver(&mut self, f: Arc<OutFrame>) -> Result<Option<Option<Timing>>, Closed> {
+    /// Writes one queued frame if the client still needs it; whether it did.
+    async fn deliver(&mut self, f: Arc<OutFrame>) -> Result<bool, Closed> {
         self.conn.taken(&f);
         let Some(&next) = self.cursors.get(&f.run) else {
-            return Ok(None); // unsubscribed since it was queued
+            return Ok(false); // unsubscribed since it was queued
         };
         if f.last < next {
-            return Ok(None); // already delivered by replay
+            return Ok(false); // already delivered by replay
         }
         if f.first > next {
             // Only at the seam of a fresh subscription can the queue start
             // ahead of the cursor; fill from history.
             self.catch_up(&f.run, f.first - 1).await?;
             if self.cursors.get(&f.run).is_none_or(|&n| f.last < n) {
-                return Ok(None);
+                return Ok(false);
             }
         }
         self.out.send_shared(&f).await?;
+        // Observed as the frame goes to the connection's writer, which the
+        // batch flushes right after. Not after the flush: keeping each
+        // frame's timing until then would cost every connection's task
+        // about 1.5 KiB (measured: 5.2 -> 6.5 KiB per idle connection).
+        if let Some((stored_us, received)) = f.live {
+            let m = &self.gw.metrics;
+            m.receive_to_write.observe(received.elapsed().as_secs_f64());
+            m.publish_to_write
+                .observe(crate::hub::micros_since(stored_us) as f64 / 1e6);
+        }
         // get_mut, not insert: cloning the run ID would touch its shared
         // reference count from every connection on every event.
         if let Some(cursor) = self.cursors.get_mut(&f.run) {
             *cursor = f.last + 1;
         }
-        Ok(Some(f.live))
+        Ok(true)
     }
 
     /// Replays history from the run's cursor up to `to` (inclusive), sending a
