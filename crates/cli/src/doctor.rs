@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -121,44 +121,60 @@ async fn target(url: &str) -> anyhow::Result<Target> {
     })
 }
 
-/// One HTTP/1.1 request on a fresh connection; status, content type, body.
+/// Sends one HTTP/1.1 request to the gateway on a fresh connection and
+/// returns the response with its body unread (SSE reads only its start).
+async fn send(
+    t: &Target,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let tcp = TcpStream::connect(t.addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", t.prefix))
+        .header("host", &t.host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| e.to_string())?;
+    sender.send_request(req).await.map_err(|e| e.to_string())
+}
+
+/// One whole request and response within `within`: status and body.
 async fn request(
     t: &Target,
     method: &str,
     path: &str,
     body: Option<String>,
     within: Duration,
-) -> Result<(u16, String, String), String> {
+) -> Result<(u16, String), String> {
     let exchange = async {
-        let tcp = TcpStream::connect(t.addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", t.prefix))
-            .header("host", &t.host)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| e.to_string())?;
-        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let resp = send(
+            t,
+            method,
+            path,
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await?;
         let status = resp.status().as_u16();
-        let ctype = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok((status, ctype, String::from_utf8_lossy(&body).into_owned()))
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(within, exchange)
         .await
@@ -186,8 +202,8 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
     // 1. Anything listening, answering HTTP?
     let started = Instant::now();
     let reachable = match request(&t, "GET", "/healthz", None, within).await {
-        Ok((200, _, _)) => Ok("GET /healthz -> 200".to_owned()),
-        Ok((status, _, body)) => Err(problem(
+        Ok((200, _)) => Ok("GET /healthz -> 200".to_owned()),
+        Ok((status, body)) => Err(problem(
             format!("GET /healthz -> {status}: {}", message_of(&body)),
             "this URL reaches something that is not a runcast gateway; check the port, the path prefix and your ingress routes",
         )),
@@ -207,8 +223,8 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
     // 2. Ready?
     let started = Instant::now();
     let ready = match request(&t, "GET", "/readyz", None, within).await {
-        Ok((200, _, _)) => Ok("GET /readyz -> 200".to_owned()),
-        Ok((status, _, body)) => {
+        Ok((200, _)) => Ok("GET /readyz -> 200".to_owned()),
+        Ok((status, body)) => {
             let why = message_of(&body);
             let fix = if why.contains("NATS") || why.contains("bus") {
                 "the gateway cannot use NATS: check that NATS runs, that --nats points at it, and the credentials; `runcast doctor --nats <url>` checks NATS directly"
@@ -325,25 +341,13 @@ fn finish(r: &Report) -> ExitCode {
 }
 
 async fn sse_check(t: &Target, run: &str, within: Duration) -> Result<String, Problem> {
-    let path = format!("{}/v1/runs/{run}/stream", t.prefix);
+    let route = format!("/v1/runs/{run}/stream");
+    // As the user's URL spells it, for the messages.
+    let path = format!("{}{route}", t.prefix);
     let first_bytes = async {
-        let tcp = TcpStream::connect(t.addr)
+        let resp = send(t, "GET", &route, &[("accept", "text/event-stream")], None)
             .await
-            .map_err(|e| problem(e.to_string(), "check the URL"))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| problem(e.to_string(), "check the URL"))?;
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .uri(&path)
-            .header("host", &t.host)
-            .header("accept", "text/event-stream")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| problem(e.to_string(), "report this"))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| problem(e.to_string(), "check the URL"))?;
+            .map_err(|e| problem(e, "check the URL"))?;
         let status = resp.status().as_u16();
         let ctype = resp
             .headers()
@@ -457,11 +461,11 @@ async fn round_trip(
     )
     .await
     {
-        Ok((200, _, b)) => serde_json::from_str::<Value>(&b)
+        Ok((200, b)) => serde_json::from_str::<Value>(&b)
             .ok()
             .and_then(|v| v["seqs"][0].as_u64())
             .unwrap_or(0),
-        Ok((status, _, b)) => {
+        Ok((status, b)) => {
             return Err(problem(
                 format!("publish -> {status}: {}", message_of(&b)),
                 "the bus refused the probe event; see the gateway's log",
