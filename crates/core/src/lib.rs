@@ -20,3 +20,10 @@ pub use state::{RunState, RunStatus};
 
 /// Protocol version spoken on `/v1/ws` and `/v1/runs/<run>/stream`.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Buckets (seconds) for every latency histogram runcast exports, on any
+/// role: 100 µs to 10 s, 1-2.5-5 per decade, so dashboards can compare hops.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];

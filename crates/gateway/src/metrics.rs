@@ -3,11 +3,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// Latency buckets from 100 µs to 10 s, 1-2.5-5 per decade.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
+use runcast_core::LATENCY_BUCKETS;
 
 /// The gateway's Prometheus metrics, one registry per process. Labels are
 /// bounded (transport, error code, close code); never a run ID or address.

@@ -10,12 +10,6 @@ use runcast_core::{NewEvent, RunId};
 
 use crate::{PublishError, PublishErrorKind, PublishTarget};
 
-/// Latency buckets from 100 µs to 10 s, as the gateway's.
-const BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
-
 /// A publisher's metrics, registered in a registry of its own.
 pub struct PublishMetrics {
     registry: Registry,
@@ -51,7 +45,7 @@ impl PublishMetrics {
                 "runcast_publish_ack_seconds",
                 "From a publish call to the bus's acknowledgement of all its events.",
             )
-            .buckets(BUCKETS.to_vec()),
+            .buckets(runcast_core::LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
         for reason in ["invalid_input", "rejected", "unavailable"] {
