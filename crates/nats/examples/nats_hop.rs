@@ -48,23 +48,7 @@ async fn follow(
 ) {
     let filter = format!("hop.runs.r{run}.*");
     if mode == "pull" {
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: filter,
-                deliver_policy: DeliverPolicy::New,
-                max_expires: Duration::from_secs(4),
-                ..Default::default()
-            })
-            .await
-            .expect("consumer");
-        let mut messages = consumer.messages().await.expect("messages");
-        tokio::spawn(async move {
-            while let Some(Ok(m)) = messages.next().await {
-                if let Some(t) = sent_at(&m.payload) {
-                    let _ = tx.send(now_micros().saturating_sub(t));
-                }
-            }
-        });
+        follow_consumer(stream, vec![filter], tx).await;
         return;
     }
     let verify = mode == "verified";
@@ -92,12 +76,12 @@ async fn follow(
     });
 }
 
-/// One ordered consumer for every run at once (`filter_subjects`), as a
-/// gateway could hold one for all the runs it watches.
-async fn follow_all(stream: &Stream, tx: UnboundedSender<u64>) {
+/// One ordered consumer on `filters`: one run's (`pull`), or every run's at
+/// once (`shared`), as a gateway holds one for all the runs it watches.
+async fn follow_consumer(stream: &Stream, filters: Vec<String>, tx: UnboundedSender<u64>) {
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
-            filter_subjects: (0..RUNS).map(|r| format!("hop.runs.r{r}.*")).collect(),
+            filter_subjects: filters,
             deliver_policy: DeliverPolicy::New,
             max_expires: Duration::from_secs(4),
             ..Default::default()
@@ -145,7 +129,8 @@ async fn main() {
         .expect("stream");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     if mode == "shared" {
-        follow_all(&stream, tx.clone()).await;
+        let all = (0..RUNS).map(|r| format!("hop.runs.r{r}.*")).collect();
+        follow_consumer(&stream, all, tx.clone()).await;
     } else {
         for run in 0..RUNS {
             follow(mode, &client, &stream, run, tx.clone()).await;
