@@ -69,6 +69,14 @@ impl Inner {
     fn set_problem(&self, why: String) {
         *self.setup_error.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
+
+    /// Why the bus is not ready; empty when it is.
+    fn problem(&self) -> String {
+        self.setup_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -116,8 +124,7 @@ impl NatsBus {
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "NATS stream not ready; retrying");
-                            *inner.setup_error.lock().unwrap_or_else(|p| p.into_inner()) =
-                                e.to_string();
+                            inner.set_problem(e.to_string());
                         }
                     }
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -187,12 +194,7 @@ impl NatsBus {
 
     fn stream(&self) -> Result<&Stream, BusError> {
         self.inner.stream.get().ok_or_else(|| {
-            let why = self
-                .inner
-                .setup_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
+            let why = self.inner.problem();
             BusError::Unavailable(format!("NATS stream not ready: {why}"))
         })
     }
@@ -468,12 +470,7 @@ impl Bus for NatsBus {
             return Err("NATS disconnected; reconnecting".into());
         }
         self.stream().map_err(|e| e.to_string())?;
-        let problem = self
-            .inner
-            .setup_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let problem = self.inner.problem();
         if problem.is_empty() {
             Ok(())
         } else {
