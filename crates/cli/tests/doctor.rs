@@ -9,15 +9,11 @@ use hyper::{Request, Response, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 use runcast_test_support::{
     http,
-    nats::{NatsServer, free_port},
+    nats::{NatsServer, free_addr},
 };
 use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_runcast");
-
-fn addr() -> SocketAddr {
-    format!("127.0.0.1:{}", free_port()).parse().unwrap()
-}
 
 /// A gateway process (`up` on the embedded bus, or `gateway --nats`), ready
 /// or not, stopped by PID on drop.
@@ -62,7 +58,7 @@ async fn doctor(args: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_gateway_passes_every_check() {
-    let gw = addr();
+    let gw = free_addr();
     let _up = gateway(gw, None, true).await;
     let (code, out) = doctor(&["--url", &format!("http://{gw}")]).await;
     assert_eq!(code, 0, "{out}");
@@ -83,7 +79,7 @@ async fn a_healthy_gateway_passes_every_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_checks_pass_then_fail_precisely_when_nats_goes_away() {
     let mut nats = NatsServer::start().await;
-    let gw = addr();
+    let gw = free_addr();
     let _gateway = gateway(gw, Some(&nats.url()), true).await;
     let url = format!("http://{gw}");
     let (code, out) = doctor(&["--url", &url, "--nats", &nats.url()]).await;
@@ -104,7 +100,7 @@ async fn nats_checks_pass_then_fail_precisely_when_nats_goes_away() {
 
 #[tokio::test]
 async fn nothing_listening_is_named_as_such() {
-    let (code, out) = doctor(&["--url", &format!("http://{}", addr())]).await;
+    let (code, out) = doctor(&["--url", &format!("http://{}", free_addr())]).await;
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("nothing is listening"), "{out}");
     assert!(out.contains("port-forward"), "{out}");
@@ -176,7 +172,7 @@ async fn forward(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_drops_the_upgrade_and_buffers_is_diagnosed() {
-    let gw = addr();
+    let gw = free_addr();
     let _up = gateway(gw, None, true).await;
     let proxy = buffering_proxy(gw).await;
     let (code, out) = doctor(&["--url", &format!("http://{proxy}"), "--timeout", "2s"]).await;

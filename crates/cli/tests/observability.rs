@@ -15,7 +15,7 @@ use std::{
 
 use runcast_test_support::{
     WsClient, http, json,
-    nats::{NatsServer, TempDir, free_port},
+    nats::{NatsServer, TempDir, free_addr},
 };
 use serde_json::Value;
 
@@ -41,10 +41,6 @@ fn dashboards() -> Vec<(String, Value)> {
     out.sort_by(|a, b| a.0.cmp(&b.0));
     assert!(!out.is_empty(), "no dashboards in {}", dir.display());
     out
-}
-
-fn addr() -> SocketAddr {
-    format!("127.0.0.1:{}", free_port()).parse().unwrap()
 }
 
 /// A child process stopped by PID when dropped.
@@ -176,7 +172,7 @@ fn dashboards_are_well_formed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_and_dashboards_work_against_a_live_cluster() {
     let nats = NatsServer::start().await;
-    let (ga, gb, worker_metrics, prom) = (addr(), addr(), addr(), addr());
+    let (ga, gb, worker_metrics, prom) = (free_addr(), free_addr(), free_addr(), free_addr());
     let _gateways: Vec<Proc> = [ga, gb]
         .iter()
         .map(|a| {

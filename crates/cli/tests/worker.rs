@@ -3,19 +3,10 @@
 
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
-use runcast_test_support::{http, nats::NatsServer, promtool_check_metrics};
+use runcast_test_support::{http, metric as sample, nats::NatsServer, promtool_check_metrics};
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_runcast");
-
-fn sample(scrape: &str, name: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
-        .trim()
-        .parse()
-        .ok()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_publishes_demo_jobs_and_serves_its_metrics() {

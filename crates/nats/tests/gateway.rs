@@ -312,16 +312,10 @@ async fn a_burst_of_subscribers_to_a_new_run_opens_one_watch() {
     }
 }
 
-/// A sample's value from a Prometheus text scrape, e.g.
-/// `runcast_event_latency_seconds_count{hop="publish_to_write"}`.
+/// A sample the scrape must hold.
 fn sample(scrape: &str, name: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in the scrape:\n{scrape}"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    runcast_test_support::metric(scrape, name)
+        .unwrap_or_else(|| panic!("no numeric {name} in the scrape:\n{scrape}"))
 }
 
 /// Two gateways on one NATS, 3 clients on one and 2 on the other, events

@@ -252,3 +252,15 @@ pub fn promtool_check_metrics(scrape: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A sample's value in a Prometheus text scrape, e.g.
+/// `runcast_event_latency_seconds_count{hop="publish_to_write"}`; `None`
+/// if the scrape lacks it or it is not a number.
+pub fn metric(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
+        .trim()
+        .parse()
+        .ok()
+}

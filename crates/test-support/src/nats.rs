@@ -47,6 +47,11 @@ pub fn binary() -> PathBuf {
 /// How often a server start is retried when a chosen port was taken.
 const PORT_ATTEMPTS: usize = 5;
 
+/// An address on 127.0.0.1 whose port was free a moment ago.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
