@@ -346,12 +346,6 @@ impl NatsBus {
             feed: Box::new(self.inner.watches.open(run, opened_at)),
         })
     }
-
-    /// Runs this bus follows live (one filter each on the gateway's
-    /// consumer).
-    pub fn watched_runs(&self) -> usize {
-        self.inner.watches.count()
-    }
 }
 
 #[async_trait]

@@ -101,11 +101,6 @@ impl Watches {
         }
     }
 
-    /// Runs watched now.
-    pub(crate) fn count(&self) -> usize {
-        self.lock().len()
-    }
-
     fn deliver(&self, ev: Event) {
         let mut slots = self.lock();
         let Some(slot) = slots.get_mut(&ev.run) else {
