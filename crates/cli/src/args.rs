@@ -11,8 +11,24 @@ pub struct Cli {
     /// Log filter (RUST_LOG syntax; RUST_LOG itself wins when set).
     #[arg(long, env = "RUNCAST_LOG", default_value = "info", global = true)]
     pub log: String,
+    #[command(flatten)]
+    pub trace: TraceArgs,
     #[command(subcommand)]
     pub cmd: Command,
+}
+
+/// OpenTelemetry trace export, off unless an endpoint is given. The
+/// standard OTEL_* variables apply too (OTEL_EXPORTER_OTLP_ENDPOINT,
+/// OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER[_ARG], OTEL_BSP_*, ...).
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://otel-collector:4317).
+    #[arg(long, env = "RUNCAST_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// Sample this share of new traces (0.0-1.0); spans continuing a trace follow
+    /// its sampling decision. Default: OTEL_TRACES_SAMPLER, else every trace.
+    #[arg(long, env = "RUNCAST_TRACE_SAMPLE_RATIO", global = true)]
+    pub trace_sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +258,12 @@ pub struct GatewayArgs {
     /// Connections served at once; more get 503.
     #[arg(long, env = "RUNCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+    /// When exporting traces: at most this many per-client `runcast.deliver` spans a second.
+    #[arg(long, env = "RUNCAST_TRACE_DELIVERIES", default_value_t = 100)]
+    pub trace_deliveries: u32,
+    /// Log events slower than this from publish to socket write, with their trace ID (0 = off).
+    #[arg(long, env = "RUNCAST_SLOW_EVENT_LOG", default_value = "500ms", value_parser = duration)]
+    pub slow_event_log: Duration,
 }
 
 impl GatewayArgs {
@@ -259,6 +281,8 @@ impl GatewayArgs {
             drain_delay: self.drain_delay,
             drain_timeout: self.drain_timeout,
             max_connections: self.max_connections,
+            trace_deliveries_per_sec: self.trace_deliveries,
+            slow_event_log: self.slow_event_log,
             ..Config::default()
         }
     }

@@ -17,14 +17,23 @@ use runcast_bus::EmbeddedBus;
 use runcast_core::EventKind;
 use runcast_gateway::Gateway;
 
-pub fn init_logging(filter: &str) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// Logging to stderr and, when configured, trace export. The service name
+/// defaults to `runcast-<role>` (`up` and `gateway` are both gateways).
+pub fn init_telemetry(cli: &Cli) -> Result<runcast_telemetry::otlp::Telemetry, String> {
+    let role = match cli.cmd {
+        Command::Up(_) | Command::Gateway(_) => "gateway",
+        Command::Worker(_) => "worker",
+        Command::Tail(_) => "tail",
+        Command::Publish(_) => "publish",
+        Command::Bench(_) => "bench",
+        Command::Doctor(_) => "doctor",
+    };
+    let trace = runcast_telemetry::otlp::TraceConfig {
+        endpoint: cli.trace.otlp_endpoint.clone(),
+        sample_ratio: cli.trace.trace_sample_ratio,
+        service_name: format!("runcast-{role}"),
+    };
+    runcast_telemetry::otlp::init(&cli.log, &trace)
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

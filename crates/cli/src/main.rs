@@ -5,12 +5,20 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = runcast_cli::Cli::parse();
-    runcast_cli::init_logging(&cli.log);
-    match runcast_cli::run(cli).await {
+    let telemetry = match runcast_cli::init_telemetry(&cli) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("runcast: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = match runcast_cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("runcast: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

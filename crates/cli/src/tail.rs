@@ -185,9 +185,7 @@ fn state_line(f: &Value) -> String {
 
 /// The trace ID of an event frame's `traceparent` (`00-<trace id>-<span id>-<flags>`).
 fn trace_id(frame: &Value) -> Option<&str> {
-    let mut parts = frame["traceparent"].as_str()?.split('-');
-    let (_version, id) = (parts.next()?, parts.next()?);
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    runcast_telemetry::trace_id(frame["traceparent"].as_str()?)
 }
 
 #[cfg(test)]

@@ -37,6 +37,14 @@ pub struct Config {
     pub sse_retry: Duration,
     /// Time allowed to send request headers (slow clients are cut off).
     pub header_read_timeout: Duration,
+    /// At most this many `runcast.deliver` spans per second (one per client
+    /// write of a sampled event), so tracing costs a bounded amount at any
+    /// delivery rate. Only matters when traces are exported.
+    pub trace_deliveries_per_sec: u32,
+    /// An event whose publish → socket write took longer than this is logged
+    /// with its trace ID (at most 5 lines a second), so a slow latency
+    /// bucket leads to a trace. Zero turns the log off.
+    pub slow_event_log: Duration,
 }
 
 impl Default for Config {
@@ -58,6 +66,9 @@ impl Default for Config {
             replay_page: 256,
             sse_retry: Duration::from_secs(2),
             header_read_timeout: Duration::from_secs(10),
+            trace_deliveries_per_sec: 100,
+            // The hop-latency SLO in observability/ (p99 publish → write < 0.5 s).
+            slow_event_log: Duration::from_millis(500),
         }
     }
 }

@@ -18,6 +18,7 @@ use runcast_bus::RunFilter;
 use runcast_core::{ErrorCode, EventKind, NewEvent, ProtocolError, RunId, RunStatus, frame};
 use serde_json::value::RawValue;
 use tokio_tungstenite::{WebSocketStream, tungstenite::protocol::Role};
+use tracing::Instrument;
 
 use crate::{Gateway, server::ConnCtx, session::SessionError, session::bus_error};
 
@@ -407,7 +408,24 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
         }
     };
     let n = events.len() as u64;
-    match gw.bus.publish(&run, events).await {
+    // Continues the publisher's trace (the body's or the header's
+    // traceparent) when this gateway exports traces; otherwise events keep
+    // the traceparent they came with.
+    let span = tracing::info_span!(
+        target: runcast_telemetry::TARGET,
+        "runcast.publish",
+        otel.kind = "server",
+        runcast.run = %run,
+        runcast.events = n,
+    );
+    let mut events = events;
+    let parent = events.first().and_then(|e| e.traceparent.as_deref());
+    if let Some(tp) = runcast_telemetry::continue_trace(&span, parent) {
+        for e in &mut events {
+            e.traceparent = Some(tp.clone());
+        }
+    }
+    match gw.bus.publish(&run, events).instrument(span).await {
         Ok(seqs) => {
             gw.metrics.events_published.inc_by(n);
             json(

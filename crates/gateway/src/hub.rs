@@ -21,6 +21,7 @@ use runcast_bus::{Bus, BusError, Live};
 use runcast_core::{CloseCode, Event, RunId, frame};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+use runcast_telemetry::OpenTelemetrySpanExt;
 use tracing::Instrument;
 
 use crate::{
@@ -42,6 +43,9 @@ pub struct OutFrame {
     /// For an event received live: when the bus stored it (µs since the
     /// epoch) and when this gateway received it, for the hop latencies.
     pub live: Option<Timing>,
+    /// For a sampled event while traces are exported: the `runcast.fanout`
+    /// span, parent of the sessions' `runcast.deliver` spans.
+    pub trace: Option<runcast_telemetry::Context>,
 }
 
 /// When the bus stored an event (µs since the epoch) and when this gateway
@@ -57,6 +61,7 @@ impl OutFrame {
             text: Utf8Bytes::from(text),
             sse: OnceLock::new(),
             live: None,
+            trace: None,
         }
     }
 
@@ -387,10 +392,48 @@ async fn fanout(
                 .observe(micros_since(ev.stored_us) as f64 / 1e6);
             let mut frame = OutFrame::event_after(&ev, last);
             frame.live = Some((ev.stored_us, received));
-            emit(frame);
+            match traced(&ev) {
+                Some(parent) => {
+                    // runcast.receive continues the publisher's trace;
+                    // runcast.fanout is its child and covers handing the
+                    // frame to every local subscriber's queue.
+                    let receive = tracing::info_span!(
+                        target: runcast_telemetry::TARGET,
+                        "runcast.receive",
+                        otel.kind = "consumer",
+                        runcast.run = %run,
+                        runcast.seq = ev.seq,
+                        runcast.publish_to_receive_us = micros_since(ev.stored_us),
+                    );
+                    let _ = receive.set_parent(parent);
+                    let fanout = tracing::info_span!(
+                        target: runcast_telemetry::TARGET,
+                        parent: &receive,
+                        "runcast.fanout",
+                        runcast.subscribers = lock(&subs).len(),
+                    );
+                    frame.trace = Some(fanout.context());
+                    fanout.in_scope(|| emit(frame));
+                }
+                None => emit(frame),
+            }
             last = ev.seq;
         }
     }
+}
+
+/// The remote parent of a live event's gateway spans: only while traces are
+/// exported, and only for an event its publisher sampled (parent-based
+/// sampling would drop the rest, so they cost no span at all).
+fn traced(ev: &Event) -> Option<runcast_telemetry::Context> {
+    if !runcast_telemetry::exporting() {
+        return None;
+    }
+    let tp = ev.traceparent.as_deref()?;
+    if !runcast_telemetry::sampled(tp) {
+        return None;
+    }
+    runcast_telemetry::parent(tp)
 }
 
 /// Microseconds from `then` (µs since the epoch) to now; 0 if the clocks

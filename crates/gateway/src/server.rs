@@ -42,6 +42,9 @@ pub struct Gateway {
     /// shutdown channel polled by every session on every step was measurable
     /// lock contention at 200k frames/s.
     sessions: std::sync::Mutex<std::collections::HashMap<u64, std::sync::Weak<Conn>>>,
+    /// Bounds the `runcast.deliver` spans and the slow-event log lines.
+    pub(crate) delivery_spans: runcast_telemetry::Budget,
+    pub(crate) slow_event_logs: runcast_telemetry::Budget,
 }
 
 impl Gateway {
@@ -53,6 +56,8 @@ impl Gateway {
             bus,
             metrics,
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
+            delivery_spans: runcast_telemetry::Budget::per_second(config.trace_deliveries_per_sec),
+            slow_event_logs: runcast_telemetry::Budget::per_second(5),
             config,
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),

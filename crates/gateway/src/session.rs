@@ -10,7 +10,9 @@ use std::{collections::HashMap, sync::Arc};
 
 use runcast_bus::BusError;
 use runcast_core::{ErrorCode, ProtocolError, RunId, frame};
+use runcast_telemetry::OpenTelemetrySpanExt;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::{
     Gateway,
@@ -25,6 +27,8 @@ pub struct Closed;
 /// Where a session writes frames. `id` is the seq an SSE client should
 /// resume after; the WebSocket transport ignores it.
 pub trait Output: Send {
+    /// The transport's name in metrics and spans (`ws`, `sse`).
+    const TRANSPORT: &'static str;
     async fn send_shared(&mut self, frame: &Arc<OutFrame>) -> Result<(), Closed>;
     async fn send_text(&mut self, text: String, id: Option<u64>) -> Result<(), Closed>;
     async fn flush(&mut self) -> Result<(), Closed>;
@@ -199,16 +203,37 @@ impl<O: Output> Session<O> {
                 return Ok(false);
             }
         }
-        self.out.send_shared(&f).await?;
+        match &f.trace {
+            // A sampled event's write gets a span while the budget lasts.
+            Some(fanout) if self.gw.delivery_spans.take() => {
+                let span = tracing::info_span!(
+                    target: runcast_telemetry::TARGET,
+                    "runcast.deliver",
+                    runcast.conn = self.conn.id,
+                    runcast.transport = O::TRANSPORT,
+                );
+                let _ = span.set_parent(fanout.clone());
+                self.out.send_shared(&f).instrument(span).await?;
+            }
+            _ => self.out.send_shared(&f).await?,
+        }
         // Observed as the frame goes to the connection's writer, which the
         // batch flushes right after. Not after the flush: keeping each
         // frame's timing until then would cost every connection's task
         // about 1.5 KiB (measured: 5.2 -> 6.5 KiB per idle connection).
         if let Some((stored_us, received)) = f.live {
             let m = &self.gw.metrics;
-            m.receive_to_write.observe(received.elapsed().as_secs_f64());
-            m.publish_to_write
-                .observe(crate::hub::micros_since(stored_us) as f64 / 1e6);
+            let receive_to_write = received.elapsed();
+            let publish_to_write = crate::hub::micros_since(stored_us);
+            m.receive_to_write.observe(receive_to_write.as_secs_f64());
+            m.publish_to_write.observe(publish_to_write as f64 / 1e6);
+            let slow = self.gw.config.slow_event_log;
+            if !slow.is_zero()
+                && u128::from(publish_to_write) > slow.as_micros()
+                && self.gw.slow_event_logs.take()
+            {
+                log_slow(&f, publish_to_write, receive_to_write);
+            }
         }
         // get_mut, not insert: cloning the run ID would touch its shared
         // reference count from every connection on every event.
@@ -272,6 +297,31 @@ impl<O: Output> Drop for Session<O> {
         }
         self.gw.metrics.subscriptions.sub(self.cursors.len() as i64);
     }
+}
+
+/// One slow delivery, with the hop split and the trace ID, so that a slow
+/// latency bucket leads to a trace.
+fn log_slow(f: &OutFrame, publish_to_write_us: u64, receive_to_write: std::time::Duration) {
+    // Read back from the frame only on this rare path, so frames do not
+    // carry the traceparent twice.
+    let trace_id = serde_json::from_str::<serde_json::Value>(&f.text)
+        .ok()
+        .and_then(|v| {
+            v["traceparent"]
+                .as_str()
+                .and_then(runcast_telemetry::trace_id)
+                .map(str::to_owned)
+        });
+    let receive_to_write_us = receive_to_write.as_micros() as u64;
+    tracing::warn!(
+        run = %f.run,
+        seq = f.last,
+        publish_to_write_ms = publish_to_write_us / 1000,
+        publish_to_receive_ms = publish_to_write_us.saturating_sub(receive_to_write_us) / 1000,
+        receive_to_write_ms = receive_to_write_us / 1000,
+        trace_id = trace_id.as_deref().unwrap_or("none"),
+        "slow event delivery"
+    );
 }
 
 /// Maps a bus failure to the protocol error a client sees.

@@ -57,6 +57,7 @@ impl Body for ChannelBody {
 struct SseOut(mpsc::Sender<Bytes>);
 
 impl Output for SseOut {
+    const TRANSPORT: &'static str = "sse";
     async fn send_shared(&mut self, frame: &Arc<OutFrame>) -> Result<(), Closed> {
         self.0.send(frame.sse().clone()).await.map_err(|_| Closed)
     }

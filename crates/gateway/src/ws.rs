@@ -48,6 +48,7 @@ pub fn ws_config(gw: &Gateway) -> WebSocketConfig {
 struct WsOut(SplitSink<Ws, Message>);
 
 impl Output for WsOut {
+    const TRANSPORT: &'static str = "ws";
     async fn send_shared(&mut self, frame: &Arc<OutFrame>) -> Result<(), Closed> {
         self.0
             .feed(Message::Text(frame.text.clone()))

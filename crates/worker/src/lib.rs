@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use runcast_bus::{Bus, BusError};
 use runcast_core::{EventKind, NewEvent, ParseKindError, ParseRunIdError, RunId};
 use serde::Serialize;
+use tracing::Instrument;
 
 pub use http::HttpTarget;
 pub use metrics::{Metered, PublishMetrics};
@@ -192,9 +193,7 @@ impl Publisher {
         kind: EventKind,
         data: &T,
     ) -> Result<u64, PublishError> {
-        let seqs = self
-            .target
-            .publish(&self.run, vec![NewEvent::json(kind, data)?])
+        let seqs = publish_traced(&*self.target, &self.run, vec![NewEvent::json(kind, data)?])
             .await?;
         seqs.first().copied().ok_or_else(|| {
             PublishError::new(PublishErrorKind::Unavailable, "publish returned no seq")
@@ -203,8 +202,53 @@ impl Publisher {
 
     /// Several events at once, stored atomically and in order.
     pub async fn batch(&self, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError> {
-        self.target.publish(&self.run, events).await
+        publish_traced(&*self.target, &self.run, events).await
     }
+}
+
+/// Publishes `events` through `target` inside a `runcast.publish` span, the
+/// root of each event's trace, and stamps every event with that span's W3C
+/// `traceparent` so the gateways and clients continue the same trace.
+///
+/// The span's parent is the first event's own `traceparent` if it has one,
+/// otherwise the caller's current span (a job's span, say). Without an
+/// OpenTelemetry layer for [`runcast_telemetry::TARGET`] the span is
+/// disabled and events go out untouched.
+pub async fn publish_traced(
+    target: &dyn PublishTarget,
+    run: &RunId,
+    mut events: Vec<NewEvent>,
+) -> Result<Vec<u64>, PublishError> {
+    let span = tracing::info_span!(
+        target: runcast_telemetry::TARGET,
+        "runcast.publish",
+        otel.kind = "producer",
+        runcast.run = %run,
+        runcast.events = events.len(),
+        runcast.first_seq = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_message = tracing::field::Empty,
+    );
+    if span.is_disabled() {
+        return target.publish(run, events).await;
+    }
+    let parent = events.first().and_then(|e| e.traceparent.as_deref());
+    if let Some(tp) = runcast_telemetry::continue_trace(&span, parent) {
+        for e in &mut events {
+            e.traceparent = Some(tp.clone());
+        }
+    }
+    let result = target.publish(run, events).instrument(span.clone()).await;
+    match &result {
+        Ok(seqs) => {
+            span.record("runcast.first_seq", seqs.first().copied().unwrap_or(0));
+        }
+        Err(e) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_message", e.message.as_str());
+        }
+    }
+    result
 }
 
 #[cfg(test)]

@@ -1,0 +1,180 @@
+//! Distributed tracing for every runcast role.
+//!
+//! runcast's spans are ordinary `tracing` spans with the target [`TARGET`]:
+//! `runcast.publish` in the worker, `runcast.receive`, `runcast.fanout` and
+//! sampled `runcast.deliver` spans in the gateway. They become OpenTelemetry
+//! spans only when a `tracing-opentelemetry` layer is installed for that
+//! target (the `runcast` binary does so with the `otlp` feature, see
+//! [`otlp::init`]); otherwise the span macros find no interested subscriber
+//! and cost a relaxed atomic load.
+//!
+//! Traces cross processes as W3C `traceparent` strings: in NATS headers, in
+//! the HTTP publish API and in the event frames clients receive. This module
+//! holds the conversions between those strings and OpenTelemetry contexts.
+
+#[cfg(feature = "otlp")]
+pub mod otlp;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use opentelemetry::{
+    propagation::TextMapPropagator,
+    trace::{TraceContextExt, TraceFlags},
+};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+pub use opentelemetry::Context;
+pub use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The `tracing` target of every span runcast exports.
+pub const TARGET: &str = "runcast_trace";
+
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports runcast's spans (set by [`otlp::init`]).
+/// Hot paths check it before building anything trace-related.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Marks this process as exporting spans; for embedders that install their
+/// own `tracing-opentelemetry` layer instead of [`otlp::init`].
+pub fn set_exporting(on: bool) {
+    EXPORTING.store(on, Ordering::Relaxed);
+}
+
+/// The remote parent a `traceparent` string names, or `None` if the string
+/// is not a valid W3C traceparent.
+pub fn parent(traceparent: &str) -> Option<Context> {
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// The `traceparent` string of a context's span, if it has a valid one.
+pub fn traceparent(cx: &Context) -> Option<String> {
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(cx, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` a child of the span `parent` names (when it is a valid
+/// traceparent) and returns the span's own `traceparent`, for the next hop.
+/// `None` when no OpenTelemetry layer records the span.
+pub fn continue_trace(span: &tracing::Span, parent: Option<&str>) -> Option<String> {
+    if span.is_disabled() {
+        return None;
+    }
+    if let Some(cx) = parent.and_then(self::parent) {
+        // Fails only if the span already started, which a new span has not.
+        let _ = span.set_parent(cx);
+    }
+    traceparent(&span.context())
+}
+
+/// Whether a well-formed `traceparent` has its sampled flag set, read
+/// without allocating: the gateway asks this for every live event.
+pub fn sampled(traceparent: &str) -> bool {
+    let b = traceparent.as_bytes();
+    // 00-<32 hex>-<16 hex>-<2 hex>
+    if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+        return false;
+    }
+    std::str::from_utf8(&b[53..55])
+        .ok()
+        .and_then(|f| u8::from_str_radix(f, 16).ok())
+        .is_some_and(|f| f & TraceFlags::SAMPLED.to_u8() != 0)
+}
+
+/// The trace ID (32 hex digits) of a well-formed `traceparent`.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (_version, id) = (parts.next()?, parts.next()?);
+    (id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit())).then_some(id)
+}
+
+/// A per-second allowance shared by all tasks: bounds how many optional
+/// spans or log lines a hot path emits, whatever its rate (e.g. delivery
+/// spans at 100k deliveries/s).
+#[derive(Debug)]
+pub struct Budget {
+    per_second: u32,
+    window: Mutex<(Instant, u32)>,
+}
+
+impl Budget {
+    pub fn per_second(per_second: u32) -> Self {
+        Self {
+            per_second,
+            window: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// Takes one unit if this second's allowance is not used up.
+    pub fn take(&self) -> bool {
+        if self.per_second == 0 {
+            return false;
+        }
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now.duration_since(w.0).as_secs() >= 1 {
+            *w = (now, 0);
+        }
+        if w.1 < self.per_second {
+            w.1 += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn traceparents_round_trip_through_contexts() {
+        let cx = parent(TP).unwrap();
+        assert_eq!(traceparent(&cx).as_deref(), Some(TP));
+        assert_eq!(trace_id(TP), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert!(parent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
+        assert!(parent("garbage").is_none());
+        assert_eq!(trace_id("00-short-00f067aa0ba902b7-01"), None);
+        assert!(traceparent(&Context::new()).is_none());
+    }
+
+    #[test]
+    fn the_sampled_flag_is_read_from_well_formed_traceparents_only() {
+        assert!(sampled(TP));
+        assert!(!sampled(&TP.replace("-01", "-00")));
+        assert!(sampled(&TP.replace("-01", "-03")));
+        assert!(!sampled("00-abc-01"));
+        assert!(!sampled(""));
+        assert!(!sampled(&TP.replace("-01", "-zz")));
+    }
+
+    #[test]
+    fn a_budget_allows_its_rate_per_second() {
+        let b = Budget::per_second(3);
+        assert_eq!((0..10).filter(|_| b.take()).count(), 3);
+        assert!(!Budget::per_second(0).take());
+    }
+
+    #[test]
+    fn spans_without_a_layer_have_no_traceparent() {
+        let span = tracing::info_span!(target: "runcast_trace", "runcast.test");
+        assert_eq!(continue_trace(&span, Some(TP)), None);
+    }
+}
