@@ -194,6 +194,7 @@ pub fn duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 250ms, 20s, 5m or 2h"))?;
     Ok(match unit {
+        "us" => Duration::from_micros(n),
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
@@ -417,6 +418,7 @@ mod tests {
     #[test]
     fn parses_units() {
         assert_eq!(duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(duration("1us").unwrap(), Duration::from_micros(1));
         assert_eq!(duration("20").unwrap(), Duration::from_secs(20));
         assert_eq!(duration("5m").unwrap(), Duration::from_secs(300));
         assert!(duration("5y").is_err());

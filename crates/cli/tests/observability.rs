@@ -16,6 +16,7 @@ use std::{
 use runcast_test_support::{
     WsClient, http, json,
     nats::{NatsServer, TempDir, free_addr},
+    wait_http_ok,
 };
 use serde_json::Value;
 
@@ -60,22 +61,6 @@ fn spawn(cmd: &mut Command) -> Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("{cmd:?}: {e}")),
     )
-}
-
-async fn wait_for(addr: SocketAddr, path: &str, what: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok()
-            && http(addr, "GET", path, &[], "").await.0 == 200
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} not up within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Percent-encodes a query parameter.
@@ -199,9 +184,9 @@ async fn rules_and_dashboards_work_against_a_live_cluster() {
         "warn",
     ]));
     for (a, what) in [(ga, "gateway a"), (gb, "gateway b")] {
-        wait_for(a, "/readyz", what).await;
+        wait_http_ok(a, "/readyz", what).await;
     }
-    wait_for(worker_metrics, "/healthz", "worker").await;
+    wait_http_ok(worker_metrics, "/healthz", "worker").await;
 
     // Clients on both gateways watch the worker's running jobs.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -271,7 +256,7 @@ async fn rules_and_dashboards_work_against_a_live_cluster() {
             .arg(format!("--web.listen-address={prom}"))
             .stderr(std::fs::File::create(dir.path().join("log")).unwrap()),
     );
-    wait_for(prom, "/-/ready", "Prometheus").await;
+    wait_http_ok(prom, "/-/ready", "Prometheus").await;
 
     let query = |expr: String| async move {
         let (status, _, body) = http(

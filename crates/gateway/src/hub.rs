@@ -19,9 +19,9 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use runcast_bus::{Bus, BusError, Live};
 use runcast_core::{CloseCode, Event, RunId, frame};
+use runcast_telemetry::OpenTelemetrySpanExt;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
-use runcast_telemetry::OpenTelemetrySpanExt;
 use tracing::Instrument;
 
 use crate::{

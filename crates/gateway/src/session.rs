@@ -316,10 +316,10 @@ fn log_slow(f: &OutFrame, publish_to_write_us: u64, receive_to_write: std::time:
     tracing::warn!(
         run = %f.run,
         seq = f.last,
-        publish_to_write_ms = publish_to_write_us / 1000,
-        publish_to_receive_ms = publish_to_write_us.saturating_sub(receive_to_write_us) / 1000,
-        receive_to_write_ms = receive_to_write_us / 1000,
-        trace_id = trace_id.as_deref().unwrap_or("none"),
+        publish_to_write_us,
+        publish_to_receive_us = publish_to_write_us.saturating_sub(receive_to_write_us),
+        receive_to_write_us,
+        trace_id = %trace_id.as_deref().unwrap_or("none"),
         "slow event delivery"
     );
 }

@@ -24,12 +24,12 @@ use std::{
     time::Instant,
 };
 
+pub use opentelemetry::Context;
 use opentelemetry::{
     propagation::TextMapPropagator,
     trace::{TraceContextExt, TraceFlags},
 };
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-pub use opentelemetry::Context;
 pub use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The `tracing` target of every span runcast exports.

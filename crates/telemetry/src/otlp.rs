@@ -95,6 +95,8 @@ pub fn init(log_filter: &str, trace: &TraceConfig) -> Result<Telemetry, String> 
         );
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: log collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(logs);
 
     let endpoint = trace.resolved_endpoint();
@@ -164,9 +166,9 @@ fn provider(endpoint: &str, trace: &TraceConfig) -> Result<SdkTracerProvider, St
         if !(0.0..=1.0).contains(&r) {
             return Err(format!("trace sample ratio {r} is outside 0.0..=1.0"));
         }
-        builder = builder.with_sampler(Sampler::ParentBased(Box::new(
-            Sampler::TraceIdRatioBased(r),
-        )));
+        builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            r,
+        ))));
     }
     Ok(builder.build())
 }

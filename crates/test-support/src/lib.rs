@@ -4,6 +4,7 @@
 
 pub mod bus_conformance;
 pub mod nats;
+pub mod otlp;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -223,6 +224,24 @@ pub async fn http(
 }
 
 /// Parses a JSON body, failing the test with the body when it is not JSON.
+/// Waits up to 30 s for `GET path` on `addr` to answer 200 (a process we
+/// started coming up); panics naming `what` otherwise.
+pub async fn wait_http_ok(addr: SocketAddr, path: &str, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok()
+            && http(addr, "GET", path, &[], "").await.0 == 200
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} not up within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }

@@ -193,8 +193,8 @@ impl Publisher {
         kind: EventKind,
         data: &T,
     ) -> Result<u64, PublishError> {
-        let seqs = publish_traced(&*self.target, &self.run, vec![NewEvent::json(kind, data)?])
-            .await?;
+        let seqs =
+            publish_traced(&*self.target, &self.run, vec![NewEvent::json(kind, data)?]).await?;
         seqs.first().copied().ok_or_else(|| {
             PublishError::new(PublishErrorKind::Unavailable, "publish returned no seq")
         })
