@@ -398,7 +398,9 @@ async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
                         EventKind::Progress,
                         serde_json::value::RawValue::from_string(data).expect("json"),
                     );
-                    match target.publish(run, vec![ev]).await {
+                    // Traced like a worker's publish when the bench exports
+                    // traces (RUNCAST_OTLP_ENDPOINT), a no-op otherwise.
+                    match runcast_worker::publish_traced(&*target, run, vec![ev]).await {
                         Ok(_) => {
                             published[*idx].fetch_add(1, Ordering::Relaxed);
                         }

@@ -451,7 +451,12 @@ async fn round_trip(
         }
     }
     let sent = Instant::now();
-    let body = serde_json::json!({"kind": "log", "data": {"doctor": "probe"}}).to_string();
+    // The probe starts a trace of its own, so that the gateways' spans for
+    // it (when they export traces) can be found by the printed trace ID.
+    let tp = runcast_telemetry::new_traceparent();
+    let trace = runcast_telemetry::trace_id(&tp).unwrap_or_default().to_owned();
+    let body = serde_json::json!({"kind": "log", "data": {"doctor": "probe"}, "traceparent": tp})
+        .to_string();
     let seq = match request(
         t,
         "POST",
@@ -479,10 +484,16 @@ async fn round_trip(
             Ok(Some(Ok(Message::Text(f)))) if f.contains(r#""type":"event""#) => {
                 let got = sent.elapsed();
                 let _ = ws.close(None).await;
+                let frame: Value = serde_json::from_str(&f).unwrap_or_default();
+                let carried = frame["traceparent"]
+                    .as_str()
+                    .and_then(runcast_telemetry::trace_id)
+                    == Some(trace.as_str());
                 return Ok(format!(
-                    "probe seq {seq} on run {run}: publish -> ack {:.1} ms, publish -> subscriber {:.1} ms",
+                    "probe seq {seq} on run {run}: publish -> ack {:.1} ms, publish -> subscriber {:.1} ms, trace {trace}{}",
                     acked.as_secs_f64() * 1000.0,
-                    got.as_secs_f64() * 1000.0
+                    got.as_secs_f64() * 1000.0,
+                    if carried { "" } else { " (not carried to the client: the gateway predates tracing)" }
                 ));
             }
             Ok(Some(Ok(_))) => {}

@@ -74,6 +74,14 @@ async fn a_healthy_gateway_passes_every_check() {
         assert!(out.contains(line), "{line:?} in:\n{out}");
     }
     assert!(out.contains("publish -> subscriber"), "{out}");
+    // The probe's trace ID is printed, and the client frame carried it.
+    let trace = out
+        .split(", trace ")
+        .nth(1)
+        .and_then(|r| r.get(..32))
+        .unwrap_or_default();
+    assert!(trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()), "{out}");
+    assert!(!out.contains("not carried"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -323,3 +323,68 @@ async fn query_path(prom: SocketAddr, path: &str) -> (u16, Value) {
     let (status, _, body) = http(prom, "GET", path, &[], "").await;
     (status, json(&body))
 }
+
+/// The OpenTelemetry Collector example: valid YAML, an OTLP/gRPC receiver
+/// on 4317 (where `--otlp-endpoint` points), a traces pipeline whose every
+/// component is defined and comes from the collector's core distribution,
+/// and an OTLP exporter towards Tempo or Jaeger.
+#[test]
+fn the_collector_config_is_complete() {
+    let path = repo("observability/otel-collector/collector.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let c: Value = serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        c["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+            .as_str()
+            .is_some_and(|e| e.ends_with(":4317")),
+        "OTLP/gRPC receiver on 4317"
+    );
+    let core = ["otlp", "memory_limiter", "batch", "debug"];
+    let traces = &c["service"]["pipelines"]["traces"];
+    for (section, key) in [
+        ("receivers", "receivers"),
+        ("processors", "processors"),
+        ("exporters", "exporters"),
+    ] {
+        let used = traces[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("traces.{key}"));
+        assert!(!used.is_empty(), "traces.{key} is empty");
+        for name in used {
+            let name = name.as_str().unwrap();
+            assert!(
+                c[section].get(name).is_some(),
+                "{name} is not defined in {section}"
+            );
+            let kind = name.split('/').next().unwrap();
+            assert!(
+                core.contains(&kind),
+                "{name}: not a core-distribution component"
+            );
+        }
+        // Nothing defined and left unused.
+        for name in c[section].as_object().unwrap().keys() {
+            assert!(
+                used.iter().any(|u| u == name),
+                "{name} is defined but unused"
+            );
+        }
+    }
+    let exporters = traces["exporters"].as_array().unwrap();
+    assert!(
+        exporters
+            .iter()
+            .any(|e| e == "otlp/tempo" || e == "otlp/jaeger"),
+        "traces go to Tempo or Jaeger"
+    );
+    for e in exporters
+        .iter()
+        .filter_map(|e| e.as_str())
+        .filter(|e| e.starts_with("otlp/"))
+    {
+        assert!(
+            c["exporters"][e]["endpoint"].is_string(),
+            "{e} has an endpoint"
+        );
+    }
+}

@@ -81,6 +81,14 @@ pub fn continue_trace(span: &tracing::Span, parent: Option<&str>) -> Option<Stri
     traceparent(&span.context())
 }
 
+/// A fresh, sampled `traceparent` with random IDs: the root of a trace for
+/// a probe that has no span of its own (e.g. `runcast doctor`).
+pub fn new_traceparent() -> String {
+    use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
+    let ids = RandomIdGenerator::default();
+    format!("00-{}-{}-01", ids.new_trace_id(), ids.new_span_id())
+}
+
 /// Whether a well-formed `traceparent` has its sampled flag set, read
 /// without allocating: the gateway asks this for every live event.
 pub fn sampled(traceparent: &str) -> bool {
@@ -153,6 +161,9 @@ mod tests {
         assert!(parent("garbage").is_none());
         assert_eq!(trace_id("00-short-00f067aa0ba902b7-01"), None);
         assert!(traceparent(&Context::new()).is_none());
+        let fresh = new_traceparent();
+        assert!(parent(&fresh).is_some() && sampled(&fresh), "{fresh}");
+        assert_ne!(trace_id(&fresh), trace_id(&new_traceparent()));
     }
 
     #[test]

@@ -93,7 +93,14 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// On a given address (the sink example for benchmarks uses 4317's like).
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         let addr = listener.local_addr().unwrap();
         let spans = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = oneshot::channel::<()>();
@@ -121,6 +128,14 @@ impl OtlpReceiver {
 
     pub fn spans(&self) -> Vec<Span> {
         self.spans.lock().unwrap().clone()
+    }
+
+    /// How many spans arrived so far, dropping them (for long benchmarks).
+    pub fn drain_count(&self) -> usize {
+        let mut s = self.spans.lock().unwrap();
+        let n = s.len();
+        s.clear();
+        n
     }
 
     /// Waits up to `timeout` until `done` holds for the spans received so
