@@ -454,7 +454,9 @@ async fn round_trip(
     // The probe starts a trace of its own, so that the gateways' spans for
     // it (when they export traces) can be found by the printed trace ID.
     let tp = runcast_telemetry::new_traceparent();
-    let trace = runcast_telemetry::trace_id(&tp).unwrap_or_default().to_owned();
+    let trace = runcast_telemetry::trace_id(&tp)
+        .unwrap_or_default()
+        .to_owned();
     let body = serde_json::json!({"kind": "log", "data": {"doctor": "probe"}, "traceparent": tp})
         .to_string();
     let seq = match request(
@@ -493,7 +495,11 @@ async fn round_trip(
                     "probe seq {seq} on run {run}: publish -> ack {:.1} ms, publish -> subscriber {:.1} ms, trace {trace}{}",
                     acked.as_secs_f64() * 1000.0,
                     got.as_secs_f64() * 1000.0,
-                    if carried { "" } else { " (not carried to the client: the gateway predates tracing)" }
+                    if carried {
+                        ""
+                    } else {
+                        " (not carried to the client: the gateway predates tracing)"
+                    }
                 ));
             }
             Ok(Some(Ok(_))) => {}

@@ -80,7 +80,10 @@ async fn a_healthy_gateway_passes_every_check() {
         .nth(1)
         .and_then(|r| r.get(..32))
         .unwrap_or_default();
-    assert!(trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()), "{out}");
+    assert!(
+        trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{out}"
+    );
     assert!(!out.contains("not carried"), "{out}");
 }
 
