@@ -184,6 +184,14 @@ impl NatsArgs {
     }
 }
 
+/// A positive, finite number per second.
+pub fn rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a positive rate per second")),
+    }
+}
+
 /// Parses `250ms`, `20s`, `5m`, `2h` or plain seconds.
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -262,6 +270,16 @@ pub struct GatewayArgs {
     /// When exporting traces: at most this many per-client `runcast.deliver` spans a second.
     #[arg(long, env = "RUNCAST_TRACE_DELIVERIES", default_value_t = 100)]
     pub trace_deliveries: u32,
+    /// Bearer token for the admin API (/v1/admin/stats, drain, shed) the operator uses; unset = off.
+    #[arg(long, env = "RUNCAST_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// On SIGTERM, ask this many clients per second to reconnect elsewhere (faster if needed
+    /// to finish within half of --drain-timeout).
+    #[arg(long, env = "RUNCAST_DRAIN_RATE", default_value = "500", value_parser = rate)]
+    pub drain_rate: f64,
+    /// Random extra delay of up to this much for each SIGTERM reconnect hint.
+    #[arg(long, env = "RUNCAST_DRAIN_JITTER", default_value = "0s", value_parser = duration)]
+    pub drain_jitter: Duration,
     /// Log events slower than this from publish to socket write, with their trace ID (0 = off).
     #[arg(long, env = "RUNCAST_SLOW_EVENT_LOG", default_value = "500ms", value_parser = duration)]
     pub slow_event_log: Duration,
@@ -284,6 +302,9 @@ impl GatewayArgs {
             max_connections: self.max_connections,
             trace_deliveries_per_sec: self.trace_deliveries,
             slow_event_log: self.slow_event_log,
+            admin_token: self.admin_token.clone(),
+            drain_rate: self.drain_rate,
+            drain_jitter: self.drain_jitter,
             ..Config::default()
         }
     }
@@ -426,6 +447,10 @@ mod tests {
         assert_eq!(size("64KiB").unwrap(), 65536);
         assert_eq!(size("3").unwrap(), 3);
         assert!(size("1TiB").is_err());
+        assert_eq!(rate("2.5").unwrap(), 2.5);
+        for bad in ["0", "-1", "inf", "NaN", "x"] {
+            assert!(rate(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

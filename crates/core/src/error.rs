@@ -46,6 +46,10 @@ pub enum ErrorCode {
     Unavailable,
     /// The server is draining; reconnect elsewhere.
     Draining,
+    /// The admin API needs a valid bearer token (or is disabled).
+    Unauthorized,
+    /// The request conflicts with work in progress (a drain or shed).
+    Conflict,
     /// A bug or unexpected failure on the server.
     Internal,
 }
@@ -73,6 +77,8 @@ impl ErrorCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unavailable => "unavailable",
             Self::Draining => "draining",
+            Self::Unauthorized => "unauthorized",
+            Self::Conflict => "conflict",
             Self::Internal => "internal",
         }
     }
@@ -97,11 +103,13 @@ impl ErrorCode {
             Self::MethodNotAllowed => 405,
             Self::Capacity => 507,
             Self::Unavailable | Self::Draining => 503,
+            Self::Unauthorized => 401,
+            Self::Conflict => 409,
             Self::Internal => 500,
         }
     }
 
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 23] = [
         Self::InvalidJson,
         Self::InvalidFrame,
         Self::UnknownType,
@@ -122,6 +130,8 @@ impl ErrorCode {
         Self::MethodNotAllowed,
         Self::Unavailable,
         Self::Draining,
+        Self::Unauthorized,
+        Self::Conflict,
         Self::Internal,
     ];
 }

@@ -6,6 +6,7 @@
 //! gateway → client) and does no I/O, so every rule about what a valid run ID
 //! or frame is lives in exactly one place.
 
+pub mod admin;
 mod error;
 mod event;
 pub mod frame;

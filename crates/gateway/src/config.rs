@@ -45,6 +45,14 @@ pub struct Config {
     /// with its trace ID (at most 5 lines a second), so a slow latency
     /// bucket leads to a trace. Zero turns the log off.
     pub slow_event_log: Duration,
+    /// Bearer token for `/v1/admin/*` (stats, drain, shed); `None` turns
+    /// the admin API off.
+    pub admin_token: Option<String>,
+    /// On SIGTERM, clients are asked to reconnect at this many per second,
+    /// faster if needed to finish within half of `drain_timeout`.
+    pub drain_rate: f64,
+    /// Random delay of up to this much added to each shutdown hint.
+    pub drain_jitter: Duration,
 }
 
 impl Default for Config {
@@ -69,6 +77,9 @@ impl Default for Config {
             trace_deliveries_per_sec: 100,
             // The hop-latency SLO in observability/ (p99 publish → write < 0.5 s).
             slow_event_log: Duration::from_millis(500),
+            admin_token: None,
+            drain_rate: 500.0,
+            drain_jitter: Duration::ZERO,
         }
     }
 }

@@ -63,6 +63,10 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
             let run = run.to_string();
             stream(ctx.clone(), run, req)
         }
+        (["v1", "admin", op], _) => {
+            let op = op.to_string();
+            admin(ctx.gw.clone(), &op, req).await
+        }
         (["", ..] | [], _)
         | (["healthz" | "readyz" | "metrics"], _)
         | (["v1", "ws"], _)
@@ -435,6 +439,92 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
         }
         Err(e) => protocol_error(&gw, bus_error(e, &run)),
     }
+}
+
+/// `/v1/admin/{stats,drain,shed}`, for the operator: bearer token first.
+async fn admin(gw: Arc<Gateway>, op: &str, req: Request<Incoming>) -> Response<Body> {
+    if let Err(e) = authorize(&gw, &req) {
+        return error(e);
+    }
+    let accepted = |n: u64| {
+        json(
+            StatusCode::ACCEPTED,
+            serde_json::json!({ "clients": n }).to_string(),
+        )
+    };
+    match (op, req.method()) {
+        ("stats", &Method::GET) => json(
+            StatusCode::OK,
+            serde_json::to_string(&gw.stats()).unwrap_or_default(),
+        ),
+        ("drain", &Method::POST) => match admin_body::<runcast_core::admin::Drain>(req).await {
+            Ok(d) => match gw.drain(&d.unwrap_or_default()) {
+                Ok(n) => accepted(n),
+                Err(e) => error(e),
+            },
+            Err(e) => error(e),
+        },
+        ("shed", &Method::POST) => match admin_body::<runcast_core::admin::Shed>(req).await {
+            Ok(Some(s)) => match gw.shed(&s) {
+                Ok(n) => accepted(n),
+                Err(e) => error(e),
+            },
+            Ok(None) => error(ProtocolError::new(
+                ErrorCode::InvalidEvent,
+                r#"shed needs a body like {"count":100,"rate":50,"jitter_ms":500}"#,
+            )),
+            Err(e) => error(e),
+        },
+        ("stats", _) => method_not_allowed("GET"),
+        ("drain" | "shed", _) => method_not_allowed("POST"),
+        _ => error(ProtocolError::new(
+            ErrorCode::NotFound,
+            "admin routes are stats, drain and shed",
+        )),
+    }
+}
+
+/// The admin API needs `Authorization: Bearer <--admin-token>`; without a
+/// configured token it is off. Compared in constant time.
+fn authorize(gw: &Gateway, req: &Request<Incoming>) -> Result<(), ProtocolError> {
+    use subtle::ConstantTimeEq;
+    let Some(token) = gw.config.admin_token.as_deref().filter(|t| !t.is_empty()) else {
+        return Err(ProtocolError::new(
+            ErrorCode::Unauthorized,
+            "the admin API is off: start the gateway with --admin-token",
+        ));
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ProtocolError::new(
+            ErrorCode::Unauthorized,
+            "missing or wrong bearer token for the admin API",
+        ))
+    }
+}
+
+/// An optional JSON body of at most 64 KiB.
+async fn admin_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<Option<T>, ProtocolError> {
+    let body = Limited::new(req.into_body(), 64 << 10)
+        .collect()
+        .await
+        .map_err(|e| ProtocolError::new(ErrorCode::TooLarge, format!("admin body: {e}")))?
+        .to_bytes();
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, format!("admin body: {e}")))
 }
 
 fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {

@@ -169,6 +169,11 @@ impl Conn {
     pub fn close_code(&self) -> Option<CloseCode> {
         self.close_code.get().copied()
     }
+
+    /// How full the queue is, as a share of its byte bound.
+    pub fn queue_fill(&self) -> f64 {
+        self.queued_bytes.load(Ordering::Relaxed) as f64 / self.max_bytes.max(1) as f64
+    }
 }
 
 type Subscribers = Arc<Mutex<HashMap<u64, Arc<Conn>>>>;

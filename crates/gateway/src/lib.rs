@@ -13,6 +13,7 @@
 //! over the transport), `ws` / `sse` (transports), `http` (routes), and
 //! [`server::run`] (accept loop and graceful shutdown).
 
+pub mod admin;
 mod config;
 mod http;
 pub mod hub;

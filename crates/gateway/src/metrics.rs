@@ -21,6 +21,9 @@ pub struct Metrics {
     pub protocol_errors: IntCounterVec,
     pub closes: IntCounterVec,
     pub refused_connections: IntCounter,
+    /// Clients asked to reconnect elsewhere, by reason (shutdown, drain,
+    /// rebalance).
+    pub reconnect_hints: IntCounterVec,
     /// Hop latencies (`runcast_event_latency_seconds{hop}`): from the bus
     /// storing an event to the gateway receiving it live; from that to the
     /// frame being written to a client socket; and the two together.
@@ -190,6 +193,17 @@ impl Metrics {
                 "runcast_refused_connections_total",
                 "Connections refused because max_connections was reached.",
             ),
+            reconnect_hints: {
+                let v = vec(
+                    "runcast_reconnect_hints_total",
+                    "Clients asked to reconnect elsewhere (close 1001), by reason: shutdown, drain, rebalance.",
+                    "reason",
+                );
+                for r in ["shutdown", "drain", "rebalance"] {
+                    v.with_label_values(&[r]); // present at 0 from the start
+                }
+                v
+            },
             registry,
         }
     }

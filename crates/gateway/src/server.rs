@@ -32,7 +32,7 @@ pub struct Gateway {
     pub hub: Hub,
     pub metrics: Arc<Metrics>,
     pub config: Config,
-    draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
     /// Set once clients have been told to leave; sessions opened later close at once.
     stopping: AtomicBool,
     next_conn: AtomicU64,
@@ -45,6 +45,13 @@ pub struct Gateway {
     /// Bounds the `runcast.deliver` spans and the slow-event log lines.
     pub(crate) delivery_spans: runcast_telemetry::Budget,
     pub(crate) slow_event_logs: runcast_telemetry::Budget,
+    /// Reconnect hints scheduled and not yet sent (drain, shed, shutdown).
+    pub(crate) pending_hints: AtomicU64,
+    /// The delivered counter at the previous stats request, for its rate.
+    pub(crate) rate_mark: std::sync::Mutex<(std::time::Instant, u64)>,
+    /// Drain and shed tasks, kept so that a panic in one is logged and
+    /// they stop with the gateway.
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Gateway {
@@ -58,6 +65,9 @@ impl Gateway {
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             delivery_spans: runcast_telemetry::Budget::per_second(config.trace_deliveries_per_sec),
             slow_event_logs: runcast_telemetry::Budget::per_second(5),
+            pending_hints: AtomicU64::new(0),
+            rate_mark: std::sync::Mutex::new((std::time::Instant::now(), 0)),
+            tasks: std::sync::Mutex::new(Vec::new()),
             config,
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -84,17 +94,28 @@ impl Gateway {
         self.sessions().remove(&id);
     }
 
-    /// Tells every session to close with `code`.
-    fn close_all(&self, code: CloseCode) {
-        self.stopping.store(true, Ordering::Release);
-        let conns: Vec<Arc<Conn>> = self
-            .sessions()
+    /// Open sessions that have not been asked to close yet.
+    pub(crate) fn live_sessions(&self) -> Vec<Arc<Conn>> {
+        self.sessions()
             .values()
             .filter_map(|w| w.upgrade())
-            .collect();
-        for c in conns {
-            c.close(code);
-        }
+            .filter(|c| c.close_code().is_none())
+            .collect()
+    }
+
+    /// From now on new sessions are closed as they open; returns the open
+    /// ones, for the caller to close (paced).
+    pub(crate) fn stop_sessions(&self) -> Vec<Arc<Conn>> {
+        self.stopping.store(true, Ordering::Release);
+        self.live_sessions()
+    }
+
+    /// Keeps a background task's handle; finished ones are reaped here, and
+    /// a panicked one is logged.
+    pub(crate) fn track(&self, task: tokio::task::JoinHandle<()>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
     }
 
     pub fn is_draining(&self) -> bool {
@@ -177,11 +198,30 @@ pub async fn run(
         }
     }
     drop(listener);
-    tracing::info!("telling clients to reconnect elsewhere");
-    gw.close_all(CloseCode::GoingAway);
+    // Clients leave at a paced rate, finishing within half the drain
+    // timeout so that the last ones still have time to close cleanly.
+    let conns = gw.stop_sessions();
+    tracing::info!(
+        clients = conns.len(),
+        rate = gw.config.drain_rate,
+        "telling clients to reconnect elsewhere"
+    );
+    gw.pending_hints
+        .fetch_add(conns.len() as u64, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     drop(done_tx);
-    if tokio::time::timeout(gw.config.drain_timeout, done_rx.recv())
+    let hints = gw.send_hints(
+        conns,
+        gw.config.drain_rate,
+        gw.config.drain_jitter,
+        Some(gw.config.drain_timeout / 2),
+        crate::admin::HintReason::Shutdown,
+    );
+    let all_done = async {
+        hints.await;
+        done_rx.recv().await
+    };
+    if tokio::time::timeout(gw.config.drain_timeout, all_done)
         .await
         .is_err()
     {
