@@ -49,6 +49,36 @@ pub enum Command {
     /// Check every hop to a gateway (HTTP, readiness, WebSocket through
     /// proxies, SSE, NATS, a published probe) and say what to fix.
     Doctor(DoctorArgs),
+    /// Run the Kubernetes operator: reconcile RuncastClusters, scale gateway
+    /// fleets on connections and message rate, drain and rebalance.
+    Operator(OperatorArgs),
+    /// Print the RuncastCluster CustomResourceDefinition (YAML).
+    Crdgen,
+}
+
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    /// Watch RuncastClusters in this namespace only (default: all namespaces).
+    #[arg(long, env = "RUNCAST_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "RUNCAST_LEASE_NAME", default_value = "runcast-operator")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// How long a leader's lease lasts without renewal.
+    #[arg(long, env = "RUNCAST_LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    pub lease_duration: Duration,
+    /// The gateways' container port, where their admin API answers.
+    #[arg(long, env = "RUNCAST_GATEWAY_PORT", default_value_t = 8080)]
+    pub gateway_port: u16,
+    /// Where to serve the operator's /metrics and /healthz.
+    #[arg(long, env = "RUNCAST_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
 }
 
 #[derive(Debug, Args)]

@@ -27,6 +27,8 @@ pub fn init_telemetry(cli: &Cli) -> Result<runcast_telemetry::otlp::Telemetry, S
         Command::Publish(_) => "publish",
         Command::Bench(_) => "bench",
         Command::Doctor(_) => "doctor",
+        Command::Operator(_) => "operator",
+        Command::Crdgen => "crdgen",
     };
     let trace = runcast_telemetry::otlp::TraceConfig {
         endpoint: cli.trace.otlp_endpoint.clone(),
@@ -45,6 +47,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Publish(a) => publish(a).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(a) => bench::run(a).await.map(|()| ExitCode::SUCCESS),
         Command::Doctor(a) => doctor::run(a).await,
+        Command::Operator(a) => operator(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Crdgen => {
+            print!("{}", runcast_operator::crd_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -101,6 +108,39 @@ async fn gateway(a: args::GatewayRoleArgs) -> anyhow::Result<()> {
         vec![setup],
     )
     .await
+}
+
+async fn operator(a: args::OperatorArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes API: run in a pod with a service account, or with a kubeconfig")?;
+    let metrics = Arc::new(runcast_operator::metrics::OperatorMetrics::new());
+    let listener = bind(a.metrics_listen)
+        .with_context(|| format!("cannot serve metrics on {}", a.metrics_listen))?;
+    let served = {
+        let metrics = metrics.clone();
+        tokio::spawn(metrics_server::serve(
+            listener,
+            Arc::new(move || metrics.render()),
+        ))
+    };
+    let identity = a.identity.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| format!("runcast-operator-{}", std::process::id()))
+    });
+    let settings = runcast_operator::controller::Settings {
+        namespace: a.namespace,
+        lease_namespace: a.lease_namespace,
+        lease_name: a.lease_name,
+        identity,
+        lease_duration: a.lease_duration,
+        gateway_port: a.gateway_port,
+    };
+    let result =
+        runcast_operator::controller::run(client, settings, metrics, shutdown_signal()).await;
+    served.abort();
+    result.map_err(anyhow::Error::msg)
 }
 
 async fn worker(a: args::WorkerArgs) -> anyhow::Result<()> {

@@ -6,8 +6,21 @@
 //! added.
 //!
 //! Layers: [`crd`] (the resource), [`policy`] (pure scaling decisions),
-//! `resources` (the objects a cluster owns), `reconcile` (the controller
-//! glue), `lease` (leader election).
+//! [`resources`] (the objects a cluster owns), [`reconcile`] (one cluster's
+//! reconcile), [`lease`] (leader election) and [`controller`] (wiring).
 
+use kube::CustomResourceExt;
+
+/// The CRD as YAML, as `runcast crdgen` prints it.
+pub fn crd_yaml() -> String {
+    let crd = crd::RuncastCluster::crd();
+    serde_norway::to_string(&crd).expect("a CRD serializes")
+}
+
+pub mod controller;
 pub mod crd;
+pub mod lease;
+pub mod metrics;
 pub mod policy;
+pub mod reconcile;
+pub mod resources;

@@ -1,0 +1,127 @@
+//! Runtime wiring: leader election, then the kube-rs `Controller` that
+//! calls [`reconcile`] for every `RuncastCluster` when it or anything it
+//! owns changes, and at least every sync period.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::{
+    apps::v1::Deployment, coordination::v1::Lease, core::v1::Service,
+    policy::v1::PodDisruptionBudget,
+};
+use kube::{
+    Api, Client,
+    runtime::{Controller, watcher},
+};
+
+use crate::{
+    crd::RuncastCluster,
+    lease::LeaderElector,
+    metrics::OperatorMetrics,
+    reconcile::{Context, PodClient, error_policy, reconcile},
+};
+
+/// Where the operator works and how it elects a leader.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Watch RuncastClusters in this namespace only; `None`: all namespaces.
+    pub namespace: Option<String>,
+    /// The Lease's namespace and name.
+    pub lease_namespace: String,
+    pub lease_name: String,
+    /// This replica's identity in the Lease (its pod name).
+    pub identity: String,
+    pub lease_duration: Duration,
+    /// The gateways' container port, where their admin API answers.
+    pub gateway_port: u16,
+}
+
+/// Runs until `shutdown` completes, or fails if leadership is lost (the
+/// process then exits and restarts as a follower, the usual pattern: a
+/// replica that may have stale state never keeps acting).
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<OperatorMetrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let elector = LeaderElector::new(
+        Api::<Lease>::namespaced(client.clone(), &settings.lease_namespace),
+        &settings.lease_name,
+        &settings.identity,
+        settings.lease_duration,
+    );
+    tokio::pin!(shutdown);
+    // Follow until this replica holds the lease.
+    loop {
+        match elector.try_acquire().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
+        }
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            () = tokio::time::sleep(elector.renew_every()) => {}
+        }
+    }
+    tracing::info!(identity = %settings.identity, "leading: reconciling RuncastClusters");
+    metrics.leader.set(1);
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        PodClient::new(settings.gateway_port),
+        metrics.clone(),
+    ));
+    let clusters: Api<RuncastCluster> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let owned = |c: &Client| match &settings.namespace {
+        Some(ns) => (
+            Api::<Deployment>::namespaced(c.clone(), ns),
+            Api::<Service>::namespaced(c.clone(), ns),
+            Api::<PodDisruptionBudget>::namespaced(c.clone(), ns),
+        ),
+        None => (
+            Api::all(c.clone()),
+            Api::all(c.clone()),
+            Api::all(c.clone()),
+        ),
+    };
+    let (deployments, services, pdbs) = owned(&client);
+    let controller = Controller::new(clusters, watcher::Config::default())
+        .owns(deployments, watcher::Config::default())
+        .owns(services, watcher::Config::default())
+        .owns(pdbs, watcher::Config::default())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile stream");
+            }
+        });
+    tokio::pin!(controller);
+
+    let mut renew = tokio::time::interval(elector.renew_every());
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    let result = loop {
+        tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            () = &mut controller => break Err("the controller stopped".to_string()),
+            _ = renew.tick() => match elector.try_acquire().await {
+                Ok(true) => failing_since = None,
+                Ok(false) => break Err("lost the leader lease to another replica".into()),
+                Err(e) => {
+                    // Keep leading through short API outages, never past
+                    // the lease's own duration.
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    tracing::warn!(error = %e, "could not renew the leader lease");
+                    if since.elapsed() >= settings.lease_duration {
+                        break Err(format!("could not renew the leader lease: {e}"));
+                    }
+                }
+            },
+        }
+    };
+    metrics.leader.set(0);
+    result
+}

@@ -1,0 +1,101 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so that two
+//! operator replicas never reconcile (and scale, and drain) at once.
+//!
+//! The holder renews the lease every `duration / 3`. Another replica takes
+//! it over only once it has gone `duration` without renewal, and only with
+//! a replace conditioned on the lease's resourceVersion: of two replicas
+//! racing for an expired lease, exactly one wins.
+
+use std::time::Duration;
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::{SignedDuration, Timestamp},
+};
+use kube::{Api, api::PostParams};
+
+pub struct LeaderElector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+}
+
+impl LeaderElector {
+    pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
+        Self {
+            api,
+            name: name.into(),
+            identity: identity.into(),
+            duration,
+        }
+    }
+
+    /// How often to call [`try_acquire`](Self::try_acquire).
+    pub fn renew_every(&self) -> Duration {
+        self.duration / 3
+    }
+
+    fn spec(&self, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
+        let now = MicroTime(Timestamp::now());
+        LeaseSpec {
+            holder_identity: Some(self.identity.clone()),
+            lease_duration_seconds: Some(self.duration.as_secs() as i32),
+            acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
+            renew_time: Some(now),
+            lease_transitions: Some(transitions),
+            ..LeaseSpec::default()
+        }
+    }
+
+    /// Takes or renews the lease; whether this replica now leads.
+    pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(self.spec(0, None)),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                // Another replica created it first.
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
+        let expired = spec.renew_time.as_ref().is_none_or(|t| {
+            let held = SignedDuration::from_secs(i64::from(
+                spec.lease_duration_seconds
+                    .unwrap_or(self.duration.as_secs() as i32),
+            ));
+            t.0.checked_add(held)
+                .is_ok_and(|until| until < Timestamp::now())
+        });
+        if !mine && !expired {
+            return Ok(false);
+        }
+        let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
+        let acquired = if mine {
+            spec.acquire_time.clone()
+        } else {
+            None
+        };
+        lease.spec = Some(self.spec(transitions, acquired));
+        // `replace` sends the resourceVersion we read: if anyone changed the
+        // lease since, this fails with 409 and we do not lead.
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,543 @@
+//! The controller glue: for one `RuncastCluster`, apply the objects it
+//! owns, read every gateway pod's load, let the [`policy`](crate::policy)
+//! decide, carry out its plan (replicas, drains, sheds) and report status.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Pod, Secret, Service},
+        networking::v1::Ingress,
+        policy::v1::PodDisruptionBudget,
+    },
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{
+        ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+    },
+    runtime::controller::Action,
+};
+use runcast_core::admin::{Drain, PodStats, Shed};
+use serde_json::{Value, json};
+
+use crate::{
+    crd::{PodLoadStatus, RuncastCluster, RuncastClusterStatus},
+    metrics::OperatorMetrics,
+    policy::{self, History, PodLoad, Targets},
+    resources::{self, ADMIN_TOKEN_KEY},
+};
+
+/// The field manager of every server-side apply.
+pub const MANAGER: &str = "runcast-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("RuncastCluster has no namespace")]
+    NoNamespace,
+    #[error("invalid spec: {0}")]
+    Spec(String),
+}
+
+impl Error {
+    /// The `reason` label of `runcast_operator_reconcile_errors_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::NoNamespace => "no_namespace",
+            Self::Spec(_) => "spec",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub pods: PodClient,
+    pub metrics: Arc<OperatorMetrics>,
+    /// How often a cluster is looked at without any change.
+    pub sync_period: Duration,
+    /// Scaling recommendations per cluster (`namespace/name`), for the
+    /// stabilization windows. In memory: a new leader starts with empty
+    /// windows, which only delays its first scaling decision.
+    history: Mutex<HashMap<String, History>>,
+    /// Consecutive failures per cluster, for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    started: Instant,
+}
+
+impl Context {
+    pub fn new(client: Client, pods: PodClient, metrics: Arc<OperatorMetrics>) -> Self {
+        Self {
+            client,
+            pods,
+            metrics,
+            sync_period: Duration::from_secs(10),
+            history: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        }
+    }
+}
+
+fn key(rc: &RuncastCluster) -> String {
+    format!("{}/{}", rc.namespace().unwrap_or_default(), rc.name_any())
+}
+
+/// Requeue with exponential backoff (1 s, 2 s, 4 s ... 5 min) per cluster.
+pub fn error_policy(rc: Arc<RuncastCluster>, err: &Error, ctx: Arc<Context>) -> Action {
+    let n = {
+        let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key(&rc)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[err.reason()])
+        .inc();
+    let wait =
+        Duration::from_secs(1u64 << n.min(9).saturating_sub(1)).min(Duration::from_secs(300));
+    tracing::warn!(cluster = %key(&rc), error = %err, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+pub async fn reconcile(rc: Arc<RuncastCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let r = reconcile_inner(&rc, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics.reconciles.inc();
+    if r.is_ok() {
+        ctx.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key(&rc));
+    }
+    r
+}
+
+async fn reconcile_inner(rc: &RuncastCluster, ctx: &Context) -> Result<Action, Error> {
+    let ns = rc.namespace().ok_or(Error::NoNamespace)?;
+    let spec = &rc.spec;
+    if spec.replicas.min < 1 || spec.replicas.max < spec.replicas.min {
+        return Err(Error::Spec(format!(
+            "replicas.min ({}) must be at least 1 and at most replicas.max ({})",
+            spec.replicas.min, spec.replicas.max
+        )));
+    }
+    let client = ctx.client.clone();
+    let apply = PatchParams::apply(MANAGER).force();
+
+    // 1. The admin token the gateways and this operator share.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let token = match secrets.get_opt(&resources::admin_secret_name(rc)).await? {
+        Some(s) => read_token(&s).ok_or_else(|| {
+            Error::Spec(format!(
+                "Secret {} has no {ADMIN_TOKEN_KEY:?} key",
+                resources::admin_secret_name(rc)
+            ))
+        })?,
+        None => {
+            let token = new_token();
+            let body: Secret = serde_json::from_value(resources::admin_secret(rc, &token))
+                .map_err(|e| Error::Spec(e.to_string()))?;
+            secrets.create(&PostParams::default(), &body).await?;
+            token
+        }
+    };
+
+    // 2. Configuration, then what exists now.
+    let cm = resources::config_map(rc);
+    let config_hash = resources::hash(&cm["data"]);
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .patch(&resources::gateway_name(rc), &apply, &Patch::Apply(&cm))
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let current = deployments
+        .get_opt(&resources::gateway_name(rc))
+        .await?
+        .and_then(|d| d.spec.and_then(|s| s.replicas))
+        .unwrap_or(spec.replicas.min);
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pods = pods_api
+        .list(&ListParams::default().labels(&resources::selector(rc)))
+        .await?;
+    let mut loads = Vec::new();
+    let mut addrs = HashMap::new();
+    for p in pods
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let ready = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+        let stats = match &ip {
+            Some(ip) => ctx.pods.stats(ip, &token).await,
+            None => None,
+        };
+        if let Some(ip) = ip {
+            addrs.insert(p.name_any(), ip);
+        }
+        loads.push(PodLoad {
+            name: p.name_any(),
+            ready,
+            stats,
+        });
+    }
+
+    // 3. Decide.
+    let targets = Targets {
+        min: spec.replicas.min,
+        max: spec.replicas.max,
+        connections_per_pod: spec.scaling.connections_per_pod,
+        messages_per_second_per_pod: spec.scaling.messages_per_second_per_pod,
+        up_window: Duration::from_secs(spec.scaling.scale_up_stabilization_seconds),
+        down_window: Duration::from_secs(spec.scaling.scale_down_stabilization_seconds),
+        rebalance: spec.scaling.rebalance,
+    };
+    let plan = {
+        let mut h = ctx.history.lock().unwrap_or_else(|p| p.into_inner());
+        let history = h.entry(key(rc)).or_default();
+        policy::plan(&loads, current, &targets, history, ctx.started.elapsed())
+    };
+    if plan.replicas != current || !plan.drain.is_empty() || !plan.shed.is_empty() {
+        tracing::info!(cluster = %key(rc), current, replicas = plan.replicas, desired = plan.desired, reason = %plan.reason, "scaling");
+    }
+
+    // 4. Apply: the Deployment at the planned size, and the rest.
+    deployments
+        .patch(
+            &resources::gateway_name(rc),
+            &apply,
+            &Patch::Apply(&resources::deployment(rc, plan.replicas, &config_hash)),
+        )
+        .await?;
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .patch(
+            &rc.name_any(),
+            &apply,
+            &Patch::Apply(&resources::service(rc)),
+        )
+        .await?;
+    Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns)
+        .patch(
+            &resources::gateway_name(rc),
+            &apply,
+            &Patch::Apply(&resources::pdb(rc)),
+        )
+        .await?;
+    if let Some(i) = resources::ingress(rc) {
+        Api::<Ingress>::namespaced(client.clone(), &ns)
+            .patch(&rc.name_any(), &apply, &Patch::Apply(&i))
+            .await?;
+    }
+    for (obj, kind) in [
+        (resources::service_monitor(rc), "ServiceMonitor"),
+        (resources::prometheus_rule(rc), "PrometheusRule"),
+    ] {
+        if let Some(obj) = obj {
+            let ar =
+                ApiResource::from_gvk(&GroupVersionKind::gvk("monitoring.coreos.com", "v1", kind));
+            Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ar)
+                .patch(&rc.name_any(), &apply, &Patch::Apply(&obj))
+                .await?;
+        }
+    }
+
+    // 5. Move clients: drain before removal, shed to rebalance.
+    let grace_ms = ((spec.drain.grace_period_seconds - 10).max(1) as u64) * 1000;
+    for name in &plan.drain {
+        // Marked first: should the operator stop here, the ReplicaSet
+        // still removes this pod (and no other) when replicas drop.
+        pods_api
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(resources::deletion_cost_patch()),
+            )
+            .await?;
+        if let Some(ip) = addrs.get(name) {
+            let d = Drain {
+                rate: spec.drain.rate,
+                jitter_ms: spec.drain.jitter_ms,
+                grace_ms: Some(grace_ms),
+            };
+            if !ctx.pods.post(ip, &token, "drain", &d).await {
+                tracing::warn!(pod = %name, "drain request failed; retrying next sync");
+            }
+        }
+    }
+    for (name, count) in &plan.shed {
+        if let Some(ip) = addrs.get(name) {
+            let s = Shed {
+                count: *count,
+                rate: spec.drain.rate,
+                jitter_ms: spec.drain.jitter_ms,
+            };
+            if !ctx.pods.post(ip, &token, "shed", &s).await {
+                tracing::warn!(pod = %name, "shed request failed; retrying next sync");
+            }
+        }
+    }
+
+    // 6. Status.
+    let status = status(rc, &loads, &plan, current);
+    ctx.metrics.record(&key(rc), &status);
+    Api::<RuncastCluster>::namespaced(client, &ns)
+        .patch_status(
+            &rc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status})),
+        )
+        .await?;
+    let busy = !plan.drain.is_empty() || !plan.shed.is_empty() || plan.replicas != current;
+    Ok(Action::requeue(if busy {
+        // Follow a drain or rebalance closely.
+        Duration::from_secs(2)
+    } else {
+        ctx.sync_period
+    }))
+}
+
+fn read_token(s: &Secret) -> Option<String> {
+    if let Some(b) = s.data.as_ref().and_then(|d| d.get(ADMIN_TOKEN_KEY)) {
+        return String::from_utf8(b.0.clone()).ok();
+    }
+    s.string_data
+        .as_ref()
+        .and_then(|d| d.get(ADMIN_TOKEN_KEY))
+        .cloned()
+}
+
+/// 32 random bytes, hex: the admin token. From the OS's generator.
+fn new_token() -> String {
+    let mut b = [0u8; 32];
+    if getrandom::fill(&mut b).is_err() {
+        // No OS randomness: fall back to time and address entropy rather
+        // than fail; the token only guards the in-cluster admin API.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        b[..16].copy_from_slice(&t.to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(Timestamp::now()),
+    }
+}
+
+fn status(
+    rc: &RuncastCluster,
+    loads: &[PodLoad],
+    plan: &policy::Plan,
+    current: i32,
+) -> RuncastClusterStatus {
+    let gen_ = rc.metadata.generation;
+    let ready = loads.iter().filter(|p| p.ready).count() as i32;
+    let draining: Vec<&str> = loads
+        .iter()
+        .filter(|p| p.stats.as_ref().is_some_and(|s| s.draining))
+        .map(|p| p.name.as_str())
+        .collect();
+    let silent: Vec<&str> = loads
+        .iter()
+        .filter(|p| p.ready && p.stats.is_none())
+        .map(|p| p.name.as_str())
+        .collect();
+    let stats = |f: fn(&PodStats) -> f64| -> f64 {
+        loads.iter().filter_map(|p| p.stats.as_ref()).map(f).sum()
+    };
+    let scaling = plan.replicas != current || plan.desired != current - draining.len() as i32;
+    RuncastClusterStatus {
+        observed_generation: gen_,
+        replicas: loads.len() as i32,
+        ready_replicas: ready,
+        desired_replicas: plan.desired,
+        connections: stats(|s| s.connections as f64) as u64,
+        delivered_per_second: stats(|s| s.delivered_per_sec),
+        pods: loads
+            .iter()
+            .map(|p| PodLoadStatus {
+                name: p.name.clone(),
+                connections: p.stats.as_ref().map_or(0, |s| s.connections),
+                delivered_per_second: p.stats.as_ref().map_or(0.0, |s| s.delivered_per_sec),
+                draining: p.stats.as_ref().is_some_and(|s| s.draining),
+            })
+            .collect(),
+        conditions: vec![
+            condition(
+                "Ready",
+                ready >= rc.spec.replicas.min,
+                if ready >= rc.spec.replicas.min {
+                    "MinimumReplicasReady"
+                } else {
+                    "TooFewReadyReplicas"
+                },
+                format!("{ready} of {} gateway pods ready", loads.len()),
+                gen_,
+            ),
+            condition(
+                "Scaling",
+                scaling,
+                if scaling { "Scaling" } else { "Stable" },
+                if plan.reason.is_empty() {
+                    format!("{} pods", plan.desired)
+                } else {
+                    plan.reason.clone()
+                },
+                gen_,
+            ),
+            condition(
+                "Draining",
+                !draining.is_empty(),
+                if draining.is_empty() {
+                    "NoDrain"
+                } else {
+                    "Draining"
+                },
+                format!("draining: [{}]", draining.join(", ")),
+                gen_,
+            ),
+            condition(
+                "Degraded",
+                !silent.is_empty(),
+                if silent.is_empty() {
+                    "AllPodsReporting"
+                } else {
+                    "PodsNotReporting"
+                },
+                format!(
+                    "ready pods whose stats did not answer: [{}]",
+                    silent.join(", ")
+                ),
+                gen_,
+            ),
+        ],
+    }
+}
+
+/// Talks to the gateway pods' admin API over plain HTTP inside the
+/// cluster, with the shared bearer token. Each request is bounded in time:
+/// a pod that does not answer counts as not reporting.
+#[derive(Clone)]
+pub struct PodClient {
+    port: u16,
+    timeout: Duration,
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+}
+
+impl PodClient {
+    pub fn new(port: u16) -> Self {
+        Self {
+            port,
+            timeout: Duration::from_secs(2),
+            http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http(),
+        }
+    }
+
+    async fn call(
+        &self,
+        ip: &str,
+        token: &str,
+        method: &str,
+        op: &str,
+        body: String,
+    ) -> Option<(u16, bytes::Bytes)> {
+        use http_body_util::BodyExt;
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_owned()
+        };
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{host}:{}/v1/admin/{op}", self.port))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .ok()?;
+        let exchange = async {
+            let resp = self.http.request(req).await.ok()?;
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            Some((status, body))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    pub async fn stats(&self, ip: &str, token: &str) -> Option<PodStats> {
+        match self.call(ip, token, "GET", "stats", String::new()).await {
+            Some((200, b)) => serde_json::from_slice(&b).ok(),
+            other => {
+                tracing::debug!(%ip, status = ?other.map(|o| o.0), "pod stats unavailable");
+                None
+            }
+        }
+    }
+
+    /// POSTs an admin request; whether the pod accepted it (202, or 409 if
+    /// the same work is already under way there).
+    pub async fn post<T: serde::Serialize>(
+        &self,
+        ip: &str,
+        token: &str,
+        op: &str,
+        body: &T,
+    ) -> bool {
+        let body = serde_json::to_string(body).unwrap_or_default();
+        matches!(
+            self.call(ip, token, "POST", op, body).await,
+            Some((202 | 409, _))
+        )
+    }
+}
+
+impl std::fmt::Debug for PodClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodClient")
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+/// The status a cluster reports, serialized as the API server stores it
+/// (used by tests to read status patches).
+pub fn status_of(v: &Value) -> Option<RuncastClusterStatus> {
+    serde_json::from_value(v.get("status")?.clone()).ok()
+}
