@@ -3,6 +3,10 @@
 //! `runcast crdgen` prints the CRD generated from these types; the copies in
 //! `k8s/` and `charts/runcast/crds/` are checked against it in tests.
 
+// Several `printcolumn(...)` arguments of `#[kube]` share keys (`type_`),
+// which clippy mistakes for repeated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::{

@@ -41,10 +41,21 @@ impl TestGateway {
 
     /// A gateway on any bus (e.g. a `NatsBus`); `source` labels its metrics.
     pub async fn on(bus: Arc<dyn Bus>, config: Config, source: &str) -> Self {
+        Self::on_addr(bus, config, source, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// On a given address: several gateways can share one port on
+    /// 127.0.0.1, 127.0.0.2, ..., like pods sharing a container port.
+    pub async fn on_addr(
+        bus: Arc<dyn Bus>,
+        config: Config,
+        source: &str,
+        addr: SocketAddr,
+    ) -> Self {
         let gw = Gateway::new(bus.clone(), config, source);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .expect("bind loopback");
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(runcast_gateway::run(gw.clone(), listener, async move {
