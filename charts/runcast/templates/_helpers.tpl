@@ -1,0 +1,49 @@
+{{- define "runcast.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "runcast.labels" -}}
+app.kubernetes.io/name: runcast
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "runcast.operatorName" -}}
+{{ .Release.Name }}-operator
+{{- end -}}
+
+{{- define "runcast.natsName" -}}
+{{ .Release.Name }}-nats
+{{- end -}}
+
+{{/* Where the gateways and workers find NATS. Short names (same
+     namespace), so rendered manifests work in any namespace. */}}
+{{- define "runcast.natsUrl" -}}
+{{- if .Values.nats.bundled -}}
+{{- $name := include "runcast.natsName" . -}}
+{{- $urls := list -}}
+{{- range $i := until (int .Values.nats.replicas) -}}
+{{- $urls = append $urls (printf "nats://%s-%d.%s-headless:4222" $name $i $name) -}}
+{{- end -}}
+{{- join "," $urls -}}
+{{- else -}}
+{{- required "nats.url is required when nats.bundled is false" .Values.nats.url -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "runcast.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "runcast.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
