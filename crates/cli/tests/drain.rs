@@ -274,3 +274,58 @@ async fn a_drained_gateway_moves_its_clients_without_loss_at_its_rate() {
         "{busiest} hints in one second"
     );
 }
+
+/// SIGTERM drains at the configured pace instead of dropping everyone at
+/// once, and the process still exits within its drain timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_paces_reconnect_hints_within_the_drain_timeout() {
+    let addr = free_addr();
+    let mut up = Command::new(BIN)
+        .args(["up", "--listen", &addr.to_string(), "--log", "warn"])
+        .args(["--drain-rate", "50", "--drain-timeout", "10s"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("runcast up starts");
+    wait_http_ok(addr, "/readyz", "runcast up").await;
+    let mut clients = Vec::new();
+    for i in 0..100 {
+        let mut c = runcast_test_support::WsClient::connect(&format!("ws://{addr}/v1/ws")).await;
+        c.subscribe(&format!("sig-{}", i % 5), None).await;
+        clients.push(c);
+    }
+    let started = Instant::now();
+    let pid = up.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut closes = Vec::new();
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        tasks.push(tokio::spawn(async move {
+            let (code, _) = tokio::time::timeout(Duration::from_secs(15), c.read_until_close())
+                .await
+                .expect("closed within the drain timeout");
+            (code, started.elapsed())
+        }));
+    }
+    for t in tasks {
+        let (code, at) = t.await.unwrap();
+        assert_eq!(code, Some(1001));
+        closes.push(at);
+    }
+    closes.sort();
+    // 100 hints at 50/s: about 2 s from first to last, not all at once.
+    let spread = *closes.last().unwrap() - closes[0];
+    assert!(spread >= Duration::from_millis(1600), "{spread:?}");
+    assert!(spread <= Duration::from_secs(5), "{spread:?}");
+    let status = tokio::time::timeout(Duration::from_secs(12), up.wait())
+        .await
+        .expect("exits within the drain timeout")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

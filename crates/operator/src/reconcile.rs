@@ -27,6 +27,7 @@ use kube::{
 };
 use runcast_core::admin::{Drain, PodStats, Shed};
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::{
     crd::{PodLoadStatus, RuncastCluster, RuncastClusterStatus},
@@ -93,7 +94,7 @@ fn key(rc: &RuncastCluster) -> String {
     format!("{}/{}", rc.namespace().unwrap_or_default(), rc.name_any())
 }
 
-/// Requeue with exponential backoff (1 s, 2 s, 4 s ... 5 min) per cluster.
+/// Requeue with exponential backoff per cluster: 1 s, 2 s, 4 s ... up to 256 s.
 pub fn error_policy(rc: Arc<RuncastCluster>, err: &Error, ctx: Arc<Context>) -> Action {
     let n = {
         let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
@@ -113,7 +114,15 @@ pub fn error_policy(rc: Arc<RuncastCluster>, err: &Error, ctx: Arc<Context>) -> 
 
 pub async fn reconcile(rc: Arc<RuncastCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let r = reconcile_inner(&rc, &ctx).await;
+    // Exported like the other roles' spans when the operator has an OTLP
+    // endpoint: one trace per reconcile, API calls and pod requests inside.
+    let span = tracing::info_span!(
+        target: runcast_telemetry::TARGET,
+        "runcast.reconcile",
+        runcast.cluster = %key(&rc),
+        runcast.generation = rc.metadata.generation.unwrap_or(0),
+    );
+    let r = reconcile_inner(&rc, &ctx).instrument(span).await;
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());

@@ -758,3 +758,37 @@ async fn leader_election_hands_over_only_an_expired_lease() {
     assert!(t.await.unwrap().unwrap());
     assert_eq!(renewed["spec"]["leaseTransitions"], 3);
 }
+
+#[tokio::test]
+async fn failed_reconciles_back_off_exponentially_per_cluster() {
+    let (_api, client) = mock();
+    let ctx = Arc::new(Context::new(
+        client,
+        PodClient::new(1),
+        Arc::new(OperatorMetrics::new()),
+    ));
+    let rc = Arc::new(cluster(spec(json!({})), 1));
+    let err = runcast_operator::reconcile::Error::Spec("x".into());
+    let waits: Vec<_> = (0..12)
+        .map(|_| runcast_operator::reconcile::error_policy(rc.clone(), &err, ctx.clone()))
+        .collect();
+    use kube::runtime::controller::Action;
+    let secs = |s| Action::requeue(Duration::from_secs(s));
+    assert_eq!(waits[0], secs(1));
+    assert_eq!(waits[1], secs(2));
+    assert_eq!(waits[2], secs(4));
+    assert_eq!(waits[8], secs(256));
+    assert_eq!(waits[11], secs(256), "capped");
+    // Another cluster starts from 1 s.
+    let other = Arc::new(
+        serde_json::from_value::<RuncastCluster>(json!({
+            "apiVersion": "runcast.dev/v1alpha1", "kind": "RuncastCluster",
+            "metadata": {"name": "other", "namespace": NS}, "spec": spec(json!({})),
+        }))
+        .unwrap(),
+    );
+    assert_eq!(
+        runcast_operator::reconcile::error_policy(other, &err, ctx),
+        secs(1)
+    );
+}
