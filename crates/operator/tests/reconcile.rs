@@ -191,6 +191,36 @@ fn mock() -> (Api, kube::Client) {
     (Api(handle), kube::Client::new(svc, NS))
 }
 
+/// The reads every reconcile of an existing cluster starts with: the admin
+/// Secret, the ConfigMap apply (returned), the Deployment at `replicas`,
+/// and the pod list.
+async fn reads(api: &mut Api, replicas: i32, pods: (u16, Value)) -> Value {
+    api.expect(
+        "GET",
+        &format!("/api/v1/namespaces/{NS}/secrets/demo-admin"),
+        |_| secret(),
+    )
+    .await;
+    let (_, cm) = api
+        .expect(
+            "PATCH",
+            &format!("/api/v1/namespaces/{NS}/configmaps/demo-gateway"),
+            echo,
+        )
+        .await;
+    api.expect(
+        "GET",
+        &format!("/apis/apps/v1/namespaces/{NS}/deployments/demo-gateway"),
+        |_| deployment(replicas),
+    )
+    .await;
+    api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), move |_| {
+        pods
+    })
+    .await;
+    cm
+}
+
 /// The SSA calls every reconcile makes after reading, in order.
 async fn applies(api: &mut Api) -> (Value, Value) {
     let (q, dep) = api
@@ -393,35 +423,18 @@ async fn update_rolls_the_new_spec_out_at_the_current_size() {
     s["nats"]["url"] = json!("nats://other:4222");
     let rc = cluster(s, 2);
     let (mut api, task, _) = start(rc.clone(), 1);
-    api.expect(
-        "GET",
-        &format!("/api/v1/namespaces/{NS}/secrets/demo-admin"),
-        |_| secret(),
-    )
-    .await;
-    let (_, cm) = api
-        .expect(
-            "PATCH",
-            &format!("/api/v1/namespaces/{NS}/configmaps/demo-gateway"),
-            echo,
-        )
-        .await;
-    api.expect(
-        "GET",
-        &format!("/apis/apps/v1/namespaces/{NS}/deployments/demo-gateway"),
-        |_| deployment(4),
-    )
-    .await;
     // Four ready pods whose admin API does not answer (nothing listens on
     // port 1).
-    api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), |_| {
+    let cm = reads(
+        &mut api,
+        4,
         pods(&[
             ("gw-a", "127.0.0.1", true),
             ("gw-b", "127.0.0.2", true),
             ("gw-c", "127.0.0.3", true),
             ("gw-d", "127.0.0.4", true),
-        ])
-    })
+        ]),
+    )
     .await;
     let (dep, _) = applies(&mut api).await;
     let status = status_patch(&mut api, &rc).await;
@@ -459,27 +472,11 @@ async fn scale_up_then_rebalance_onto_the_new_pod() {
 
     // 60 connections at 20 per pod: 2 pods become 3.
     let (mut api, task, _) = start(rc.clone(), port);
-    api.expect(
-        "GET",
-        &format!("/api/v1/namespaces/{NS}/secrets/demo-admin"),
-        |_| secret(),
+    reads(
+        &mut api,
+        2,
+        pods(&[("gw-a", "127.0.0.1", true), ("gw-b", "127.0.0.2", true)]),
     )
-    .await;
-    api.expect(
-        "PATCH",
-        &format!("/api/v1/namespaces/{NS}/configmaps/demo-gateway"),
-        echo,
-    )
-    .await;
-    api.expect(
-        "GET",
-        &format!("/apis/apps/v1/namespaces/{NS}/deployments/demo-gateway"),
-        |_| deployment(2),
-    )
-    .await;
-    api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), |_| {
-        pods(&[("gw-a", "127.0.0.1", true), ("gw-b", "127.0.0.2", true)])
-    })
     .await;
     let (dep, _) = applies(&mut api).await;
     let status = status_patch(&mut api, &rc).await;
@@ -497,31 +494,15 @@ async fn scale_up_then_rebalance_onto_the_new_pod() {
     // The new pod is ready and empty: the old ones shed to the fair share.
     // (Stabilization windows are 0 here, so a fresh context decides the same.)
     let (mut api, task, _) = start(rc.clone(), port);
-    api.expect(
-        "GET",
-        &format!("/api/v1/namespaces/{NS}/secrets/demo-admin"),
-        |_| secret(),
-    )
-    .await;
-    api.expect(
-        "PATCH",
-        &format!("/api/v1/namespaces/{NS}/configmaps/demo-gateway"),
-        echo,
-    )
-    .await;
-    api.expect(
-        "GET",
-        &format!("/apis/apps/v1/namespaces/{NS}/deployments/demo-gateway"),
-        |_| deployment(3),
-    )
-    .await;
-    api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), |_| {
+    reads(
+        &mut api,
+        3,
         pods(&[
             ("gw-a", "127.0.0.1", true),
             ("gw-b", "127.0.0.2", true),
             ("gw-c", "127.0.0.3", true),
-        ])
-    })
+        ]),
+    )
     .await;
     let (dep, _) = applies(&mut api).await;
     status_patch(&mut api, &rc).await;
@@ -560,33 +541,12 @@ async fn scale_down_drains_first_then_removes_exactly_the_drained_pods() {
 
     // 16 connections fit in 1 pod: drain the two least loaded.
     let (mut api, task, _) = start(rc.clone(), port);
-    api.expect(
-        "GET",
-        &format!("/api/v1/namespaces/{NS}/secrets/demo-admin"),
-        |_| secret(),
-    )
-    .await;
-    api.expect(
-        "PATCH",
-        &format!("/api/v1/namespaces/{NS}/configmaps/demo-gateway"),
-        echo,
-    )
-    .await;
-    api.expect(
-        "GET",
-        &format!("/apis/apps/v1/namespaces/{NS}/deployments/demo-gateway"),
-        |_| deployment(3),
-    )
-    .await;
     let three = [
         ("gw-a", "127.0.0.1", true),
         ("gw-b", "127.0.0.2", true),
         ("gw-c", "127.0.0.3", true),
     ];
-    api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), |_| {
-        pods(&three)
-    })
-    .await;
+    reads(&mut api, 3, pods(&three)).await;
     let (dep, _) = applies(&mut api).await;
     for pod in ["gw-a", "gw-b"] {
         let (_, patch) = api
@@ -631,28 +591,7 @@ async fn scale_down_drains_first_then_removes_exactly_the_drained_pods() {
     }
     // (Stabilization windows are 0 here, so a fresh context decides the same.)
     let (mut api, task, _) = start(rc.clone(), port);
-    api.expect(
-        "GET",
-        &format!("/api/v1/namespaces/{NS}/secrets/demo-admin"),
-        |_| secret(),
-    )
-    .await;
-    api.expect(
-        "PATCH",
-        &format!("/api/v1/namespaces/{NS}/configmaps/demo-gateway"),
-        echo,
-    )
-    .await;
-    api.expect(
-        "GET",
-        &format!("/apis/apps/v1/namespaces/{NS}/deployments/demo-gateway"),
-        |_| deployment(3),
-    )
-    .await;
-    api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), |_| {
-        pods(&three)
-    })
-    .await;
+    reads(&mut api, 3, pods(&three)).await;
     let (dep, _) = applies(&mut api).await;
     let status = status_patch(&mut api, &rc).await;
     task.await.unwrap().unwrap();
