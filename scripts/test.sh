@@ -52,7 +52,7 @@ nats-server --version
 tools_dir=$(bash scripts/k8s-tools.sh)
 export PATH="$tools_dir:$PATH"
 helm version --short
-kubectl version --client 2>/dev/null | head -1
+kubectl version --client
 
 step "protocol schema"
 python3 scripts/check_proto.py
