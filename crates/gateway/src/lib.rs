@@ -14,6 +14,7 @@
 //! [`server::run`] (accept loop and graceful shutdown).
 
 pub mod admin;
+pub mod auth;
 mod config;
 mod http;
 pub mod hub;
