@@ -24,6 +24,7 @@ messages = {
     "subscribe": pb.Subscribe, "unsubscribe": pb.Unsubscribe, "ping": pb.Ping,
     "hello": pb.Hello, "state": pb.State, "event": pb.Event, "gap": pb.Gap,
     "error": pb.Error, "unsubscribed": pb.Unsubscribed, "pong": pb.Pong,
+    "auth": pb.Auth, "refresh": pb.Refresh, "authenticated": pb.Authenticated,
 }
 
 doc = open(os.path.join(root, "docs", "protocol.md")).read()

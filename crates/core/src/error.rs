@@ -46,8 +46,11 @@ pub enum ErrorCode {
     Unavailable,
     /// The server is draining; reconnect elsewhere.
     Draining,
-    /// The admin API needs a valid bearer token (or is disabled).
+    /// The admin API needs a valid bearer token (or is disabled); or a
+    /// subscriber's token is missing, invalid or expired.
     Unauthorized,
+    /// The token is valid but does not cover this run.
+    Forbidden,
     /// The request conflicts with work in progress (a drain or shed).
     Conflict,
     /// A bug or unexpected failure on the server.
@@ -78,6 +81,7 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::Draining => "draining",
             Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
             Self::Conflict => "conflict",
             Self::Internal => "internal",
         }
@@ -104,12 +108,13 @@ impl ErrorCode {
             Self::Capacity => 507,
             Self::Unavailable | Self::Draining => 503,
             Self::Unauthorized => 401,
+            Self::Forbidden => 403,
             Self::Conflict => 409,
             Self::Internal => 500,
         }
     }
 
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         Self::InvalidJson,
         Self::InvalidFrame,
         Self::UnknownType,
@@ -131,6 +136,7 @@ impl ErrorCode {
         Self::Unavailable,
         Self::Draining,
         Self::Unauthorized,
+        Self::Forbidden,
         Self::Conflict,
         Self::Internal,
     ];
@@ -191,6 +197,9 @@ pub enum CloseCode {
     /// 4001: no pong or other frame within the heartbeat timeout.
     /// Reconnect and resume.
     HeartbeatTimeout,
+    /// 4003: the connection's token expired without a refresh. Reconnect
+    /// with a fresh token and resume.
+    TokenExpired,
 }
 
 impl CloseCode {
@@ -203,6 +212,7 @@ impl CloseCode {
             Self::InternalError => 1011,
             Self::SlowConsumer => 4000,
             Self::HeartbeatTimeout => 4001,
+            Self::TokenExpired => 4003,
         }
     }
 
@@ -215,6 +225,7 @@ impl CloseCode {
             Self::InternalError => "internal error: reconnect and resume",
             Self::SlowConsumer => "slow consumer: reconnect and resume",
             Self::HeartbeatTimeout => "heartbeat timeout: reconnect and resume",
+            Self::TokenExpired => "token expired: reconnect with a fresh token and resume",
         }
     }
 

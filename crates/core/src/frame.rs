@@ -24,6 +24,10 @@ pub enum ClientFrame {
     },
     /// Application-level keepalive for clients that cannot send WebSocket pings.
     Ping,
+    /// A fresh bearer token for this connection (the answer to `refresh`).
+    Auth {
+        token: String,
+    },
 }
 
 /// Parses one text frame from a client.
@@ -65,10 +69,17 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ProtocolError> {
             run: run_field(&obj)?,
         }),
         "ping" => Ok(ClientFrame::Ping),
+        "auth" => match obj.get("token") {
+            Some(Value::String(t)) if !t.is_empty() => Ok(ClientFrame::Auth { token: t.clone() }),
+            _ => Err(ProtocolError::new(
+                ErrorCode::InvalidFrame,
+                "an auth frame needs a non-empty string \"token\"",
+            )),
+        },
         other => Err(ProtocolError::new(
             ErrorCode::UnknownType,
             format!(
-                "unknown frame type {:?}; expected subscribe, unsubscribe or ping",
+                "unknown frame type {:?}; expected subscribe, unsubscribe, ping or auth",
                 other.chars().take(64).collect::<String>()
             ),
         )),
@@ -207,6 +218,17 @@ pub fn encode_hello(
         "max_subscriptions": max_subscriptions,
     })
     .to_string()
+}
+
+/// `{"type":"refresh","expires":..}`: the connection's token expires at
+/// `expires` (seconds since the epoch); send an `auth` frame before then.
+pub fn encode_refresh(expires: u64) -> String {
+    format!(r#"{{"type":"refresh","expires":{expires}}}"#)
+}
+
+/// `{"type":"authenticated","expires":..}`: a new token was accepted.
+pub fn encode_authenticated(expires: u64) -> String {
+    format!(r#"{{"type":"authenticated","expires":{expires}}}"#)
 }
 
 /// `{"type":"unsubscribed","run":..}`

@@ -40,6 +40,7 @@ fn every_close_code_is_documented() {
         CloseCode::InternalError,
         CloseCode::SlowConsumer,
         CloseCode::HeartbeatTimeout,
+        CloseCode::TokenExpired,
     ] {
         assert!(
             doc.contains(&format!("| {} |", c.code())),

@@ -135,6 +135,11 @@ impl Grant {
         }
     }
 
+    /// Every run (anonymous access).
+    pub fn allows_all(&self) -> bool {
+        self.all
+    }
+
     pub fn allows(&self, run: &RunId) -> bool {
         self.all
             || self.runs.contains(run.as_str())
@@ -156,6 +161,16 @@ struct Claims {
 }
 
 impl Auth {
+    /// Every client may watch every run without a token: the library's
+    /// default and `runcast up`'s; `runcast gateway` needs it said.
+    pub fn anonymous() -> Self {
+        Self {
+            allow_anonymous: true,
+            leeway: Duration::from_secs(5),
+            ..Self::default()
+        }
+    }
+
     /// Nothing configured: no key, no anonymous access.
     pub fn is_configured(&self) -> bool {
         !self.keys.is_empty() || self.allow_anonymous

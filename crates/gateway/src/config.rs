@@ -53,6 +53,8 @@ pub struct Config {
     pub drain_rate: f64,
     /// Random delay of up to this much added to each shutdown hint.
     pub drain_jitter: Duration,
+    /// Who may watch which runs (bearer tokens, or anonymous access).
+    pub auth: std::sync::Arc<crate::auth::Auth>,
 }
 
 impl Default for Config {
@@ -80,6 +82,7 @@ impl Default for Config {
             admin_token: None,
             drain_rate: 500.0,
             drain_jitter: Duration::ZERO,
+            auth: std::sync::Arc::new(crate::auth::Auth::anonymous()),
         }
     }
 }

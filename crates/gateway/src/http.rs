@@ -49,12 +49,35 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
             )
         }
         (["v1", "ws"], &Method::GET) => upgrade(ctx.clone(), req),
-        (["v1", "runs"], &Method::GET) => list_runs(&ctx.gw, req.uri().query().unwrap_or("")).await,
-        (["v1", "runs", run], &Method::GET) => with_run(run, |r| get_run(ctx.gw.clone(), r)).await,
-        (["v1", "runs", run, "events"], &Method::GET) => {
-            let q = req.uri().query().unwrap_or("").to_owned();
-            with_run(run, |r| history(ctx.gw.clone(), r, q)).await
-        }
+        (["v1", "runs"], &Method::GET) => match authenticate(&ctx.gw, &req) {
+            Ok(grant) => list_runs(&ctx.gw, req.uri().query().unwrap_or(""), &grant).await,
+            Err(r) => r,
+        },
+        (["v1", "runs", run], &Method::GET) => match authenticate(&ctx.gw, &req) {
+            Ok(grant) => {
+                with_run(run, |r| async move {
+                    match allowed(&grant, &r) {
+                        Ok(()) => get_run(ctx.gw.clone(), r).await,
+                        Err(e) => e,
+                    }
+                })
+                .await
+            }
+            Err(r) => r,
+        },
+        (["v1", "runs", run, "events"], &Method::GET) => match authenticate(&ctx.gw, &req) {
+            Ok(grant) => {
+                let q = req.uri().query().unwrap_or("").to_owned();
+                with_run(run, |r| async move {
+                    match allowed(&grant, &r) {
+                        Ok(()) => history(ctx.gw.clone(), r, q).await,
+                        Err(e) => e,
+                    }
+                })
+                .await
+            }
+            Err(r) => r,
+        },
         (["v1", "runs", run, "events"], &Method::POST) => {
             let run = run.to_string();
             publish(ctx.gw.clone(), run, req).await
@@ -169,7 +192,66 @@ fn readyz(gw: &Gateway) -> Response<Body> {
 }
 
 /// `GET /v1/runs[?status=running|completed|failed][&limit=N]`
-async fn list_runs(gw: &Gateway, q: &str) -> Response<Body> {
+/// The subscriber's bearer token: the `Authorization` header, a
+/// `runcast.bearer.<token>` WebSocket subprotocol entry (browsers), or an
+/// `access_token` query parameter (`EventSource`), in that order.
+fn bearer(req: &Request<Incoming>) -> Option<String> {
+    if let Some(t) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        return Some(t.trim().to_owned());
+    }
+    if let Some(t) = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("runcast.bearer."))
+    {
+        return Some(t.to_owned());
+    }
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("access_token="))
+        .map(str::to_owned)
+}
+
+/// Who is asking: a grant, or the 401 to send. Failures are counted by
+/// reason; the token itself is never logged.
+fn authenticate(
+    gw: &Gateway,
+    req: &Request<Incoming>,
+) -> Result<crate::auth::Grant, Response<Body>> {
+    gw.config
+        .auth
+        .authenticate(bearer(req).as_deref())
+        .map_err(|e| {
+            gw.metrics
+                .auth_failures
+                .with_label_values(&[e.kind.as_str()])
+                .inc();
+            error(ProtocolError::new(ErrorCode::Unauthorized, e.message))
+        })
+}
+
+fn allowed(grant: &crate::auth::Grant, run: &RunId) -> Result<(), Response<Body>> {
+    if grant.allows(run) {
+        Ok(())
+    } else {
+        Err(error(ProtocolError::for_run(
+            ErrorCode::Forbidden,
+            run,
+            "your token does not cover this run",
+        )))
+    }
+}
+
+async fn list_runs(gw: &Gateway, q: &str, grant: &crate::auth::Grant) -> Response<Body> {
     let limit = match query_u64(q, "limit") {
         Ok(l) => l.map_or(usize::MAX, |l| l as usize),
         Err(e) => return error(ProtocolError::new(ErrorCode::InvalidFrame, e.message)),
@@ -189,11 +271,31 @@ async fn list_runs(gw: &Gateway, q: &str) -> Response<Body> {
             }
         },
     };
-    match gw.bus.runs(RunFilter { status, limit }).await {
-        Ok(runs) => json(
-            StatusCode::OK,
-            serde_json::json!({ "runs": runs }).to_string(),
-        ),
+    // A scoped token sees only its runs: filter before applying the limit.
+    let fetch = if grant.allows_all() {
+        limit
+    } else {
+        usize::MAX
+    };
+    match gw
+        .bus
+        .runs(RunFilter {
+            status,
+            limit: fetch,
+        })
+        .await
+    {
+        Ok(runs) => {
+            let runs: Vec<_> = runs
+                .into_iter()
+                .filter(|r| grant.allows(&r.run))
+                .take(limit)
+                .collect();
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "runs": runs }).to_string(),
+            )
+        }
         Err(e) => error(ProtocolError::new(ErrorCode::Unavailable, e.to_string())),
     }
 }
@@ -579,6 +681,20 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
             "gateway is draining; connect to another",
         ));
     }
+    // Refused before the upgrade, so the client sees a 401 it can act on.
+    let grant = match authenticate(&ctx.gw, &req) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    // Browsers that send their token as a subprotocol also offer
+    // `runcast.v1`; selecting it keeps the token out of the response.
+    let offers_v1 = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "runcast.v1");
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = tracing::debug_span!("ws");
@@ -590,7 +706,7 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
                     WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg))
                         .await;
                 let (gw, tokens) = ctx.detach();
-                crate::ws::serve(gw, ws).await;
+                crate::ws::serve(gw, ws, grant).await;
                 drop(tokens);
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
@@ -604,6 +720,12 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Ok(v) = HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if offers_v1 {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("runcast.v1"),
+        );
     }
     r
 }
@@ -639,10 +761,17 @@ fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Bod
             Err(e) => return error(e),
         },
     };
+    let grant = match authenticate(&ctx.gw, &req) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    if let Err(r) = allowed(&grant, &run) {
+        return r;
+    }
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let (gw, tokens) = ctx.detach();
     let task = async move {
-        crate::sse::serve(gw, run, since, tx).await;
+        crate::sse::serve(gw, run, since, tx, grant).await;
         drop(tokens);
     };
     tokio::spawn(tracing::Instrument::instrument(

@@ -24,6 +24,8 @@ pub struct Metrics {
     /// Clients asked to reconnect elsewhere, by reason (shutdown, drain,
     /// rebalance).
     pub reconnect_hints: IntCounterVec,
+    /// Subscriber tokens refused, by reason (missing, expired, ...).
+    pub auth_failures: IntCounterVec,
     /// Hop latencies (`runcast_event_latency_seconds{hop}`): from the bus
     /// storing an event to the gateway receiving it live; from that to the
     /// frame being written to a client socket; and the two together.
@@ -201,6 +203,17 @@ impl Metrics {
                 );
                 for r in ["shutdown", "drain", "rebalance"] {
                     v.with_label_values(&[r]); // present at 0 from the start
+                }
+                v
+            },
+            auth_failures: {
+                let v = vec(
+                    "runcast_auth_failures_total",
+                    "Subscriber tokens refused, by reason (missing, malformed, unknown_key, bad_signature, algorithm, expired, not_yet_valid, audience, issuer).",
+                    "reason",
+                );
+                for k in crate::auth::AuthErrorKind::ALL {
+                    v.with_label_values(&[k.as_str()]);
                 }
                 v
             },

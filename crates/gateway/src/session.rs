@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use crate::{
     Gateway,
+    auth::Grant,
     hub::{Conn, OutFrame},
     replay::{Replay, Replayed},
 };
@@ -56,10 +57,12 @@ pub struct Session<O: Output> {
     pub out: O,
     /// run → next seq the client needs.
     cursors: HashMap<RunId, u64>,
+    /// The runs this client may watch, and until when.
+    pub grant: Grant,
 }
 
 impl<O: Output> Session<O> {
-    pub fn new(gw: Arc<Gateway>, out: O) -> Self {
+    pub fn new(gw: Arc<Gateway>, out: O, grant: Grant) -> Self {
         let id = gw.next_conn_id();
         let (conn, rx) = Conn::new(id, gw.config.queue_messages, gw.config.queue_bytes);
         gw.register(&conn);
@@ -69,7 +72,38 @@ impl<O: Output> Session<O> {
             rx,
             out,
             cursors: HashMap::new(),
+            grant,
         }
+    }
+
+    /// Replaces the connection's token (an `auth` frame). Runs the new token
+    /// does not cover are unsubscribed. Returns the new expiry.
+    pub async fn reauth(&mut self, token: &str) -> Result<Option<u64>, SessionError> {
+        let grant = self.gw.config.auth.authenticate(Some(token)).map_err(|e| {
+            self.gw
+                .metrics
+                .auth_failures
+                .with_label_values(&[e.kind.as_str()])
+                .inc();
+            SessionError::Protocol(ProtocolError::new(ErrorCode::Unauthorized, e.message))
+        })?;
+        let dropped: Vec<RunId> = self
+            .cursors
+            .keys()
+            .filter(|r| !grant.allows(r))
+            .cloned()
+            .collect();
+        self.grant = grant;
+        for run in dropped {
+            self.unsubscribe(&run).await?;
+        }
+        if let Some(exp) = self.grant.expires {
+            self.out
+                .send_text(frame::encode_authenticated(exp), None)
+                .await?;
+            self.out.flush().await?;
+        }
+        Ok(self.grant.expires)
     }
 
     pub fn id(&self) -> u64 {
@@ -80,6 +114,13 @@ impl<O: Output> Session<O> {
     /// replays what history holds after the cursor (`since`, or the state's seq).
     pub async fn subscribe(&mut self, run: RunId, since: Option<u64>) -> Result<(), SessionError> {
         let max = self.gw.config.max_subscriptions;
+        if !self.grant.allows(&run) {
+            return Err(SessionError::Protocol(ProtocolError::for_run(
+                ErrorCode::Forbidden,
+                &run,
+                "your token does not cover this run",
+            )));
+        }
         if self.cursors.contains_key(&run) {
             return Err(SessionError::Protocol(ProtocolError::for_run(
                 ErrorCode::AlreadySubscribed,

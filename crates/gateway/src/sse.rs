@@ -13,7 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
-use runcast_core::RunId;
+use runcast_core::{ErrorCode, ProtocolError, RunId};
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
@@ -72,10 +72,22 @@ impl Output for SseOut {
 /// Streams `run` into `tx` until the client goes away, falls behind, or the
 /// server drains. Ending the stream is the only "close" SSE has: the client
 /// reconnects with `Last-Event-ID` and resumes.
-pub async fn serve(gw: Arc<Gateway>, run: RunId, since: Option<u64>, tx: mpsc::Sender<Bytes>) {
+pub async fn serve(
+    gw: Arc<Gateway>,
+    run: RunId,
+    since: Option<u64>,
+    tx: mpsc::Sender<Bytes>,
+    grant: crate::auth::Grant,
+) {
     let transport = gw.metrics.connections.with_label_values(&["sse"]);
     transport.inc();
-    let mut s = Session::new(gw.clone(), SseOut(tx));
+    // SSE cannot take a fresh token mid-stream: the stream ends when the
+    // token expires and the client reconnects with a new one.
+    let expires = grant.expires.map(|exp| {
+        let left = exp.saturating_sub(runcast_core::now_millis() / 1000);
+        Instant::now() + std::time::Duration::from_secs(left)
+    });
+    let mut s = Session::new(gw.clone(), SseOut(tx), grant);
     let retry = format!("retry: {}\n\n", gw.config.sse_retry.as_millis());
     if s.out.0.send(Bytes::from(retry)).await.is_err() {
         transport.dec();
@@ -103,6 +115,12 @@ pub async fn serve(gw: Arc<Gateway>, run: RunId, since: Option<u64>, tx: mpsc::S
             biased;
             _ = conn.closed() => break,
             _ = client.closed() => break,
+            () = async { tokio::time::sleep_until(expires.expect("guarded")).await }, if expires.is_some() => {
+                let e = ProtocolError::new(ErrorCode::Unauthorized, "the token expired: reconnect with a fresh access_token and resume");
+                let _ = s.send_error(&e).await;
+                conn.close(runcast_core::CloseCode::TokenExpired);
+                break;
+            }
             r = async {
                 tokio::select! {
                     Some(f) = s.rx.recv() => s.deliver_batch(f).await,

@@ -70,13 +70,41 @@ enum Step {
     Inbound(Option<Result<Message, WsError>>),
     Frame(Arc<OutFrame>),
     Heartbeat,
+    /// The token's refresh point or expiry passed.
+    TokenTimer,
+}
+
+/// When to act on a token that expires at `exp` (seconds since the epoch):
+/// first ask for a fresh one (a tenth of the remaining lifetime before,
+/// between 5 s and 60 s), then, at `exp`, close.
+struct TokenClock {
+    exp: u64,
+    asked: bool,
+}
+
+impl TokenClock {
+    fn deadline(&self) -> Instant {
+        let now = runcast_core::now_millis() / 1000;
+        let left = self.exp.saturating_sub(now);
+        let wait = if self.asked {
+            left
+        } else {
+            left.saturating_sub((left / 10).clamp(5, 60))
+        };
+        Instant::now() + std::time::Duration::from_secs(wait)
+    }
 }
 
 /// Serves one upgraded WebSocket until the client leaves, misbehaves, falls
 /// behind, or the server drains (shutdown closes every session's `Conn`).
-pub async fn serve(gw: Arc<Gateway>, ws: Ws) {
+pub async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
     let (sink, mut stream) = ws.split();
-    let mut s = Session::new(gw.clone(), WsOut(sink));
+    let mut clock = grant.expires.map(|exp| TokenClock { exp, asked: false });
+    // One timer, reset when the token changes; none for anonymous clients.
+    let mut token_timer = clock
+        .as_ref()
+        .map(|c| Box::pin(tokio::time::sleep_until(c.deadline())));
+    let mut s = Session::new(gw.clone(), WsOut(sink), grant);
     let metrics = gw.metrics.clone();
     let transport = metrics.connections.with_label_values(&["websocket"]);
     transport.inc();
@@ -111,7 +139,25 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws) {
             msg = stream.next() => Step::Inbound(msg),
             Some(f) = s.rx.recv() => Step::Frame(f),
             _ = heartbeat.tick() => Step::Heartbeat,
+            () = async { token_timer.as_mut().expect("guarded").await }, if token_timer.is_some() => Step::TokenTimer,
         };
+        if let Step::TokenTimer = step {
+            let Some(c) = clock.as_mut() else { continue };
+            if c.asked {
+                close = Some(Some(CloseCode::TokenExpired));
+                break;
+            }
+            c.asked = true;
+            let refresh = frame::encode_refresh(c.exp);
+            if s.out.send_text(refresh, None).await.is_err() || s.out.flush().await.is_err() {
+                close = Some(None);
+                break;
+            }
+            if let Some(t) = token_timer.as_mut() {
+                t.as_mut().reset(c.deadline());
+            }
+            continue;
+        }
         // A step may block on a slow socket; a close request must still win.
         let conn = s.conn.clone();
         let outcome = tokio::select! {
@@ -119,8 +165,18 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws) {
             code = conn.closed() => Err(Some(code)),
             r = handle(&mut s, step, &mut last_seen) => r,
         };
-        if let Err(code) = outcome {
-            close = Some(code);
+        match outcome {
+            Err(code) => close = Some(code),
+            // A fresh token: start its clock over.
+            Ok(Some(exp)) => {
+                clock = Some(TokenClock { exp, asked: false });
+                let at = clock.as_ref().expect("set").deadline();
+                match token_timer.as_mut() {
+                    Some(t) => t.as_mut().reset(at),
+                    None => token_timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+            }
+            Ok(None) => {}
         }
     }
 
@@ -147,15 +203,17 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws) {
 }
 
 /// Handles one step. `Err(Some(code))` closes with `code`; `Err(None)` means
-/// the socket is already gone.
+/// the socket is already gone; `Ok(Some(exp))` means a fresh token expiring
+/// at `exp` was accepted.
 async fn handle(
     s: &mut Session<WsOut>,
     step: Step,
     last_seen: &mut Instant,
-) -> Result<(), Option<CloseCode>> {
+) -> Result<Option<u64>, Option<CloseCode>> {
     let cfg = &s.gw.config;
     match step {
-        Step::Frame(f) => s.deliver_batch(f).await.map_err(|_| None),
+        Step::TokenTimer => Ok(None),
+        Step::Frame(f) => s.deliver_batch(f).await.map(|()| None).map_err(|_| None),
         Step::Heartbeat => {
             if last_seen.elapsed() > cfg.heartbeat_interval + cfg.heartbeat_timeout {
                 return Err(Some(CloseCode::HeartbeatTimeout));
@@ -164,6 +222,7 @@ async fn handle(
                 .0
                 .send(Message::Ping(Default::default()))
                 .await
+                .map(|()| None)
                 .map_err(|_| None)
         }
         Step::Inbound(None) => Err(None),
@@ -177,6 +236,7 @@ async fn handle(
         Step::Inbound(Some(Err(_))) => Err(None),
         Step::Inbound(Some(Ok(msg))) => {
             *last_seen = Instant::now();
+            let mut renewed = None;
             let result = match msg {
                 Message::Text(text) => {
                     if text.len() > cfg.max_frame_bytes {
@@ -194,6 +254,13 @@ async fn handle(
                                 s.subscribe(run, since).await
                             }
                             Ok(ClientFrame::Unsubscribe { run }) => s.unsubscribe(&run).await,
+                            Ok(ClientFrame::Auth { token }) => match s.reauth(&token).await {
+                                Ok(exp) => {
+                                    renewed = exp;
+                                    Ok(())
+                                }
+                                Err(e) => Err(e),
+                            },
                             Ok(ClientFrame::Ping) => {
                                 match s.out.send_text(frame::PONG.to_owned(), None).await {
                                     Ok(()) => s.out.flush().await.map_err(SessionError::from),
@@ -213,10 +280,10 @@ async fn handle(
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
             };
             match result {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(renewed),
                 Err(SessionError::Protocol(e)) => {
                     tracing::debug!(conn = s.id(), code = %e.code, "protocol error");
-                    s.send_error(&e).await.map_err(|_| None)
+                    s.send_error(&e).await.map(|()| None).map_err(|_| None)
                 }
                 Err(SessionError::Closed) => Err(None),
             }
