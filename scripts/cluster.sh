@@ -53,7 +53,7 @@ sleep 2
 
 for i in 0 1 2; do
   p=$((8081 + i))
-  "$bin" gateway --listen "127.0.0.1:$p" --nats "$urls" --nats-replicas 3 --log warn \
+  "$bin" gateway --allow-anonymous --listen "127.0.0.1:$p" --nats "$urls" --nats-replicas 3 --log warn \
     >"$dir/gateway$i.log" 2>&1 &
   pids+=($!)
   echo "gateway $i   pid $!  http://127.0.0.1:$p/  (log $dir/gateway$i.log)"

@@ -300,6 +300,25 @@ pub struct GatewayArgs {
     /// When exporting traces: at most this many per-client `runcast.deliver` spans a second.
     #[arg(long, env = "RUNCAST_TRACE_DELIVERIES", default_value_t = 100)]
     pub trace_deliveries: u32,
+    /// Subscriber tokens: an HS256 shared secret (32+ bytes).
+    #[arg(long, env = "RUNCAST_AUTH_HS256_SECRET", hide_env_values = true)]
+    pub auth_hs256_secret: Option<String>,
+    /// Subscriber tokens: RS256/ES256 public keys in PEM, as [kid=]path (kid defaults to the
+    /// file name); repeat or separate with commas for rotation.
+    #[arg(long, env = "RUNCAST_AUTH_KEYS", value_delimiter = ',')]
+    pub auth_key: Vec<String>,
+    /// Subscriber tokens: a JWKS file (keys chosen by kid).
+    #[arg(long, env = "RUNCAST_AUTH_JWKS")]
+    pub auth_jwks: Option<std::path::PathBuf>,
+    /// Require this `aud` claim in subscriber tokens.
+    #[arg(long, env = "RUNCAST_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    /// Require this `iss` claim in subscriber tokens.
+    #[arg(long, env = "RUNCAST_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    /// Let clients without a token watch every run (`runcast up` does unless keys are given).
+    #[arg(long, env = "RUNCAST_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
     /// Bearer token for the admin API (/v1/admin/stats, drain, shed) the operator uses; unset = off.
     #[arg(long, env = "RUNCAST_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -316,6 +335,40 @@ pub struct GatewayArgs {
 }
 
 impl GatewayArgs {
+    /// Who may watch: the configured keys, and anonymous access only if
+    /// asked for (or, for `runcast up`, if nothing else is configured).
+    pub fn auth(&self, anonymous_by_default: bool) -> Result<runcast_gateway::auth::Auth, String> {
+        let mut auth = runcast_gateway::auth::Auth::anonymous()
+            .with_audience(self.auth_audience.clone())
+            .with_issuer(self.auth_issuer.clone());
+        auth.allow_anonymous = self.allow_anonymous;
+        if let Some(s) = &self.auth_hs256_secret {
+            auth.add_hs256_secret(None, s.as_bytes())?;
+        }
+        for k in self.auth_key.iter().filter(|k| !k.is_empty()) {
+            let (kid, path) = match k.split_once('=') {
+                Some((kid, path)) => (Some(kid.to_owned()), path),
+                None => (None, k.as_str()),
+            };
+            auth.add_pem_file(kid, std::path::Path::new(path))?;
+        }
+        if let Some(j) = &self.auth_jwks {
+            auth.add_jwks_file(j)?;
+        }
+        if !auth.is_configured() {
+            if !anonymous_by_default {
+                return Err(
+                    "runcast gateway needs subscriber auth: --auth-hs256-secret, \
+                            --auth-key or --auth-jwks, or --allow-anonymous to let anyone \
+                            watch every run"
+                        .into(),
+                );
+            }
+            auth.allow_anonymous = true;
+        }
+        Ok(auth)
+    }
+
     pub fn to_config(&self) -> Config {
         Config {
             max_frame_bytes: self.max_frame,
@@ -388,9 +441,12 @@ pub struct TailArgs {
     /// Resume after this seq (replays every later event); default: current state, then live.
     #[arg(long)]
     pub since: Option<u64>,
-    /// Gateway WebSocket URL.
+    /// Gateway URL: ws(s)://host/v1/ws, or http(s)://host (the /v1/ws endpoint there).
     #[arg(long, env = "RUNCAST_URL", default_value = "ws://127.0.0.1:8080/v1/ws")]
     pub url: String,
+    /// Bearer token for gateways that require one (sent as Authorization: Bearer).
+    #[arg(long, env = "RUNCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Print raw JSON frames instead of lines.
     #[arg(long)]
     pub json: bool,

@@ -67,7 +67,27 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(4096)
 }
 
+/// The gateway's configuration with its subscriber auth; anonymous access
+/// is said out loud in the log.
+fn gateway_config(
+    g: &args::GatewayArgs,
+    anonymous_by_default: bool,
+) -> anyhow::Result<runcast_gateway::Config> {
+    let auth = g.auth(anonymous_by_default).map_err(anyhow::Error::msg)?;
+    if auth.allow_anonymous {
+        tracing::warn!(
+            "anonymous access: anyone who can reach this gateway can watch every run (configure \
+             --auth-hs256-secret, --auth-key or --auth-jwks to require tokens)"
+        );
+    }
+    Ok(runcast_gateway::Config {
+        auth: Arc::new(auth),
+        ..g.to_config()
+    })
+}
+
 async fn up(a: args::UpArgs) -> anyhow::Result<()> {
+    let config = gateway_config(&a.gateway, true)?;
     let (bus, source, helper): (Arc<dyn runcast_bus::Bus>, _, _) = match &a.nats.url {
         Some(url) => {
             let (bus, setup) = start_nats(&a.nats, url, &a.retention, "runcast-up").await?;
@@ -80,15 +100,7 @@ async fn up(a: args::UpArgs) -> anyhow::Result<()> {
         }
     };
     let demo = a.demo.then_some(a.demo_jobs);
-    serve(
-        a.listen,
-        a.gateway.to_config(),
-        bus,
-        source,
-        demo,
-        vec![helper],
-    )
-    .await
+    serve(a.listen, config, bus, source, demo, vec![helper]).await
 }
 
 async fn gateway(a: args::GatewayRoleArgs) -> anyhow::Result<()> {
@@ -97,17 +109,10 @@ async fn gateway(a: args::GatewayRoleArgs) -> anyhow::Result<()> {
             "runcast gateway needs --nats (or RUNCAST_NATS_URL); for a single process without NATS use `runcast up`"
         );
     };
+    let config = gateway_config(&a.gateway, false)?;
     let (bus, setup) = start_nats(&a.nats, url, &a.retention, "runcast-gateway").await?;
     let bus: Arc<dyn runcast_bus::Bus> = Arc::new(bus);
-    serve(
-        a.listen,
-        a.gateway.to_config(),
-        bus,
-        "nats",
-        None,
-        vec![setup],
-    )
-    .await
+    serve(a.listen, config, bus, "nats", None, vec![setup]).await
 }
 
 async fn operator(a: args::OperatorArgs) -> anyhow::Result<()> {

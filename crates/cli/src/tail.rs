@@ -52,10 +52,47 @@ pub async fn run(a: TailArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `http(s)://host[/]` means that gateway's `/v1/ws`; `ws(s)://` URLs are
+/// used as given.
+fn ws_url(url: &str) -> String {
+    for (http, ws) in [("http://", "ws://"), ("https://", "wss://")] {
+        if let Some(rest) = url.strip_prefix(http) {
+            let rest = rest.trim_end_matches('/');
+            return if rest.ends_with("/v1/ws") {
+                format!("{ws}{rest}")
+            } else {
+                format!("{ws}{rest}/v1/ws")
+            };
+        }
+    }
+    url.to_owned()
+}
+
 async fn session(a: &TailArgs, since: &mut Option<u64>) -> anyhow::Result<Outcome> {
-    let (mut ws, _) = match tokio_tungstenite::connect_async(a.url.as_str()).await {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = ws_url(&a.url);
+    let mut req = match url.as_str().into_client_request() {
+        Ok(r) => r,
+        Err(e) => anyhow::bail!("bad --url {}: {e}", a.url),
+    };
+    if let Some(t) = &a.token {
+        let v = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--token has characters a header cannot carry"))?;
+        req.headers_mut().insert("authorization", v);
+    }
+    let (mut ws, _) = match tokio_tungstenite::connect_async(req).await {
         Ok(ok) => ok,
-        Err(e) => return Ok(Outcome::Resume(format!("cannot connect to {}: {e}", a.url))),
+        // A refused token will not get better by retrying.
+        Err(tokio_tungstenite::tungstenite::Error::Http(r))
+            if matches!(r.status().as_u16(), 401 | 403) =>
+        {
+            anyhow::bail!(
+                "{url} refused the connection ({}): give a valid token with --token or RUNCAST_TOKEN",
+                r.status()
+            )
+        }
+        Err(e) => return Ok(Outcome::Resume(format!("cannot connect to {url}: {e}"))),
     };
     let mut sub = json!({ "type": "subscribe", "run": a.run });
     if let Some(s) = *since {
@@ -191,6 +228,14 @@ fn trace_id(frame: &Value) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_urls_mean_the_gateways_websocket() {
+        assert_eq!(ws_url("http://127.0.0.1:8080"), "ws://127.0.0.1:8080/v1/ws");
+        assert_eq!(ws_url("https://h.example/"), "wss://h.example/v1/ws");
+        assert_eq!(ws_url("http://h/v1/ws"), "ws://h/v1/ws");
+        assert_eq!(ws_url("ws://h:1/v1/ws"), "ws://h:1/v1/ws");
+    }
 
     #[test]
     fn trace_ids_come_from_well_formed_traceparents_only() {

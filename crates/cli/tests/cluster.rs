@@ -30,6 +30,7 @@ impl GatewayProc {
         let child = Command::new(BIN)
             .args([
                 "gateway",
+                "--allow-anonymous",
                 "--listen",
                 &addr.to_string(),
                 "--nats",

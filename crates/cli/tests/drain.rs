@@ -113,7 +113,14 @@ async fn a_drained_gateway_moves_its_clients_without_loss_at_its_rate() {
         .iter()
         .map(|a| {
             Command::new(BIN)
-                .args(["gateway", "--listen", &a.to_string(), "--nats", &nats.url()])
+                .args([
+                    "gateway",
+                    "--allow-anonymous",
+                    "--listen",
+                    &a.to_string(),
+                    "--nats",
+                    &nats.url(),
+                ])
                 .args(["--admin-token", TOKEN, "--log", "warn"])
                 .stdin(Stdio::null())
                 .kill_on_drop(true)

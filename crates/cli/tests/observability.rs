@@ -163,6 +163,7 @@ async fn rules_and_dashboards_work_against_a_live_cluster() {
         .map(|a| {
             spawn(Command::new(BIN).args([
                 "gateway",
+                "--allow-anonymous",
                 "--listen",
                 &a.to_string(),
                 "--nats",

@@ -86,6 +86,7 @@ async fn one_event_is_one_trace_from_worker_to_client() {
     let (_gateway, gateway_log) = runcast(
         &[
             "gateway",
+            "--allow-anonymous",
             "--listen",
             &gw.to_string(),
             "--nats",

@@ -51,19 +51,19 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         (["v1", "ws"], &Method::GET) => upgrade(ctx.clone(), req),
         (["v1", "runs"], &Method::GET) => match authenticate(&ctx.gw, &req) {
             Ok(grant) => list_runs(&ctx.gw, req.uri().query().unwrap_or(""), &grant).await,
-            Err(r) => r,
+            Err(e) => error(e),
         },
         (["v1", "runs", run], &Method::GET) => match authenticate(&ctx.gw, &req) {
             Ok(grant) => {
                 with_run(run, |r| async move {
                     match allowed(&grant, &r) {
                         Ok(()) => get_run(ctx.gw.clone(), r).await,
-                        Err(e) => e,
+                        Err(e) => error(e),
                     }
                 })
                 .await
             }
-            Err(r) => r,
+            Err(e) => error(e),
         },
         (["v1", "runs", run, "events"], &Method::GET) => match authenticate(&ctx.gw, &req) {
             Ok(grant) => {
@@ -71,12 +71,12 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
                 with_run(run, |r| async move {
                     match allowed(&grant, &r) {
                         Ok(()) => history(ctx.gw.clone(), r, q).await,
-                        Err(e) => e,
+                        Err(e) => error(e),
                     }
                 })
                 .await
             }
-            Err(r) => r,
+            Err(e) => error(e),
         },
         (["v1", "runs", run, "events"], &Method::POST) => {
             let run = run.to_string();
@@ -226,7 +226,7 @@ fn bearer(req: &Request<Incoming>) -> Option<String> {
 fn authenticate(
     gw: &Gateway,
     req: &Request<Incoming>,
-) -> Result<crate::auth::Grant, Response<Body>> {
+) -> Result<crate::auth::Grant, ProtocolError> {
     gw.config
         .auth
         .authenticate(bearer(req).as_deref())
@@ -235,19 +235,19 @@ fn authenticate(
                 .auth_failures
                 .with_label_values(&[e.kind.as_str()])
                 .inc();
-            error(ProtocolError::new(ErrorCode::Unauthorized, e.message))
+            ProtocolError::new(ErrorCode::Unauthorized, e.message)
         })
 }
 
-fn allowed(grant: &crate::auth::Grant, run: &RunId) -> Result<(), Response<Body>> {
+fn allowed(grant: &crate::auth::Grant, run: &RunId) -> Result<(), ProtocolError> {
     if grant.allows(run) {
         Ok(())
     } else {
-        Err(error(ProtocolError::for_run(
+        Err(ProtocolError::for_run(
             ErrorCode::Forbidden,
             run,
             "your token does not cover this run",
-        )))
+        ))
     }
 }
 
@@ -684,7 +684,7 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
     // Refused before the upgrade, so the client sees a 401 it can act on.
     let grant = match authenticate(&ctx.gw, &req) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return error(e),
     };
     // Browsers that send their token as a subprotocol also offer
     // `runcast.v1`; selecting it keeps the token out of the response.
@@ -763,10 +763,10 @@ fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Bod
     };
     let grant = match authenticate(&ctx.gw, &req) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return error(e),
     };
-    if let Err(r) = allowed(&grant, &run) {
-        return r;
+    if let Err(e) = allowed(&grant, &run) {
+        return error(e);
     }
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let (gw, tokens) = ctx.detach();

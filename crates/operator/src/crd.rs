@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition,
+    api::core::v1::{ResourceRequirements, SecretKeySelector},
+    apimachinery::pkg::apis::meta::v1::Condition,
 };
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -66,6 +67,29 @@ pub struct RuncastClusterSpec {
     pub ingress: Option<IngressSpec>,
     #[serde(default)]
     pub observability: ObservabilitySpec,
+    #[serde(default)]
+    pub auth: AuthSpec,
+}
+
+/// Who may watch which runs on these gateways.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Let clients without a token watch every run. Off unless set.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// An HS256 shared secret (32+ bytes) for subscriber tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret_ref: Option<SecretKeySelector>,
+    /// A JWKS document (public keys chosen by kid) for subscriber tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_secret_ref: Option<SecretKeySelector>,
+    /// Required `aud` claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Required `iss` claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
 }
 
 /// The gateway pods.

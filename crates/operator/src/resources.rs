@@ -92,6 +92,21 @@ pub fn config_map(rc: &RuncastCluster) -> Value {
             "/etc/runcast/nats/creds".into(),
         );
     }
+    if s.auth.allow_anonymous {
+        data.insert("RUNCAST_ALLOW_ANONYMOUS".into(), "true".into());
+    }
+    if let Some(a) = &s.auth.audience {
+        data.insert("RUNCAST_AUTH_AUDIENCE".into(), a.clone());
+    }
+    if let Some(i) = &s.auth.issuer {
+        data.insert("RUNCAST_AUTH_ISSUER".into(), i.clone());
+    }
+    if s.auth.jwks_secret_ref.is_some() {
+        data.insert(
+            "RUNCAST_AUTH_JWKS".into(),
+            "/etc/runcast/auth/jwks.json".into(),
+        );
+    }
     if let Some(e) = &s.observability.otlp_endpoint {
         data.insert("RUNCAST_OTLP_ENDPOINT".into(), e.clone());
     }
@@ -128,6 +143,13 @@ pub fn deployment(rc: &RuncastCluster, replicas: i32, config_hash: &str) -> Valu
     annotations.insert("runcast.dev/config-hash".into(), config_hash.into());
     let mut volumes = vec![json!({"name": "tmp", "emptyDir": {}})];
     let mut mounts = vec![json!({"name": "tmp", "mountPath": "/tmp"})];
+    if let Some(r) = &s.auth.jwks_secret_ref {
+        volumes.push(json!({"name": "auth-jwks", "secret": {
+            "secretName": r.name, "items": [{"key": r.key, "path": "jwks.json"}],
+        }}));
+        mounts
+            .push(json!({"name": "auth-jwks", "mountPath": "/etc/runcast/auth", "readOnly": true}));
+    }
     if let Some(secret) = &s.nats.credentials_secret {
         volumes.push(json!({"name": "nats-creds", "secret": {"secretName": secret}}));
         mounts.push(
@@ -161,6 +183,15 @@ pub fn deployment(rc: &RuncastCluster, replicas: i32, config_hash: &str) -> Valu
         },
         "volumeMounts": mounts,
     });
+    if let Some(r) = &s.auth.hs256_secret_ref {
+        container["env"]
+            .as_array_mut()
+            .expect("env is an array")
+            .push(json!({
+                "name": "RUNCAST_AUTH_HS256_SECRET",
+                "valueFrom": {"secretKeyRef": {"name": r.name, "key": r.key}},
+            }));
+    }
     if let Some(p) = &s.gateway.image_pull_policy {
         container["imagePullPolicy"] = json!(p);
     }

@@ -1,0 +1,120 @@
+//! Subscriber auth from the command line: `runcast gateway` will not start
+//! without a choice about who may watch, `runcast up` with keys requires
+//! tokens, and `runcast tail --token` follows a protected run while a
+//! missing token fails at once instead of retrying forever.
+
+use std::{process::Stdio, time::Duration};
+
+use jsonwebtoken::{EncodingKey, Header, encode};
+use runcast_test_support::{http, nats::free_addr, wait_http_ok};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_runcast");
+const SECRET: &str = "cli-auth-test-shared-secret-32-bytes!";
+
+#[tokio::test]
+async fn a_gateway_without_an_auth_choice_refuses_to_start() {
+    let out = Command::new(BIN)
+        .args([
+            "gateway",
+            "--nats",
+            "nats://127.0.0.1:1",
+            "--listen",
+            &free_addr().to_string(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--allow-anonymous") && err.contains("--auth-hs256-secret"),
+        "{err}"
+    );
+    // A secret too short to be safe is refused too.
+    let out = Command::new(BIN)
+        .args([
+            "up",
+            "--auth-hs256-secret",
+            "short",
+            "--listen",
+            &free_addr().to_string(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32 bytes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_a_protected_run_with_its_token() {
+    let addr = free_addr();
+    let _up = Command::new(BIN)
+        .args(["up", "--listen", &addr.to_string(), "--log", "warn"])
+        .env("RUNCAST_AUTH_HS256_SECRET", SECRET)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_http_ok(addr, "/readyz", "runcast up").await;
+    // Up with keys: no anonymous access.
+    assert_eq!(http(addr, "GET", "/v1/runs", &[], "").await.0, 401);
+    for (i, kind) in ["progress", "complete"].iter().enumerate() {
+        let body = format!(r#"{{"kind":"{kind}","data":{{"done":{i}}}}}"#);
+        assert_eq!(
+            http(addr, "POST", "/v1/runs/secret-run/events", &[], body)
+                .await
+                .0,
+            200
+        );
+    }
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    let token = encode(
+        &Header::default(),
+        &serde_json::json!({"exp": exp, "runs": ["secret-run"]}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let url = format!("http://{addr}");
+    let ok = tokio::time::timeout(
+        Duration::from_secs(20),
+        Command::new(BIN)
+            .args([
+                "tail",
+                "secret-run",
+                "--since",
+                "0",
+                "--url",
+                &url,
+                "--token",
+                &token,
+            ])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("complete"));
+
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        Command::new(BIN)
+            .args(["tail", "secret-run", "--url", &url])
+            .output(),
+    )
+    .await
+    .expect("no retry loop on 401")
+    .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--token"));
+}
