@@ -54,6 +54,17 @@ pub enum Command {
     Operator(OperatorArgs),
     /// Print the RuncastCluster CustomResourceDefinition (YAML).
     Crdgen,
+    /// Make a new API key for the HTTP publish API: prints the key (give it to the
+    /// publisher) and the entry for --publish-key (give it to the gateways).
+    PublishKey(PublishKeyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PublishKeyArgs {
+    /// A name for the key (shown in errors and logs, never the key).
+    pub name: String,
+    /// Run ID prefixes the key may publish to (default: any run).
+    pub prefixes: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -316,6 +327,15 @@ pub struct GatewayArgs {
     /// Require this `iss` claim in subscriber tokens.
     #[arg(long, env = "RUNCAST_AUTH_ISSUER")]
     pub auth_issuer: Option<String>,
+    /// API keys for the HTTP publish API, as name:sha256hex[:prefix|prefix...] (from
+    /// `runcast publish-key`); repeat or separate with commas. None: publishing is open.
+    #[arg(
+        long,
+        env = "RUNCAST_PUBLISH_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub publish_key: Vec<String>,
     /// Let clients without a token watch every run (`runcast up` does unless keys are given).
     #[arg(long, env = "RUNCAST_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
@@ -355,6 +375,10 @@ impl GatewayArgs {
         if let Some(j) = &self.auth_jwks {
             auth.add_jwks_file(j)?;
         }
+        let mut keys = runcast_gateway::publish_keys::PublishKeys::default();
+        for e in self.publish_key.iter().filter(|e| !e.is_empty()) {
+            keys.add(e)?;
+        }
         if !auth.is_configured() {
             if !anonymous_by_default {
                 return Err(
@@ -383,6 +407,14 @@ impl GatewayArgs {
             drain_delay: self.drain_delay,
             drain_timeout: self.drain_timeout,
             max_connections: self.max_connections,
+            publish_keys: {
+                let mut k = runcast_gateway::publish_keys::PublishKeys::default();
+                for e in self.publish_key.iter().filter(|e| !e.is_empty()) {
+                    // Checked in `auth()` first, which the roles call before this.
+                    let _ = k.add(e);
+                }
+                k
+            },
             trace_deliveries_per_sec: self.trace_deliveries,
             slow_event_log: self.slow_event_log,
             admin_token: self.admin_token.clone(),
@@ -478,6 +510,9 @@ pub struct PublishArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub url: String,
+    /// API key, for gateways that require one.
+    #[arg(long, env = "RUNCAST_PUBLISH_KEY", hide_env_values = true)]
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -28,7 +28,7 @@ pub fn init_telemetry(cli: &Cli) -> Result<runcast_telemetry::otlp::Telemetry, S
         Command::Bench(_) => "bench",
         Command::Doctor(_) => "doctor",
         Command::Operator(_) => "operator",
-        Command::Crdgen => "crdgen",
+        Command::Crdgen | Command::PublishKey(_) => "crdgen",
     };
     let trace = runcast_telemetry::otlp::TraceConfig {
         endpoint: cli.trace.otlp_endpoint.clone(),
@@ -50,6 +50,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Operator(a) => operator(a).await.map(|()| ExitCode::SUCCESS),
         Command::Crdgen => {
             print!("{}", runcast_operator::crd_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PublishKey(a) => {
+            let (key, entry) = runcast_gateway::publish_keys::generate(&a.name, &a.prefixes)
+                .map_err(anyhow::Error::msg)?;
+            println!("key:   {key}");
+            println!("entry: {entry}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -245,7 +252,11 @@ async fn publish(a: args::PublishArgs) -> anyhow::Result<()> {
     let kind = EventKind::parse(&a.kind)?;
     let data: Box<serde_json::value::RawValue> = serde_json::from_str(&a.data)
         .with_context(|| format!("--data is not valid JSON: {}", a.data))?;
-    let p = runcast_worker::Publisher::http(&a.url, &a.run)?;
+    let mut target = runcast_worker::HttpTarget::new(&a.url)?;
+    if let Some(k) = &a.key {
+        target = target.with_key(k);
+    }
+    let p = runcast_worker::Publisher::new(Arc::new(target), &a.run)?;
     let seq = p
         .batch(vec![runcast_core::NewEvent::new(kind, data)])
         .await?;

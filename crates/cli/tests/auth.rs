@@ -118,3 +118,69 @@ async fn tail_follows_a_protected_run_with_its_token() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--token"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_keys_from_publish_key_work_with_publish_key_flags() {
+    let out = Command::new(BIN)
+        .args(["publish-key", "ci", "build-"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |p: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(p))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let (key, entry) = (field("key:"), field("entry:"));
+    assert!(
+        entry.starts_with("ci:") && entry.ends_with(":build-"),
+        "{entry}"
+    );
+    assert!(
+        !entry.contains(&key),
+        "the entry holds a digest, not the key"
+    );
+
+    let addr = free_addr();
+    let _up = Command::new(BIN)
+        .args([
+            "up",
+            "--listen",
+            &addr.to_string(),
+            "--log",
+            "warn",
+            "--publish-key",
+            &entry,
+        ])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_http_ok(addr, "/readyz", "runcast up").await;
+    let url = format!("http://{addr}");
+    let publish = |run: &str, key: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args(["publish", run, "--data", "{}", "--url", &url]);
+        if let Some(k) = key {
+            c.args(["--key", k]);
+        }
+        c.output()
+    };
+    let ok = publish("build-9", Some(&key)).await.unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "1");
+    let missing = publish("build-9", None).await.unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("API key"));
+    let outside = publish("deploy-9", Some(&key)).await.unwrap();
+    assert!(!outside.status.success());
+    assert!(String::from_utf8_lossy(&outside.stderr).contains("may not publish"));
+}

@@ -55,6 +55,8 @@ pub struct Config {
     pub drain_jitter: Duration,
     /// Who may watch which runs (bearer tokens, or anonymous access).
     pub auth: std::sync::Arc<crate::auth::Auth>,
+    /// API keys for `POST /v1/runs/<run>/events`; none: the API is open.
+    pub publish_keys: crate::publish_keys::PublishKeys,
 }
 
 impl Default for Config {
@@ -83,6 +85,7 @@ impl Default for Config {
             drain_rate: 500.0,
             drain_jitter: Duration::ZERO,
             auth: std::sync::Arc::new(crate::auth::Auth::anonymous()),
+            publish_keys: crate::publish_keys::PublishKeys::default(),
         }
     }
 }

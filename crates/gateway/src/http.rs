@@ -481,6 +481,21 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
             "gateway is draining; publish to another",
         ));
     }
+    // The key is checked before the body is read: an unauthorized client
+    // cannot make the gateway buffer anything.
+    let key = req
+        .headers()
+        .get("x-runcast-key")
+        .or_else(|| req.headers().get(header::AUTHORIZATION))
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_owned());
+    if let Err(e) = gw.config.publish_keys.check(key.as_deref(), &run) {
+        gw.metrics
+            .protocol_errors
+            .with_label_values(&[e.code.as_str()])
+            .inc();
+        return error(e);
+    }
     let limit = gw.config.max_publish_bytes;
     let tp = req
         .headers()

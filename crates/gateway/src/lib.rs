@@ -19,6 +19,7 @@ mod config;
 mod http;
 pub mod hub;
 mod metrics;
+pub mod publish_keys;
 mod replay;
 pub mod server;
 mod session;

@@ -16,6 +16,8 @@ use crate::{PublishError, PublishErrorKind, PublishTarget};
 pub struct HttpTarget {
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// Sent as `X-Runcast-Key` when the gateway requires an API key.
+    key: Option<String>,
 }
 
 impl HttpTarget {
@@ -38,7 +40,14 @@ impl HttpTarget {
         Ok(Self {
             base,
             client: Client::builder(TokioExecutor::new()).build(conn),
+            key: None,
         })
+    }
+
+    /// Publishes with this API key (`runcast publish-key` makes one).
+    pub fn with_key(mut self, key: &str) -> Self {
+        self.key = Some(key.to_owned());
+        self
     }
 }
 
@@ -62,8 +71,12 @@ impl PublishTarget for HttpTarget {
             })
             .collect();
         let body = serde_json::to_vec(&wire)?;
-        let req = Request::post(format!("{}/v1/runs/{run}/events", self.base))
-            .header("content-type", "application/json")
+        let mut req = Request::post(format!("{}/v1/runs/{run}/events", self.base))
+            .header("content-type", "application/json");
+        if let Some(k) = &self.key {
+            req = req.header("x-runcast-key", k.as_str());
+        }
+        let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| PublishError::new(PublishErrorKind::InvalidInput, e.to_string()))?;
         let unavailable = |e: String| PublishError::new(PublishErrorKind::Unavailable, e);
