@@ -336,6 +336,11 @@ pub struct GatewayArgs {
         hide_env_values = true
     )]
     pub publish_key: Vec<String>,
+    /// Browser origins allowed to open WebSockets and call the API cross-origin
+    /// (e.g. https://app.example.com); repeat or separate with commas. Default: any origin
+    /// for WebSockets, no CORS.
+    #[arg(long, env = "RUNCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origin: Vec<String>,
     /// Let clients without a token watch every run (`runcast up` does unless keys are given).
     #[arg(long, env = "RUNCAST_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
@@ -415,6 +420,12 @@ impl GatewayArgs {
                 }
                 k
             },
+            allowed_origins: self
+                .allowed_origin
+                .iter()
+                .filter(|o| !o.is_empty())
+                .cloned()
+                .collect(),
             trace_deliveries_per_sec: self.trace_deliveries,
             slow_event_log: self.slow_event_log,
             admin_token: self.admin_token.clone(),

@@ -57,6 +57,10 @@ pub struct Config {
     pub auth: std::sync::Arc<crate::auth::Auth>,
     /// API keys for `POST /v1/runs/<run>/events`; none: the API is open.
     pub publish_keys: crate::publish_keys::PublishKeys,
+    /// Browser origins (`https://app.example.com`) allowed to open
+    /// WebSockets and to call the HTTP API and SSE cross-origin. Empty:
+    /// WebSockets from any origin, and no CORS headers.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -86,6 +90,7 @@ impl Default for Config {
             drain_jitter: Duration::ZERO,
             auth: std::sync::Arc::new(crate::auth::Auth::anonymous()),
             publish_keys: crate::publish_keys::PublishKeys::default(),
+            allowed_origins: Vec::new(),
         }
     }
 }

@@ -30,7 +30,32 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let m = req.method().clone();
-    let resp = match (segs.as_slice(), &m) {
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    // Cross-site WebSocket hijacking: a page on another site must not open
+    // a WebSocket with the user's credentials. Checked before anything else.
+    if let Some(o) = &origin
+        && !origin_allowed(&ctx.gw, o)
+        && segs.as_slice() == ["v1", "ws"]
+    {
+        ctx.gw
+            .metrics
+            .protocol_errors
+            .with_label_values(&[ErrorCode::Forbidden.as_str()])
+            .inc();
+        return error(ProtocolError::new(
+            ErrorCode::Forbidden,
+            format!("origin {:?} is not allowed (--allowed-origin)", truncate(o)),
+        ));
+    }
+    if m == Method::OPTIONS {
+        return preflight(&ctx.gw, origin.as_deref());
+    }
+    let cors_origins = ctx.gw.config.allowed_origins.clone();
+    let mut resp = match (segs.as_slice(), &m) {
         ([] | [""], &Method::GET) => text(StatusCode::OK, "text/html; charset=utf-8", PAGE),
         (["healthz"], &Method::GET) => text(StatusCode::OK, "text/plain", "ok\n"),
         (["readyz"], &Method::GET) => readyz(&ctx.gw),
@@ -102,10 +127,56 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
             format!("no route for {}", truncate(&path)),
         )),
     };
+    if let Some(o) = origin.as_deref()
+        && !cors_origins.is_empty()
+        && cors_origins.iter().any(|a| a == o || a == "*")
+        && let Ok(v) = HeaderValue::from_str(o)
+    {
+        let h = resp.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
     if resp.status().is_client_error() || resp.status().is_server_error() {
         tracing::debug!(method = %m, status = resp.status().as_u16(), "request failed");
     }
     resp
+}
+
+/// Whether a browser origin may use this gateway: any, when no list is
+/// configured.
+fn origin_allowed(gw: &Gateway, origin: &str) -> bool {
+    let allowed = &gw.config.allowed_origins;
+    allowed.is_empty() || allowed.iter().any(|a| a == origin || a == "*")
+}
+
+/// CORS preflight: allowed origins may POST JSON with a key or token.
+fn preflight(gw: &Gateway, origin: Option<&str>) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    if let Some(o) = origin
+        && !gw.config.allowed_origins.is_empty()
+        && origin_allowed(gw, o)
+        && let Ok(v) = HeaderValue::from_str(o)
+    {
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static(
+                "authorization, content-type, x-runcast-key, last-event-id, traceparent",
+            ),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    r
 }
 
 fn truncate(s: &str) -> String {

@@ -330,3 +330,75 @@ async fn an_expired_token_closes_with_4003_and_the_client_resumes() {
     send(&mut w, json!({"type": "ping"})).await;
     until(&mut w, "pong").await;
 }
+
+#[tokio::test]
+async fn websocket_origins_and_cors_follow_the_allow_list() {
+    let gw = TestGateway::with(
+        Config {
+            allowed_origins: vec!["https://app.example".into()],
+            ..Config::default()
+        },
+        Retention::default(),
+    )
+    .await;
+    // Cross-site WebSocket hijacking: refused before the upgrade.
+    assert_eq!(
+        ws(
+            &gw,
+            "/v1/ws",
+            Some(("origin", "https://evil.example".into()))
+        )
+        .await
+        .err(),
+        Some(403)
+    );
+    let (mut ok, _) = ws(
+        &gw,
+        "/v1/ws",
+        Some(("origin", "https://app.example".into())),
+    )
+    .await
+    .unwrap();
+    until(&mut ok, "hello").await;
+    // Clients without an Origin (not browsers) are not affected.
+    let (mut cli, _) = ws(&gw, "/v1/ws", None).await.unwrap();
+    until(&mut cli, "hello").await;
+
+    let (status, h, _) = http(
+        gw.addr,
+        "GET",
+        "/v1/runs",
+        &[("origin", "https://app.example")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    let (_, h, _) = http(
+        gw.addr,
+        "GET",
+        "/v1/runs",
+        &[("origin", "https://evil.example")],
+        "",
+    )
+    .await;
+    assert!(h.get("access-control-allow-origin").is_none());
+    let (status, h, _) = http(
+        gw.addr,
+        "OPTIONS",
+        "/v1/runs/r/events",
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert!(
+        h["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .contains("x-runcast-key")
+    );
+}
