@@ -28,7 +28,8 @@ pub fn init_telemetry(cli: &Cli) -> Result<runcast_telemetry::otlp::Telemetry, S
         Command::Bench(_) => "bench",
         Command::Doctor(_) => "doctor",
         Command::Operator(_) => "operator",
-        Command::Crdgen | Command::PublishKey(_) => "crdgen",
+        Command::Crdgen => "crdgen",
+        Command::PublishKey(_) => "publish-key",
     };
     let trace = runcast_telemetry::otlp::TraceConfig {
         endpoint: cli.trace.otlp_endpoint.clone(),
