@@ -14,10 +14,7 @@ use serde_json::{Value, json};
 const SECRET: &[u8] = b"a-32-byte-or-longer-shared-secret!!";
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    runcast_core::now_millis() / 1000
 }
 
 fn openssl(args: &[&str]) {

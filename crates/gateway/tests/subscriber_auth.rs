@@ -17,10 +17,7 @@ use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http::H
 const SECRET: &[u8] = b"subscriber-auth-test-secret-32bytes!";
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    runcast_core::now_millis() / 1000
 }
 
 fn token(ttl: u64, runs: &[&str], prefixes: &[&str]) -> String {
@@ -88,6 +85,22 @@ async fn next(ws: &mut Ws) -> Result<Value, Option<u16>> {
             Err(_) => panic!("no frame within 10 s"),
         }
     }
+}
+
+/// A WebSocket with `token` in its Authorization header, subscribed to
+/// `run` (its state frame read).
+async fn subscribed(gw: &TestGateway, token: &str, run: &str) -> Ws {
+    let (mut w, _) = ws(
+        gw,
+        "/v1/ws",
+        Some(("authorization", format!("Bearer {token}"))),
+    )
+    .await
+    .unwrap();
+    until(&mut w, "hello").await;
+    send(&mut w, json!({"type": "subscribe", "run": run})).await;
+    until(&mut w, "state").await;
+    w
 }
 
 async fn until(ws: &mut Ws, ty: &str) -> Value {
@@ -214,19 +227,7 @@ async fn tokens_travel_three_ways_and_scope_what_a_client_sees() {
 async fn a_refreshed_token_keeps_the_subscription_without_loss() {
     let gw = gateway().await;
     // Expires in 6 s: the server asks for a fresh token about 5 s before.
-    let (mut w, _) = ws(
-        &gw,
-        "/v1/ws",
-        Some((
-            "authorization",
-            format!("Bearer {}", token(6, &["live"], &[])),
-        )),
-    )
-    .await
-    .unwrap();
-    until(&mut w, "hello").await;
-    send(&mut w, json!({"type": "subscribe", "run": "live"})).await;
-    until(&mut w, "state").await;
+    let mut w = subscribed(&gw, &token(6, &["live"], &[]), "live").await;
     let bus = gw.bus();
     let publisher = tokio::spawn(async move {
         let p = runcast_worker::Publisher::on_bus(bus, "live").unwrap();
@@ -269,19 +270,7 @@ async fn a_refreshed_token_keeps_the_subscription_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_token_closes_with_4003_and_the_client_resumes() {
     let gw = gateway().await;
-    let (mut w, _) = ws(
-        &gw,
-        "/v1/ws",
-        Some((
-            "authorization",
-            format!("Bearer {}", token(2, &["exp"], &[])),
-        )),
-    )
-    .await
-    .unwrap();
-    until(&mut w, "hello").await;
-    send(&mut w, json!({"type": "subscribe", "run": "exp"})).await;
-    until(&mut w, "state").await;
+    let mut w = subscribed(&gw, &token(2, &["exp"], &[]), "exp").await;
     let p = runcast_worker::Publisher::on_bus(gw.bus(), "exp").unwrap();
     for i in 0..5 {
         p.progress(i, 10).await.unwrap();
