@@ -341,6 +341,17 @@ pub struct GatewayArgs {
     /// for WebSockets, no CORS.
     #[arg(long, env = "RUNCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origin: Vec<String>,
+    /// WebSocket/SSE sessions one client address may hold (0: no cap). Set --trusted-proxy
+    /// first if clients come through a load balancer.
+    #[arg(long, env = "RUNCAST_MAX_SESSIONS_PER_IP", default_value_t = 0)]
+    pub max_sessions_per_ip: usize,
+    /// New WebSocket/SSE sessions per second one client address may open, burst twice that
+    /// (0: no limit).
+    #[arg(long, env = "RUNCAST_SESSION_RATE_PER_IP", default_value_t = 0.0)]
+    pub session_rate_per_ip: f64,
+    /// Proxies (CIDRs) whose X-Forwarded-For names the client, e.g. 10.0.0.0/8; repeatable.
+    #[arg(long, env = "RUNCAST_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxy: Vec<ipnet::IpNet>,
     /// Let clients without a token watch every run (`runcast up` does unless keys are given).
     #[arg(long, env = "RUNCAST_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
@@ -426,6 +437,9 @@ impl GatewayArgs {
                 .filter(|o| !o.is_empty())
                 .cloned()
                 .collect(),
+            max_sessions_per_ip: self.max_sessions_per_ip,
+            session_rate_per_ip: self.session_rate_per_ip.max(0.0),
+            trusted_proxies: self.trusted_proxy.clone(),
             trace_deliveries_per_sec: self.trace_deliveries,
             slow_event_log: self.slow_event_log,
             admin_token: self.admin_token.clone(),

@@ -51,6 +51,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// The token is valid but does not cover this run.
     Forbidden,
+    /// Too many sessions from one address, or opened too fast.
+    RateLimited,
     /// The request conflicts with work in progress (a drain or shed).
     Conflict,
     /// A bug or unexpected failure on the server.
@@ -82,6 +84,7 @@ impl ErrorCode {
             Self::Draining => "draining",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
             Self::Conflict => "conflict",
             Self::Internal => "internal",
         }
@@ -109,12 +112,13 @@ impl ErrorCode {
             Self::Unavailable | Self::Draining => 503,
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
+            Self::RateLimited => 429,
             Self::Conflict => 409,
             Self::Internal => 500,
         }
     }
 
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         Self::InvalidJson,
         Self::InvalidFrame,
         Self::UnknownType,
@@ -137,6 +141,7 @@ impl ErrorCode {
         Self::Draining,
         Self::Unauthorized,
         Self::Forbidden,
+        Self::RateLimited,
         Self::Conflict,
         Self::Internal,
     ];

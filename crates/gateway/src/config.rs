@@ -61,6 +61,13 @@ pub struct Config {
     /// WebSockets and to call the HTTP API and SSE cross-origin. Empty:
     /// WebSockets from any origin, and no CORS headers.
     pub allowed_origins: Vec<String>,
+    /// WebSocket and SSE sessions one client address may hold (0: no cap).
+    pub max_sessions_per_ip: usize,
+    /// New sessions per second one client address may open, with a burst
+    /// of twice that (0: no limit).
+    pub session_rate_per_ip: f64,
+    /// Proxies whose `X-Forwarded-For` names the client (CIDRs).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for Config {
@@ -91,6 +98,11 @@ impl Default for Config {
             auth: std::sync::Arc::new(crate::auth::Auth::anonymous()),
             publish_keys: crate::publish_keys::PublishKeys::default(),
             allowed_origins: Vec::new(),
+            // Off unless configured: behind a proxy without
+            // `trusted_proxies`, every client has the proxy's address.
+            max_sessions_per_ip: 0,
+            session_rate_per_ip: 0.0,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -205,7 +205,7 @@ pub fn error(err: ProtocolError) -> Response<Body> {
     let status =
         StatusCode::from_u16(err.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = json(status, body.to_string());
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -263,6 +263,34 @@ fn readyz(gw: &Gateway) -> Response<Body> {
 }
 
 /// `GET /v1/runs[?status=running|completed|failed][&limit=N]`
+/// A long-lived session's slot under its client address's limits, or the
+/// `rate_limited` error (429 with `Retry-After`). Checked before anything costlier (token checks, upgrade).
+fn session_slot(
+    ctx: &ConnCtx,
+    req: &Request<Incoming>,
+) -> Result<crate::limits::IpGuard, ProtocolError> {
+    let xff = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let ip = ctx.gw.ip_limits.client_ip(ctx.peer, xff);
+    ctx.gw.ip_limits.acquire(ip).map_err(|why| {
+        ctx.gw
+            .metrics
+            .refused_sessions
+            .with_label_values(&[why.as_str()])
+            .inc();
+        let msg = match why {
+            crate::limits::Refusal::PerIp => format!(
+                "{ip} already holds {} sessions on this gateway",
+                ctx.gw.config.max_sessions_per_ip
+            ),
+            crate::limits::Refusal::Rate => format!("{ip} opens sessions too fast; slow down"),
+        };
+        ProtocolError::new(ErrorCode::RateLimited, msg)
+    })
+}
+
 /// The subscriber's bearer token: the `Authorization` header, a
 /// `runcast.bearer.<token>` WebSocket subprotocol entry (browsers), or an
 /// `access_token` query parameter (`EventSource`), in that order.
@@ -767,6 +795,10 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
             "gateway is draining; connect to another",
         ));
     }
+    let ip = match session_slot(&ctx, &req) {
+        Ok(g) => g,
+        Err(e) => return error(e),
+    };
     // Refused before the upgrade, so the client sees a 401 it can act on.
     let grant = match authenticate(&ctx.gw, &req) {
         Ok(g) => g,
@@ -791,7 +823,7 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
                 let ws =
                     WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg))
                         .await;
-                let (gw, tokens) = ctx.detach();
+                let (gw, tokens) = ctx.detach(ip);
                 crate::ws::serve(gw, ws, grant).await;
                 drop(tokens);
             }
@@ -847,6 +879,10 @@ fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Bod
             Err(e) => return error(e),
         },
     };
+    let ip = match session_slot(&ctx, &req) {
+        Ok(g) => g,
+        Err(e) => return error(e),
+    };
     let grant = match authenticate(&ctx.gw, &req) {
         Ok(g) => g,
         Err(e) => return error(e),
@@ -855,7 +891,7 @@ fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Bod
         return error(e);
     }
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let (gw, tokens) = ctx.detach();
+    let (gw, tokens) = ctx.detach(ip);
     let task = async move {
         crate::sse::serve(gw, run, since, tx, grant).await;
         drop(tokens);

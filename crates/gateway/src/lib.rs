@@ -18,6 +18,7 @@ pub mod auth;
 mod config;
 mod http;
 pub mod hub;
+pub mod limits;
 mod metrics;
 pub mod publish_keys;
 mod replay;

@@ -24,6 +24,8 @@ pub struct Metrics {
     /// Clients asked to reconnect elsewhere, by reason (shutdown, drain,
     /// rebalance).
     pub reconnect_hints: IntCounterVec,
+    /// WebSocket/SSE sessions refused by the per-address limits.
+    pub refused_sessions: IntCounterVec,
     /// Subscriber tokens refused, by reason (missing, expired, ...).
     pub auth_failures: IntCounterVec,
     /// Hop latencies (`runcast_event_latency_seconds{hop}`): from the bus
@@ -203,6 +205,17 @@ impl Metrics {
                 );
                 for r in ["shutdown", "drain", "rebalance"] {
                     v.with_label_values(&[r]); // present at 0 from the start
+                }
+                v
+            },
+            refused_sessions: {
+                let v = vec(
+                    "runcast_refused_sessions_total",
+                    "WebSocket and SSE sessions refused by per-address limits, by reason (per_ip, rate).",
+                    "reason",
+                );
+                for r in ["per_ip", "rate"] {
+                    v.with_label_values(&[r]);
                 }
                 v
             },

@@ -45,6 +45,8 @@ pub struct Gateway {
     /// Bounds the `runcast.deliver` spans and the slow-event log lines.
     pub(crate) delivery_spans: runcast_telemetry::Budget,
     pub(crate) slow_event_logs: runcast_telemetry::Budget,
+    /// Per-client-address session limits.
+    pub(crate) ip_limits: Arc<crate::limits::IpLimits>,
     /// Reconnect hints scheduled and not yet sent (drain, shed, shutdown).
     pub(crate) pending_hints: AtomicU64,
     /// The delivered counter at the previous stats request, for its rate.
@@ -65,6 +67,11 @@ impl Gateway {
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             delivery_spans: runcast_telemetry::Budget::per_second(config.trace_deliveries_per_sec),
             slow_event_logs: runcast_telemetry::Budget::per_second(5),
+            ip_limits: Arc::new(crate::limits::IpLimits::new(
+                config.max_sessions_per_ip,
+                config.session_rate_per_ip,
+                config.trusted_proxies.clone(),
+            )),
             pending_hints: AtomicU64::new(0),
             rate_mark: std::sync::Mutex::new((std::time::Instant::now(), 0)),
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -136,19 +143,24 @@ pub(crate) struct ConnCtx {
     /// The connection's slot under `max_connections`, held by upgraded
     /// WebSockets and SSE streams too.
     pub _permit: Arc<OwnedSemaphorePermit>,
+    /// The TCP peer (a proxy, or the client itself).
+    pub peer: std::net::IpAddr,
 }
 
 impl ConnCtx {
     /// For a task that outlives the HTTP exchange (an upgraded WebSocket, an
     /// SSE stream): the gateway, and tokens that keep shutdown waiting and the
     /// connection slot taken until the task drops them.
-    pub(crate) fn detach(self) -> (Arc<Gateway>, SessionTokens) {
-        let ConnCtx { gw, done, _permit } = self;
+    pub(crate) fn detach(self, ip: crate::limits::IpGuard) -> (Arc<Gateway>, SessionTokens) {
+        let ConnCtx {
+            gw, done, _permit, ..
+        } = self;
         (
             gw,
             SessionTokens {
                 _done: done,
                 _permit,
+                _ip: ip,
             },
         )
     }
@@ -157,6 +169,8 @@ impl ConnCtx {
 pub(crate) struct SessionTokens {
     _done: mpsc::Sender<()>,
     _permit: Arc<OwnedSemaphorePermit>,
+    /// The session's slot under its client address's limit.
+    _ip: crate::limits::IpGuard,
 }
 
 /// Serves the gateway on `listener` until `shutdown` completes, then drains:
@@ -188,7 +202,7 @@ pub async fn run(
             Ok((tcp, addr)) => {
                 let ctx_parts = (gw.clone(), stop_rx.clone(), done_tx.clone());
                 let span = tracing::debug_span!("conn", %addr);
-                tokio::spawn(serve_tcp(tcp, ctx_parts).instrument(span));
+                tokio::spawn(serve_tcp(tcp, addr.ip(), ctx_parts).instrument(span));
             }
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning.
@@ -232,6 +246,7 @@ pub async fn run(
 
 async fn serve_tcp(
     mut tcp: TcpStream,
+    peer: std::net::IpAddr,
     (gw, mut stop, done): (Arc<Gateway>, watch::Receiver<bool>, mpsc::Sender<()>),
 ) {
     let Ok(permit) = gw.conn_limit.clone().try_acquire_owned() else {
@@ -250,6 +265,7 @@ async fn serve_tcp(
         gw: gw.clone(),
         done,
         _permit: Arc::new(permit),
+        peer,
     };
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
