@@ -349,6 +349,9 @@ pub struct GatewayArgs {
     /// (0: no limit).
     #[arg(long, env = "RUNCAST_SESSION_RATE_PER_IP", default_value_t = 0.0)]
     pub session_rate_per_ip: f64,
+    /// Publish requests per second per API key, burst twice that (0: no limit).
+    #[arg(long, env = "RUNCAST_PUBLISH_RATE_PER_KEY", default_value_t = 0.0)]
+    pub publish_rate_per_key: f64,
     /// Proxies (CIDRs) whose X-Forwarded-For names the client, e.g. 10.0.0.0/8; repeatable.
     #[arg(long, env = "RUNCAST_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxy: Vec<ipnet::IpNet>,
@@ -440,6 +443,7 @@ impl GatewayArgs {
             max_sessions_per_ip: self.max_sessions_per_ip,
             session_rate_per_ip: self.session_rate_per_ip.max(0.0),
             trusted_proxies: self.trusted_proxy.clone(),
+            publish_rate_per_key: self.publish_rate_per_key.max(0.0),
             trace_deliveries_per_sec: self.trace_deliveries,
             slow_event_log: self.slow_event_log,
             admin_token: self.admin_token.clone(),

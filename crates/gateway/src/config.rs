@@ -68,6 +68,8 @@ pub struct Config {
     pub session_rate_per_ip: f64,
     /// Proxies whose `X-Forwarded-For` names the client (CIDRs).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Publish requests per second per API key, burst twice that (0: no limit).
+    pub publish_rate_per_key: f64,
 }
 
 impl Default for Config {
@@ -103,6 +105,7 @@ impl Default for Config {
             max_sessions_per_ip: 0,
             session_rate_per_ip: 0.0,
             trusted_proxies: Vec::new(),
+            publish_rate_per_key: 0.0,
         }
     }
 }

@@ -588,7 +588,18 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
         .or_else(|| req.headers().get(header::AUTHORIZATION))
         .and_then(|v| v.to_str().ok())
         .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_owned());
-    if let Err(e) = gw.config.publish_keys.check(key.as_deref(), &run) {
+    let checked = gw
+        .config
+        .publish_keys
+        .check(key.as_deref(), &run)
+        .and_then(|name| match name {
+            Some(n) if !gw.key_rates.take(&n) => Err(ProtocolError::new(
+                ErrorCode::RateLimited,
+                format!("API key {n:?} publishes faster than --publish-rate-per-key; slow down"),
+            )),
+            _ => Ok(()),
+        });
+    if let Err(e) = checked {
         gw.metrics
             .protocol_errors
             .with_label_values(&[e.code.as_str()])

@@ -150,12 +150,60 @@ impl Drop for IpGuard {
     }
 }
 
+/// Publish requests per second per API key, with a burst of twice that.
+/// One entry per configured key, so the table is as small as the config.
+#[derive(Debug)]
+pub struct KeyRates {
+    rate: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl KeyRates {
+    /// `rate` of 0 turns the limit off.
+    pub fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether the key `name` may publish now.
+    pub fn take(&self, name: &str) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let burst = (self.rate * 2.0).max(1.0);
+        let now = Instant::now();
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = b.entry(name.to_owned()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(burst);
+        *last = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn each_key_has_its_own_publish_rate() {
+        let r = KeyRates::new(3.0);
+        assert_eq!(
+            (0..10).filter(|_| r.take("ci")).count(),
+            6,
+            "burst of twice the rate"
+        );
+        assert!(r.take("ops"), "another key is not affected");
+        assert!(KeyRates::new(0.0).take("any"));
     }
 
     #[test]

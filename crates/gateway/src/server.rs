@@ -47,6 +47,8 @@ pub struct Gateway {
     pub(crate) slow_event_logs: runcast_telemetry::Budget,
     /// Per-client-address session limits.
     pub(crate) ip_limits: Arc<crate::limits::IpLimits>,
+    /// Per-API-key publish rates.
+    pub(crate) key_rates: crate::limits::KeyRates,
     /// Reconnect hints scheduled and not yet sent (drain, shed, shutdown).
     pub(crate) pending_hints: AtomicU64,
     /// The delivered counter at the previous stats request, for its rate.
@@ -72,6 +74,7 @@ impl Gateway {
                 config.session_rate_per_ip,
                 config.trusted_proxies.clone(),
             )),
+            key_rates: crate::limits::KeyRates::new(config.publish_rate_per_key),
             pending_hints: AtomicU64::new(0),
             rate_mark: std::sync::Mutex::new((std::time::Instant::now(), 0)),
             tasks: std::sync::Mutex::new(Vec::new()),

@@ -85,3 +85,57 @@ async fn publishing_needs_a_key_that_covers_the_run() {
         404
     );
 }
+
+#[tokio::test]
+async fn a_key_over_its_publish_rate_gets_429_and_other_keys_go_on() {
+    let mut keys = PublishKeys::default();
+    keys.add(&format!("noisy:{}", digest_hex("noisy-key")))
+        .unwrap();
+    keys.add(&format!("calm:{}", digest_hex("calm-key")))
+        .unwrap();
+    let gw = TestGateway::with(
+        Config {
+            publish_keys: keys,
+            publish_rate_per_key: 2.0,
+            ..Config::default()
+        },
+        Retention::default(),
+    )
+    .await;
+    let body = r#"{"kind":"log","data":{"line":"x"}}"#;
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let (status, h, _) = http(
+            gw.addr,
+            "POST",
+            "/v1/runs/r/events",
+            &[("x-runcast-key", "noisy-key")],
+            body,
+        )
+        .await;
+        if status == 429 {
+            assert_eq!(h["retry-after"], "1");
+        }
+        codes.push(status);
+    }
+    assert_eq!(
+        codes,
+        [200, 200, 200, 200, 429, 429],
+        "a burst of twice the rate"
+    );
+    let (status, _, _) = http(
+        gw.addr,
+        "POST",
+        "/v1/runs/r/events",
+        &[("x-runcast-key", "calm-key")],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200, "another key is not slowed down");
+    let (_, _, state) = http(gw.addr, "GET", "/v1/runs/r", &[], "").await;
+    assert_eq!(
+        json(&state)["events"],
+        5,
+        "refused publishes stored nothing"
+    );
+}
