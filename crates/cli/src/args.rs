@@ -109,6 +109,12 @@ pub struct DoctorArgs {
     /// How long each check may take.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub timeout: Duration,
+    /// Subscriber token, for gateways that require one.
+    #[arg(long, env = "RUNCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Publish API key, for gateways that require one (the probe is published with it).
+    #[arg(long, env = "RUNCAST_PUBLISH_KEY", hide_env_values = true)]
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -85,6 +85,10 @@ struct Target {
     addr: SocketAddr,
     host: String,
     prefix: String,
+    /// Credentials for protected gateways: a subscriber token and a
+    /// publish API key, sent with every request that may need them.
+    token: Option<String>,
+    key: Option<String>,
 }
 
 async fn target(url: &str) -> anyhow::Result<Target> {
@@ -111,6 +115,8 @@ async fn target(url: &str) -> anyhow::Result<Target> {
         .with_context(|| format!("{authority} resolves to no address"))?;
     let prefix = path.trim_end_matches('/');
     Ok(Target {
+        token: None,
+        key: None,
         addr,
         host: authority.to_owned(),
         prefix: if prefix.is_empty() {
@@ -143,6 +149,12 @@ async fn send(
         .header("host", &t.host);
     for (k, v) in headers {
         req = req.header(*k, *v);
+    }
+    if let Some(tok) = &t.token {
+        req = req.header("authorization", format!("Bearer {tok}"));
+    }
+    if let Some(k) = &t.key {
+        req = req.header("x-runcast-key", k.as_str());
     }
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
@@ -194,7 +206,9 @@ fn message_of(body: &str) -> String {
 }
 
 pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
-    let t = target(&a.url).await?;
+    let mut t = target(&a.url).await?;
+    t.token = a.token.clone();
+    t.key = a.key.clone();
     let within = a.timeout;
     let mut r = Report { checks: Vec::new() };
     println!("runcast doctor: {} ({})", a.url, t.addr);
@@ -246,13 +260,36 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
     let ws_url = format!("ws://{}{}/v1/ws", t.host, t.prefix);
     let started = Instant::now();
     let mut ws: Option<Ws> = None;
-    let upgraded = match tokio::time::timeout(within, tokio_tungstenite::connect_async(&ws_url))
+    let mut ws_req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            ws_url.as_str(),
+        )?;
+    if let Some(tok) = &t.token
+        && let Ok(v) = format!("Bearer {tok}").parse()
+    {
+        ws_req.headers_mut().insert("authorization", v);
+    }
+    let upgraded = match tokio::time::timeout(within, tokio_tungstenite::connect_async(ws_req))
         .await
     {
         Err(_) => Err(problem(
             format!("no upgrade answer within {within:?}"),
             "a proxy holds the upgrade request; check its WebSocket support and timeouts",
         )),
+        Ok(Err(WsError::Http(resp))) if matches!(resp.status().as_u16(), 401 | 403) => {
+            Err(problem(
+                format!(
+                    "GET /v1/ws answered {}: the gateway requires a subscriber token{}",
+                    resp.status(),
+                    if t.token.is_some() {
+                        " and refused the one given"
+                    } else {
+                        ""
+                    }
+                ),
+                "pass a valid token with --token (docs/security.md says how tokens are issued)",
+            ))
+        }
         Ok(Err(WsError::Http(resp))) => {
             let status = resp.status().as_u16();
             Err(problem(

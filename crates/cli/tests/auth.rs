@@ -117,6 +117,33 @@ async fn tail_follows_a_protected_run_with_its_token() {
     .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--token"));
+
+    // doctor: without a token it says what is missing; with one that covers
+    // its probe runs, every check passes.
+    let doctor = |token: Option<String>| {
+        let mut c = Command::new(BIN);
+        c.args(["doctor", "--url", &url, "--timeout", "5s"]);
+        if let Some(t) = token {
+            c.args(["--token", &t]);
+        }
+        c.output()
+    };
+    let out = doctor(None).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("requires a subscriber token") && text.contains("--token"),
+        "{text}"
+    );
+    let probe_token = encode(
+        &Header::default(),
+        &serde_json::json!({"exp": exp, "run_prefixes": ["doctor-"]}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let out = doctor(Some(probe_token)).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
