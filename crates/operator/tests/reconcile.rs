@@ -421,6 +421,12 @@ async fn update_rolls_the_new_spec_out_at_the_current_size() {
     let mut s = spec(json!({}));
     s["gateway"] = json!({"image": "registry.example/runcast:2.0"});
     s["nats"]["url"] = json!("nats://other:4222");
+    s["auth"] = json!({
+        "allowAnonymous": true,
+        "hs256SecretRef": {"name": "runcast-auth", "key": "hs256-secret"},
+        "jwksSecretRef": {"name": "runcast-auth", "key": "jwks.json"},
+        "audience": "runcast",
+    });
     let rc = cluster(s, 2);
     let (mut api, task, _) = start(rc.clone(), 1);
     // Four ready pods whose admin API does not answer (nothing listens on
@@ -448,9 +454,31 @@ async fn update_rolls_the_new_spec_out_at_the_current_size() {
         "{st:?}"
     );
     assert_eq!(cm["data"]["RUNCAST_NATS_URL"], "nats://other:4222");
+    assert_eq!(cm["data"]["RUNCAST_ALLOW_ANONYMOUS"], "true");
+    assert_eq!(cm["data"]["RUNCAST_AUTH_AUDIENCE"], "runcast");
+    assert_eq!(
+        cm["data"]["RUNCAST_AUTH_JWKS"],
+        "/etc/runcast/auth/jwks.json"
+    );
     let dep: Deployment = serde_json::from_value(dep).unwrap();
     let d = dep.spec.unwrap();
     let t = d.template;
+    let pod = t.spec.clone().unwrap();
+    let env = pod.containers[0].env.clone().unwrap();
+    let secret = env
+        .iter()
+        .find(|e| e.name == "RUNCAST_AUTH_HS256_SECRET")
+        .and_then(|e| e.value_from.as_ref()?.secret_key_ref.clone())
+        .expect("the HS256 secret comes from its Secret");
+    assert_eq!(
+        (secret.name.as_str(), secret.key.as_str()),
+        ("runcast-auth", "hs256-secret")
+    );
+    assert!(pod.volumes.unwrap().iter().any(|v| {
+        v.secret
+            .as_ref()
+            .is_some_and(|s| s.secret_name.as_deref() == Some("runcast-auth"))
+    }));
     assert_eq!(
         t.spec.unwrap().containers[0].image.as_deref(),
         Some("registry.example/runcast:2.0")
