@@ -263,6 +263,22 @@ fn readyz(gw: &Gateway) -> Response<Body> {
 }
 
 /// `GET /v1/runs[?status=running|completed|failed][&limit=N]`
+/// Whether a new WebSocket or SSE session may start, cheapest checks
+/// first: not draining, the client address's limits, then its token.
+fn admit(
+    ctx: &ConnCtx,
+    req: &Request<Incoming>,
+) -> Result<(crate::limits::IpGuard, crate::auth::Grant), ProtocolError> {
+    if ctx.gw.is_draining() {
+        return Err(ProtocolError::new(
+            ErrorCode::Draining,
+            "gateway is draining; connect to another",
+        ));
+    }
+    let ip = session_slot(ctx, req)?;
+    Ok((ip, authenticate(&ctx.gw, req)?))
+}
+
 /// A long-lived session's slot under its client address's limits, or the
 /// `rate_limited` error (429 with `Retry-After`). Checked before anything costlier (token checks, upgrade).
 fn session_slot(
@@ -800,19 +816,9 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
             "missing Sec-WebSocket-Key",
         ));
     };
-    if ctx.gw.is_draining() {
-        return error(ProtocolError::new(
-            ErrorCode::Draining,
-            "gateway is draining; connect to another",
-        ));
-    }
-    let ip = match session_slot(&ctx, &req) {
-        Ok(g) => g,
-        Err(e) => return error(e),
-    };
-    // Refused before the upgrade, so the client sees a 401 it can act on.
-    let grant = match authenticate(&ctx.gw, &req) {
-        Ok(g) => g,
+    // Refused before the upgrade, so the client sees a status it can act on.
+    let (ip, grant) = match admit(&ctx, &req) {
+        Ok(a) => a,
         Err(e) => return error(e),
     };
     // Browsers that send their token as a subprotocol also offer
@@ -865,12 +871,6 @@ fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Bod
         Ok(r) => r,
         Err(e) => return error(ProtocolError::new(ErrorCode::InvalidRunId, e.to_string())),
     };
-    if ctx.gw.is_draining() {
-        return error(ProtocolError::new(
-            ErrorCode::Draining,
-            "gateway is draining; connect to another",
-        ));
-    }
     let since = match req.headers().get("last-event-id") {
         Some(v) => match v
             .to_str()
@@ -890,12 +890,8 @@ fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Bod
             Err(e) => return error(e),
         },
     };
-    let ip = match session_slot(&ctx, &req) {
-        Ok(g) => g,
-        Err(e) => return error(e),
-    };
-    let grant = match authenticate(&ctx.gw, &req) {
-        Ok(g) => g,
+    let (ip, grant) = match admit(&ctx, &req) {
+        Ok(a) => a,
         Err(e) => return error(e),
     };
     if let Err(e) = allowed(&grant, &run) {
