@@ -131,6 +131,11 @@ async fn demo_page_shows_live_runs_in_a_headless_browser() {
         );
     }
     assert!(dom.contains("running"), "runs show their status");
+    // `runcast up` without keys is anonymous, and the page says so.
+    assert!(
+        dom.contains(r#"<p id="anon" class="warn">Anonymous access"#),
+        "the page warns about anonymous access:\n{dom}"
+    );
     assert!(dom.contains(" events"), "runs show event counts");
     assert!(
         dom.contains("#1 "),

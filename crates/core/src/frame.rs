@@ -202,12 +202,15 @@ pub fn encode_error(err: &ProtocolError) -> String {
     v.to_string()
 }
 
-/// `{"type":"hello",..}`: the first frame on a WebSocket.
+/// `{"type":"hello",..}`: the first frame on a WebSocket. `anonymous` says
+/// the connection has no token because the gateway lets anyone watch every
+/// run (pages show a warning).
 pub fn encode_hello(
     connection: u64,
     heartbeat_ms: u64,
     max_frame_bytes: usize,
     max_subscriptions: usize,
+    anonymous: bool,
 ) -> String {
     serde_json::json!({
         "type": "hello",
@@ -216,6 +219,7 @@ pub fn encode_hello(
         "heartbeat_ms": heartbeat_ms,
         "max_frame_bytes": max_frame_bytes,
         "max_subscriptions": max_subscriptions,
+        "anonymous": anonymous,
     })
     .to_string()
 }

@@ -116,6 +116,7 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
         cfg.heartbeat_interval.as_millis() as u64,
         cfg.max_frame_bytes,
         cfg.max_subscriptions,
+        s.grant.allows_all(),
     );
     let greeted = match s.out.send_text(hello, None).await {
         Ok(()) => s.out.flush().await,

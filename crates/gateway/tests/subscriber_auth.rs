@@ -157,7 +157,7 @@ async fn tokens_travel_three_ways_and_scope_what_a_client_sees() {
         .unwrap();
 
     for w in [&mut a, &mut b, &mut c] {
-        until(w, "hello").await;
+        assert_eq!(until(w, "hello").await["anonymous"], false);
         send(w, json!({"type": "subscribe", "run": "r-1"})).await;
         assert_eq!(until(w, "state").await["run"], "r-1");
         send(w, json!({"type": "subscribe", "run": "team-a-build"})).await;
