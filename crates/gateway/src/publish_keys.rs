@@ -69,7 +69,8 @@ impl PublishKeys {
                 entry.chars().take(20).collect::<String>()
             ));
         };
-        if name.is_empty() || hex.len() != 64 {
+        // ASCII first: slicing a multi-byte character would panic.
+        if name.is_empty() || hex.len() != 64 || !hex.is_ascii() {
             return Err(format!(
                 "publish key {name:?}: expected a 64-digit hex SHA-256 (runcast publish-key makes one)"
             ));
@@ -167,6 +168,7 @@ mod tests {
         assert!(k.add("bad").is_err());
         assert!(k.add("x:1234").is_err());
         assert!(k.add(&format!("x:{}", "zz".repeat(32))).is_err());
+        assert!(k.add(&format!("x:{}", "é".repeat(32))).is_err(), "64 bytes, not ASCII: no panic");
         assert!(
             !format!("{k:?}").contains(&digest_hex("k1")),
             "no digests in logs"
