@@ -168,7 +168,10 @@ mod tests {
         assert!(k.add("bad").is_err());
         assert!(k.add("x:1234").is_err());
         assert!(k.add(&format!("x:{}", "zz".repeat(32))).is_err());
-        assert!(k.add(&format!("x:{}", "é".repeat(32))).is_err(), "64 bytes, not ASCII: no panic");
+        assert!(
+            k.add(&format!("x:{}", "é".repeat(32))).is_err(),
+            "64 bytes, not ASCII: no panic"
+        );
         assert!(
             !format!("{k:?}").contains(&digest_hex("k1")),
             "no digests in logs"
