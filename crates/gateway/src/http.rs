@@ -54,7 +54,8 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
     if m == Method::OPTIONS {
         return preflight(&ctx.gw, origin.as_deref());
     }
-    let cors_origins = ctx.gw.config.allowed_origins.clone();
+    // Decided before routing moves `ctx`: no copy of the allow-list per request.
+    let cors = origin.as_deref().and_then(|o| cors_origin(&ctx.gw, o));
     let mut resp = match (segs.as_slice(), &m) {
         ([] | [""], &Method::GET) => text(StatusCode::OK, "text/html; charset=utf-8", PAGE),
         (["healthz"], &Method::GET) => text(StatusCode::OK, "text/plain", "ok\n"),
@@ -127,11 +128,7 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
             format!("no route for {}", truncate(&path)),
         )),
     };
-    if let Some(o) = origin.as_deref()
-        && !cors_origins.is_empty()
-        && cors_origins.iter().any(|a| a == o || a == "*")
-        && let Ok(v) = HeaderValue::from_str(o)
-    {
+    if let Some(v) = cors {
         let h = resp.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
@@ -149,15 +146,20 @@ fn origin_allowed(gw: &Gateway, origin: &str) -> bool {
     allowed.is_empty() || allowed.iter().any(|a| a == origin || a == "*")
 }
 
+/// The `Access-Control-Allow-Origin` value for `origin`: only when an
+/// allow-list is configured and names it (without a list there is no CORS).
+fn cors_origin(gw: &Gateway, origin: &str) -> Option<HeaderValue> {
+    if gw.config.allowed_origins.is_empty() || !origin_allowed(gw, origin) {
+        return None;
+    }
+    HeaderValue::from_str(origin).ok()
+}
+
 /// CORS preflight: allowed origins may POST JSON with a key or token.
 fn preflight(gw: &Gateway, origin: Option<&str>) -> Response<Body> {
     let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = StatusCode::NO_CONTENT;
-    if let Some(o) = origin
-        && !gw.config.allowed_origins.is_empty()
-        && origin_allowed(gw, o)
-        && let Ok(v) = HeaderValue::from_str(o)
-    {
+    if let Some(v) = origin.and_then(|o| cors_origin(gw, o)) {
         let h = r.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
         h.insert(header::VARY, HeaderValue::from_static("Origin"));

@@ -23,11 +23,42 @@ const FORGET_AFTER_SECS: u64 = 60;
 /// stays bounded whatever the number of distinct addresses.
 const SWEEP_ABOVE: usize = 50_000;
 
+/// A token bucket: `rate` tokens a second, holding at most `burst`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64, now: Instant) -> Self {
+        Self {
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Refills for the time since the last call, then takes one token.
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
+        self.last = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
+/// A burst of twice the rate, and at least one.
+fn burst(rate: f64) -> f64 {
+    (rate * 2.0).max(1.0)
+}
+
 #[derive(Debug)]
 struct Slot {
     active: usize,
-    tokens: f64,
-    last: Instant,
+    bucket: Bucket,
 }
 
 /// Why a new session was refused (the `reason` label of
@@ -99,26 +130,19 @@ impl IpLimits {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         if t.len() > SWEEP_ABOVE {
             t.retain(|_, s| {
-                s.active > 0 || now.duration_since(s.last).as_secs() < FORGET_AFTER_SECS
+                s.active > 0 || now.duration_since(s.bucket.last).as_secs() < FORGET_AFTER_SECS
             });
         }
-        let burst = (self.rate_per_ip * 2.0).max(1.0);
+        let burst = burst(self.rate_per_ip);
         let slot = t.entry(ip).or_insert(Slot {
             active: 0,
-            tokens: burst,
-            last: now,
+            bucket: Bucket::full(burst, now),
         });
         if self.max_per_ip > 0 && slot.active >= self.max_per_ip {
             return Err(Refusal::PerIp);
         }
-        if self.rate_per_ip > 0.0 {
-            let refill = now.duration_since(slot.last).as_secs_f64() * self.rate_per_ip;
-            slot.tokens = (slot.tokens + refill).min(burst);
-            slot.last = now;
-            if slot.tokens < 1.0 {
-                return Err(Refusal::Rate);
-            }
-            slot.tokens -= 1.0;
+        if self.rate_per_ip > 0.0 && !slot.bucket.take(self.rate_per_ip, burst, now) {
+            return Err(Refusal::Rate);
         }
         slot.active += 1;
         Ok(IpGuard {
@@ -155,7 +179,7 @@ impl Drop for IpGuard {
 #[derive(Debug)]
 pub struct KeyRates {
     rate: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
 }
 
 impl KeyRates {
@@ -172,17 +196,12 @@ impl KeyRates {
         if self.rate <= 0.0 {
             return true;
         }
-        let burst = (self.rate * 2.0).max(1.0);
+        let burst = burst(self.rate);
         let now = Instant::now();
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, last) = b.entry(name.to_owned()).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(burst);
-        *last = now;
-        if *tokens < 1.0 {
-            return false;
-        }
-        *tokens -= 1.0;
-        true
+        b.entry(name.to_owned())
+            .or_insert_with(|| Bucket::full(burst, now))
+            .take(self.rate, burst, now)
     }
 }
 
