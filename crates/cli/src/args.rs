@@ -334,7 +334,9 @@ pub struct GatewayArgs {
     #[arg(long, env = "RUNCAST_AUTH_ISSUER")]
     pub auth_issuer: Option<String>,
     /// API keys for the HTTP publish API, as name:sha256hex[:prefix|prefix...] (from
-    /// `runcast publish-key`); repeat or separate with commas. None: publishing is open.
+    /// `runcast publish-key`); repeat or separate with commas. Without keys the HTTP
+    /// publish API refuses every request unless --allow-anonymous-publish (`runcast up`:
+    /// open unless keys are given).
     #[arg(
         long,
         env = "RUNCAST_PUBLISH_KEYS",
@@ -364,6 +366,10 @@ pub struct GatewayArgs {
     /// Let clients without a token watch every run (`runcast up` does unless keys are given).
     #[arg(long, env = "RUNCAST_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
+    /// Let anyone who reaches the HTTP publish API publish to any run when no --publish-key
+    /// is configured (`runcast up` does unless keys are given).
+    #[arg(long, env = "RUNCAST_ALLOW_ANONYMOUS_PUBLISH")]
+    pub allow_anonymous_publish: bool,
     /// Bearer token for the admin API (/v1/admin/stats, drain, shed) the operator uses; unset = off.
     #[arg(long, env = "RUNCAST_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -438,7 +444,7 @@ impl GatewayArgs {
                     // Checked in `auth()` first, which the roles call before this.
                     let _ = k.add(e);
                 }
-                k
+                k.open_without_keys(self.allow_anonymous_publish)
             },
             allowed_origins: self
                 .allowed_origin

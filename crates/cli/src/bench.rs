@@ -100,7 +100,13 @@ async fn start_fleet(a: &BenchArgs) -> anyhow::Result<Fleet> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut cmd = std::process::Command::new(&exe);
         match &a.nats {
-            Some(url) => cmd.args(["gateway", "--allow-anonymous", "--nats", url]),
+            Some(url) => cmd.args([
+                "gateway",
+                "--allow-anonymous",
+                "--allow-anonymous-publish",
+                "--nats",
+                url,
+            ]),
             None => cmd.arg("up"),
         };
         let child = cmd

@@ -88,10 +88,24 @@ fn gateway_config(
              --auth-hs256-secret, --auth-key or --auth-jwks to require tokens)"
         );
     }
-    Ok(runcast_gateway::Config {
+    let mut config = runcast_gateway::Config {
         auth: Arc::new(auth),
         ..g.to_config()
-    })
+    };
+    if anonymous_by_default {
+        config.publish_keys = config.publish_keys.open_without_keys(true);
+    }
+    if config.publish_keys.is_open() {
+        tracing::warn!(
+            "open publishing: anyone who can reach this gateway's HTTP API can publish to any run \
+             (configure --publish-key to require API keys)"
+        );
+    } else if g.publish_key.iter().all(|k| k.is_empty()) {
+        tracing::info!(
+            "the HTTP publish API is off: no --publish-key configured (workers publish over NATS)"
+        );
+    }
+    Ok(config)
 }
 
 async fn up(a: args::UpArgs) -> anyhow::Result<()> {

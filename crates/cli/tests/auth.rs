@@ -211,3 +211,42 @@ async fn publish_keys_from_publish_key_work_with_publish_key_flags() {
     assert!(!outside.status.success());
     assert!(String::from_utf8_lossy(&outside.stderr).contains("may not publish"));
 }
+
+/// `runcast gateway` without publish keys takes no HTTP publishes (workers
+/// publish over NATS), says how to open it, and opens only when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_without_publish_keys_refuses_http_publishes_unless_opened() {
+    let nats = runcast_test_support::nats::NatsServer::start().await;
+    let url = nats.url();
+    for open in [false, true] {
+        let addr = free_addr();
+        let mut args = vec!["gateway", "--allow-anonymous", "--nats", &url, "--listen"];
+        let listen = addr.to_string();
+        args.push(&listen);
+        if open {
+            args.push("--allow-anonymous-publish");
+        }
+        let _gw = Command::new(BIN)
+            .args(&args)
+            .args(["--log", "warn"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        wait_http_ok(addr, "/readyz", "runcast gateway").await;
+        let (status, _, body) = http(
+            addr,
+            "POST",
+            "/v1/runs/open-or-not/events",
+            &[],
+            r#"{"kind":"progress","data":{}}"#,
+        )
+        .await;
+        if open {
+            assert_eq!(status, 200, "{body}");
+        } else {
+            assert_eq!(status, 401, "{body}");
+            assert!(body.contains("--allow-anonymous-publish"), "{body}");
+        }
+    }
+}

@@ -31,6 +31,7 @@ impl GatewayProc {
             .args([
                 "gateway",
                 "--allow-anonymous",
+                "--allow-anonymous-publish",
                 "--listen",
                 &addr.to_string(),
                 "--nats",

@@ -20,7 +20,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_runcast");
 async fn gateway(listen: SocketAddr, nats: Option<&str>, wait_ready: bool) -> Child {
     let mut cmd = Command::new(BIN);
     match nats {
-        Some(url) => cmd.args(["gateway", "--allow-anonymous", "--nats", url]),
+        Some(url) => cmd.args([
+            "gateway",
+            "--allow-anonymous",
+            "--allow-anonymous-publish",
+            "--nats",
+            url,
+        ]),
         None => cmd.arg("up"),
     };
     let child = cmd

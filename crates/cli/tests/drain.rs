@@ -116,6 +116,7 @@ async fn a_drained_gateway_moves_its_clients_without_loss_at_its_rate() {
                 .args([
                     "gateway",
                     "--allow-anonymous",
+                    "--allow-anonymous-publish",
                     "--listen",
                     &a.to_string(),
                     "--nats",

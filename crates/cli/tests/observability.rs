@@ -164,6 +164,7 @@ async fn rules_and_dashboards_work_against_a_live_cluster() {
             spawn(Command::new(BIN).args([
                 "gateway",
                 "--allow-anonymous",
+                "--allow-anonymous-publish",
                 "--listen",
                 &a.to_string(),
                 "--nats",

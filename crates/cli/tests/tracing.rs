@@ -87,6 +87,7 @@ async fn one_event_is_one_trace_from_worker_to_client() {
         &[
             "gateway",
             "--allow-anonymous",
+            "--allow-anonymous-publish",
             "--listen",
             &gw.to_string(),
             "--nats",

@@ -16,14 +16,28 @@ struct Entry {
     prefixes: Vec<String>,
 }
 
-/// The configured keys; empty means the publish API is open.
-#[derive(Clone, Default)]
-pub struct PublishKeys(Vec<Entry>);
+/// The configured keys. Without any, publishing is open only if
+/// `open_without_keys` (the library default, for tests and embedding;
+/// `runcast gateway` turns it off unless `--allow-anonymous-publish`).
+#[derive(Clone)]
+pub struct PublishKeys {
+    entries: Vec<Entry>,
+    open_without_keys: bool,
+}
+
+impl Default for PublishKeys {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            open_without_keys: true,
+        }
+    }
+}
 
 impl std::fmt::Debug for PublishKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(self.0.iter().map(|e| &e.name))
+            .entries(self.entries.iter().map(|e| &e.name))
             .finish()
     }
 }
@@ -56,8 +70,15 @@ pub fn generate(name: &str, prefixes: &[String]) -> Result<(String, String), Str
 }
 
 impl PublishKeys {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// No keys and none needed: anyone who reaches the API may publish.
+    pub fn is_open(&self) -> bool {
+        self.entries.is_empty() && self.open_without_keys
+    }
+
+    /// Whether publishing without any configured key is allowed.
+    pub fn open_without_keys(mut self, open: bool) -> Self {
+        self.open_without_keys = open;
+        self
     }
 
     /// Adds one `name:sha256hex[:prefix|prefix...]` entry.
@@ -84,7 +105,7 @@ impl PublishKeys {
             .next()
             .map(|p| p.split('|').map(str::to_owned).collect())
             .unwrap_or_default();
-        self.0.push(Entry {
+        self.entries.push(Entry {
             name: name.to_owned(),
             digest,
             prefixes,
@@ -94,8 +115,16 @@ impl PublishKeys {
 
     /// The name of the key that may publish to `run`, or the error to send.
     pub fn check(&self, key: Option<&str>, run: &RunId) -> Result<Option<String>, ProtocolError> {
-        if self.0.is_empty() {
-            return Ok(None);
+        if self.entries.is_empty() {
+            return if self.open_without_keys {
+                Ok(None)
+            } else {
+                Err(ProtocolError::new(
+                    ErrorCode::Unauthorized,
+                    "this gateway has no publish API keys (--publish-key), so it takes no \
+                     HTTP publishes; configure keys or --allow-anonymous-publish",
+                ))
+            };
         }
         let Some(key) = key.filter(|k| !k.is_empty()) else {
             return Err(ProtocolError::new(
@@ -106,7 +135,7 @@ impl PublishKeys {
         let given = Sha256::digest(key.as_bytes());
         // Every entry is compared, so timing does not tell which one matched.
         let mut found = None;
-        for e in &self.0 {
+        for e in &self.entries {
             if bool::from(e.digest.ct_eq(given.as_slice())) {
                 found = Some(e);
             }
@@ -164,6 +193,15 @@ mod tests {
         assert_eq!(
             k.check(None, &run("build-7")).unwrap_err().code,
             ErrorCode::Unauthorized
+        );
+        let closed = PublishKeys::default().open_without_keys(false);
+        assert!(!closed.is_open());
+        let e = closed.check(Some("k1"), &run("a")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthorized);
+        assert!(
+            e.message.contains("--allow-anonymous-publish"),
+            "{}",
+            e.message
         );
         assert!(k.add("bad").is_err());
         assert!(k.add("x:1234").is_err());

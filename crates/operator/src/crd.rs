@@ -90,6 +90,14 @@ pub struct AuthSpec {
     /// Required `iss` claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
+    /// API keys for the HTTP publish API, as `name:sha256hex[:prefix|...]` entries from
+    /// `runcast publish-key` (digests, not keys, so they may sit in the ConfigMap).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish_keys: Vec<String>,
+    /// Without publish keys, let anyone who reaches the gateways publish over HTTP.
+    /// Off unless set: workers publish over NATS.
+    #[serde(default)]
+    pub allow_anonymous_publish: bool,
 }
 
 /// The gateway pods.

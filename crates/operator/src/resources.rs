@@ -95,6 +95,12 @@ pub fn config_map(rc: &RuncastCluster) -> Value {
     if s.auth.allow_anonymous {
         data.insert("RUNCAST_ALLOW_ANONYMOUS".into(), "true".into());
     }
+    if !s.auth.publish_keys.is_empty() {
+        data.insert("RUNCAST_PUBLISH_KEYS".into(), s.auth.publish_keys.join(","));
+    }
+    if s.auth.allow_anonymous_publish {
+        data.insert("RUNCAST_ALLOW_ANONYMOUS_PUBLISH".into(), "true".into());
+    }
     if let Some(a) = &s.auth.audience {
         data.insert("RUNCAST_AUTH_AUDIENCE".into(), a.clone());
     }

@@ -275,6 +275,8 @@ fn bad_values_are_refused_by_the_schema() {
         ("nats.streamReplicas=2", "nats"),
         ("clustr.name=x", "clustr"),
         ("nats.bundled=false", "nats.url is required"),
+        // A raw key where its digest entry belongs.
+        ("cluster.auth.publishKeys={0123456789abcdef}", "publishKeys"),
     ] {
         let out = Command::new(tool("helm"))
             .args(["template", "runcast"])

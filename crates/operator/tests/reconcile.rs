@@ -426,6 +426,7 @@ async fn update_rolls_the_new_spec_out_at_the_current_size() {
         "hs256SecretRef": {"name": "runcast-auth", "key": "hs256-secret"},
         "jwksSecretRef": {"name": "runcast-auth", "key": "jwks.json"},
         "audience": "runcast",
+        "publishKeys": ["ci:abababababababababababababababababababababababababababababababab:build-", "ops:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"],
     });
     let rc = cluster(s, 2);
     let (mut api, task, _) = start(rc.clone(), 1);
@@ -456,6 +457,11 @@ async fn update_rolls_the_new_spec_out_at_the_current_size() {
     assert_eq!(cm["data"]["RUNCAST_NATS_URL"], "nats://other:4222");
     assert_eq!(cm["data"]["RUNCAST_ALLOW_ANONYMOUS"], "true");
     assert_eq!(cm["data"]["RUNCAST_AUTH_AUDIENCE"], "runcast");
+    assert_eq!(
+        cm["data"]["RUNCAST_PUBLISH_KEYS"],
+        "ci:abababababababababababababababababababababababababababababababab:build-,ops:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"
+    );
+    assert!(cm["data"].get("RUNCAST_ALLOW_ANONYMOUS_PUBLISH").is_none());
     assert_eq!(
         cm["data"]["RUNCAST_AUTH_JWKS"],
         "/etc/runcast/auth/jwks.json"
