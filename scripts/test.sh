@@ -79,3 +79,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+step "fuzz (${FUZZ_SECONDS:-30}s per target)"
+bash scripts/fuzz.sh

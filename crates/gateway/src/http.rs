@@ -432,7 +432,7 @@ async fn get_run(gw: Arc<Gateway>, run: RunId) -> Response<Body> {
     }
 }
 
-fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError> {
+pub(crate) fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError> {
     for pair in q.split('&') {
         if let Some((k, v)) = pair.split_once('=')
             && k == key
@@ -502,7 +502,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
     <Box<RawValue> as serde::Deserialize>::deserialize(d).map(Some)
 }
 
-fn parse_publish(
+pub(crate) fn parse_publish(
     body: &[u8],
     max_batch: usize,
     header_tp: Option<&str>,

@@ -30,3 +30,22 @@ mod ws;
 pub use config::Config;
 pub use metrics::Metrics;
 pub use server::{Gateway, run};
+
+/// Entry points for the fuzz targets in `fuzz/`: the parsers that network
+/// input reaches and that are private to this crate. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use runcast_core::ProtocolError;
+
+    /// A publish request body, as `POST /v1/runs/<run>/events` parses it:
+    /// the number of events, or the error the client gets.
+    pub fn publish_body(body: &[u8], traceparent: Option<&str>) -> Result<usize, ProtocolError> {
+        crate::http::parse_publish(body, 1000, traceparent).map(|v| v.len())
+    }
+
+    /// A request's query string, as the read and SSE routes parse `since`/`limit`.
+    pub fn query(q: &str) {
+        let _ = crate::http::query_u64(q, "since");
+        let _ = crate::http::query_u64(q, "limit");
+    }
+}

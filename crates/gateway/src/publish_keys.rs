@@ -136,7 +136,7 @@ impl PublishKeys {
         // Every entry is compared, so timing does not tell which one matched.
         let mut found = None;
         for e in &self.entries {
-            if bool::from(e.digest.ct_eq(given.as_slice())) {
+            if bool::from(e.digest.ct_eq(&given[..])) {
                 found = Some(e);
             }
         }

@@ -86,25 +86,47 @@ pub fn new_traceparent() -> String {
     format!("00-{}-{}-01", ids.new_trace_id(), ids.new_span_id())
 }
 
+/// Whether `tp` is a W3C traceparent, strictly: `vv-<32>-<16>-<2>` in
+/// lowercase hex, version not `ff` (version 00 exactly 55 characters, later
+/// versions possibly followed by `-…`), trace and span IDs not all zeros.
+/// Stricter than the propagator in [`parent`], which also takes e.g. short or
+/// signed numbers; checked in place, as the gateway asks for every live event.
+pub fn well_formed(tp: &str) -> bool {
+    let b = tp.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b[r].iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    let nonzero = |r: std::ops::Range<usize>| b[r].iter().any(|&c| c != b'0');
+    b.len() >= 55
+        && b[2] == b'-'
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && hex(0..2)
+        && &b[0..2] != b"ff"
+        && hex(3..35)
+        && hex(36..52)
+        && hex(53..55)
+        && nonzero(3..35)
+        && nonzero(36..52)
+        && if &b[0..2] == b"00" {
+            b.len() == 55
+        } else {
+            b.len() == 55 || b[55] == b'-'
+        }
+}
+
 /// Whether a well-formed `traceparent` has its sampled flag set, read
 /// without allocating: the gateway asks this for every live event.
 pub fn sampled(traceparent: &str) -> bool {
-    let b = traceparent.as_bytes();
-    // 00-<32 hex>-<16 hex>-<2 hex>
-    if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
-        return false;
-    }
-    std::str::from_utf8(&b[53..55])
-        .ok()
-        .and_then(|f| u8::from_str_radix(f, 16).ok())
-        .is_some_and(|f| f & TraceFlags::SAMPLED.to_u8() != 0)
+    well_formed(traceparent)
+        && u8::from_str_radix(&traceparent[53..55], 16)
+            .is_ok_and(|f| f & TraceFlags::SAMPLED.to_u8() != 0)
 }
 
 /// The trace ID (32 hex digits) of a well-formed `traceparent`.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
-    let mut parts = traceparent.split('-');
-    let (_version, id) = (parts.next()?, parts.next()?);
-    (id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit())).then_some(id)
+    well_formed(traceparent).then(|| &traceparent[3..35])
 }
 
 /// A per-second allowance shared by all tasks: bounds how many optional
@@ -183,6 +205,30 @@ mod tests {
         assert!(!sampled("00-abc-01"));
         assert!(!sampled(""));
         assert!(!sampled(&TP.replace("-01", "-zz")));
+    }
+
+    /// Found by the `client_frame` fuzz target: `trace_id` used to take any
+    /// string with a 32-hex-digit second field, so a client's garbage
+    /// traceparent was logged as a trace ID that no trace has.
+    #[test]
+    fn only_strict_w3c_traceparents_have_a_trace_id() {
+        let fuzzed = "26.2E00-20000000000000000001941220002E00-20000000000000000001941265333?+";
+        assert_eq!(trace_id(fuzzed), None);
+        assert_eq!(trace_id(TP), Some(&TP[3..35]));
+        for bad in [
+            TP.to_uppercase(),
+            TP.replace("00-", "ff-"),
+            format!("{TP}-x"),
+            format!("00-{}-{}-01", "0".repeat(32), "1".repeat(16)),
+            format!("00-{}-{}-01", "1".repeat(32), "0".repeat(16)),
+            TP.replacen('-', "+", 1),
+        ] {
+            assert_eq!(trace_id(&bad), None, "{bad}");
+            assert!(!sampled(&bad), "{bad}");
+        }
+        // A later version may carry more fields; the propagator agrees.
+        let v1 = format!("01{}-extra", &TP[2..]);
+        assert!(trace_id(&v1).is_some() && parent(&v1).is_some(), "{v1}");
     }
 
     #[test]
