@@ -19,8 +19,11 @@ static AUTH: LazyLock<Auth> = LazyLock::new(|| {
 
 static KEYS: LazyLock<PublishKeys> = LazyLock::new(|| {
     let mut k = PublishKeys::default();
-    k.add(&format!("ci:{}:build-", runcast_gateway::publish_keys::digest_hex("k")))
-        .expect("entry");
+    k.add(&format!(
+        "ci:{}:build-",
+        runcast_gateway::publish_keys::digest_hex("k")
+    ))
+    .expect("entry");
     k
 });
 

@@ -11,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(text) = std::str::from_utf8(data) {
         runcast_gateway::fuzzing::query(text);
-        let _ = runcast_gateway::fuzzing::publish_body(b"{\"kind\":\"log\",\"data\":1}", Some(text));
+        let _ =
+            runcast_gateway::fuzzing::publish_body(b"{\"kind\":\"log\",\"data\":1}", Some(text));
     }
 });

@@ -311,6 +311,16 @@ pub struct GatewayArgs {
     /// How long shutdown waits for connections to close.
     #[arg(long, env = "RUNCAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,
+    /// Time a client has to send each request's headers, from their first byte.
+    #[arg(long, env = "RUNCAST_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// Time from connecting until the first request's headers are in (TLS handshake
+    /// included), and for a WebSocket upgrade to complete; silent connections are closed.
+    #[arg(long, env = "RUNCAST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// Time a client has to send a request body (publish, admin); slower gets 408.
+    #[arg(long, env = "RUNCAST_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub request_timeout: Duration,
     /// Connections served at once; more get 503.
     #[arg(long, env = "RUNCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -438,6 +448,9 @@ impl GatewayArgs {
             drain_delay: self.drain_delay,
             drain_timeout: self.drain_timeout,
             max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            handshake_timeout: self.handshake_timeout,
+            request_timeout: self.request_timeout,
             publish_keys: {
                 let mut k = runcast_gateway::publish_keys::PublishKeys::default();
                 for e in self.publish_key.iter().filter(|e| !e.is_empty()) {

@@ -55,6 +55,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The request conflicts with work in progress (a drain or shed).
     Conflict,
+    /// The client sent its request body too slowly (`--request-timeout`).
+    RequestTimeout,
     /// A bug or unexpected failure on the server.
     Internal,
 }
@@ -86,6 +88,7 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::RateLimited => "rate_limited",
             Self::Conflict => "conflict",
+            Self::RequestTimeout => "request_timeout",
             Self::Internal => "internal",
         }
     }
@@ -114,11 +117,12 @@ impl ErrorCode {
             Self::Forbidden => 403,
             Self::RateLimited => 429,
             Self::Conflict => 409,
+            Self::RequestTimeout => 408,
             Self::Internal => 500,
         }
     }
 
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         Self::InvalidJson,
         Self::InvalidFrame,
         Self::UnknownType,
@@ -143,6 +147,7 @@ impl ErrorCode {
         Self::Forbidden,
         Self::RateLimited,
         Self::Conflict,
+        Self::RequestTimeout,
         Self::Internal,
     ];
 }

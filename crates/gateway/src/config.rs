@@ -35,8 +35,15 @@ pub struct Config {
     pub replay_page: usize,
     /// Reconnect delay suggested to SSE clients (`retry:`).
     pub sse_retry: Duration,
-    /// Time allowed to send request headers (slow clients are cut off).
+    /// Time allowed to send each request's headers, from the first byte
+    /// (slow clients are cut off).
     pub header_read_timeout: Duration,
+    /// Time from accepting a connection until its first request's headers
+    /// are in (TLS handshake included), and again for a WebSocket upgrade to
+    /// complete: a connection that sends nothing is closed after this.
+    pub handshake_timeout: Duration,
+    /// Time allowed to send a request body (publish, admin); slower gets 408.
+    pub request_timeout: Duration,
     /// At most this many `runcast.deliver` spans per second (one per client
     /// write of a sampled event), so tracing costs a bounded amount at any
     /// delivery rate. Only matters when traces are exported.
@@ -91,6 +98,8 @@ impl Default for Config {
             replay_page: 256,
             sse_retry: Duration::from_secs(2),
             header_read_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
             trace_deliveries_per_sec: 100,
             // The hop-latency SLO in observability/ (p99 publish → write < 0.5 s).
             slow_event_log: Duration::from_millis(500),

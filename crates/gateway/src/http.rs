@@ -27,6 +27,9 @@ pub type Body = BoxBody<Bytes, Infallible>;
 const PAGE: &str = include_str!("page.html");
 
 pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
+    // The headers are in: the connection's handshake deadline no longer applies.
+    ctx.started
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let path = req.uri().path().to_owned();
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let m = req.method().clone();
@@ -210,6 +213,11 @@ pub fn error(err: ProtocolError) -> Response<Body> {
     if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if status == StatusCode::REQUEST_TIMEOUT {
+        // The rest of a trickled body is not worth waiting for.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     r
 }
@@ -631,20 +639,9 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= 256)
         .map(str::to_owned);
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(ProtocolError::new(
-                ErrorCode::TooLarge,
-                format!("body is over the limit of {limit} bytes"),
-            ));
-        }
-        Err(e) => {
-            return error(ProtocolError::new(
-                ErrorCode::InvalidEvent,
-                format!("could not read body: {e}"),
-            ));
-        }
+    let body = match read_body(&gw, req, limit).await {
+        Ok(b) => b,
+        Err(e) => return error(e),
     };
     let events = match parse_publish(&body, gw.config.max_batch, tp.as_deref()) {
         Ok(ev) => ev,
@@ -702,14 +699,16 @@ async fn admin(gw: Arc<Gateway>, op: &str, req: Request<Incoming>) -> Response<B
             StatusCode::OK,
             serde_json::to_string(&gw.stats()).unwrap_or_default(),
         ),
-        ("drain", &Method::POST) => match admin_body::<runcast_core::admin::Drain>(req).await {
-            Ok(d) => match gw.drain(&d.unwrap_or_default()) {
-                Ok(n) => accepted(n),
+        ("drain", &Method::POST) => {
+            match admin_body::<runcast_core::admin::Drain>(&gw, req).await {
+                Ok(d) => match gw.drain(&d.unwrap_or_default()) {
+                    Ok(n) => accepted(n),
+                    Err(e) => error(e),
+                },
                 Err(e) => error(e),
-            },
-            Err(e) => error(e),
-        },
-        ("shed", &Method::POST) => match admin_body::<runcast_core::admin::Shed>(req).await {
+            }
+        }
+        ("shed", &Method::POST) => match admin_body::<runcast_core::admin::Shed>(&gw, req).await {
             Ok(Some(s)) => match gw.shed(&s) {
                 Ok(n) => accepted(n),
                 Err(e) => error(e),
@@ -755,15 +754,50 @@ fn authorize(gw: &Gateway, req: &Request<Incoming>) -> Result<(), ProtocolError>
     }
 }
 
+/// A request body of at most `limit` bytes, arriving within the request
+/// timeout: a client that trickles its body (slow loris) gets 408 and the
+/// connection is closed, instead of holding a task and a buffer.
+async fn read_body(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<Bytes, ProtocolError> {
+    let read = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(gw.config.request_timeout, read).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ProtocolError::new(
+            ErrorCode::TooLarge,
+            format!("body is over the limit of {limit} bytes"),
+        )),
+        Ok(Err(e)) => Err(ProtocolError::new(
+            ErrorCode::InvalidEvent,
+            format!("could not read body: {e}"),
+        )),
+        Err(_) => {
+            gw.metrics
+                .timeouts
+                .with_label_values(&["request_body"])
+                .inc();
+            Err(ProtocolError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the body did not arrive within {:?} (--request-timeout)",
+                    gw.config.request_timeout
+                ),
+            ))
+        }
+    }
+}
+
 /// An optional JSON body of at most 64 KiB.
 async fn admin_body<T: serde::de::DeserializeOwned>(
+    gw: &Gateway,
     req: Request<Incoming>,
 ) -> Result<Option<T>, ProtocolError> {
-    let body = Limited::new(req.into_body(), 64 << 10)
-        .collect()
-        .await
-        .map_err(|e| ProtocolError::new(ErrorCode::TooLarge, format!("admin body: {e}")))?
-        .to_bytes();
+    let body = read_body(gw, req, 64 << 10).await.map_err(|mut e| {
+        e.message = format!("admin body: {}", e.message);
+        e
+    })?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
@@ -836,7 +870,19 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = tracing::debug_span!("ws");
     let task = async move {
-        match on_upgrade.await {
+        // A client that gets its 101 but never lets the upgrade finish
+        // must not hold the session's slot.
+        let limit = ctx.gw.config.handshake_timeout;
+        let Ok(upgraded) = tokio::time::timeout(limit, on_upgrade).await else {
+            ctx.gw
+                .metrics
+                .timeouts
+                .with_label_values(&["upgrade"])
+                .inc();
+            tracing::debug!(?limit, "websocket upgrade timed out");
+            return;
+        };
+        match upgraded {
             Ok(up) => {
                 let cfg = crate::ws::ws_config(&ctx.gw);
                 let ws =

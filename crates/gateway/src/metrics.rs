@@ -21,6 +21,7 @@ pub struct Metrics {
     pub protocol_errors: IntCounterVec,
     pub closes: IntCounterVec,
     pub refused_connections: IntCounter,
+    pub timeouts: IntCounterVec,
     /// Clients asked to reconnect elsewhere, by reason (shutdown, drain,
     /// rebalance).
     pub reconnect_hints: IntCounterVec,
@@ -197,6 +198,17 @@ impl Metrics {
                 "runcast_refused_connections_total",
                 "Connections refused because max_connections was reached.",
             ),
+            timeouts: {
+                let v = vec(
+                    "runcast_timeouts_total",
+                    "Connections or requests cut off for being too slow, by stage (handshake, upgrade, request_body).",
+                    "stage",
+                );
+                for s in ["handshake", "upgrade", "request_body"] {
+                    v.with_label_values(&[s]);
+                }
+                v
+            },
             reconnect_hints: {
                 let v = vec(
                     "runcast_reconnect_hints_total",

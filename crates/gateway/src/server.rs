@@ -148,6 +148,9 @@ pub(crate) struct ConnCtx {
     pub _permit: Arc<OwnedSemaphorePermit>,
     /// The TCP peer (a proxy, or the client itself).
     pub peer: std::net::IpAddr,
+    /// Set when the connection's first request headers are in, which ends
+    /// its handshake deadline.
+    pub started: Arc<AtomicBool>,
 }
 
 impl ConnCtx {
@@ -264,12 +267,32 @@ async fn serve_tcp(
         return;
     };
     let _ = tcp.set_nodelay(true);
+    // From here the client has `handshake_timeout` to get its first request's
+    // headers in: idle or trickling connections (slow loris) would otherwise
+    // hold a slot under max_connections for as long as they like.
+    let deadline = tokio::time::Instant::now() + gw.config.handshake_timeout;
     let ctx = ConnCtx {
         gw: gw.clone(),
         done,
         _permit: Arc::new(permit),
         peer,
+        started: Arc::new(AtomicBool::new(false)),
     };
+    serve_http(TokioIo::new(tcp), ctx, &mut stop, deadline).await;
+}
+
+/// HTTP/1.1 (with upgrades) on one accepted connection, until it ends, the
+/// gateway stops, or the handshake deadline passes before a request.
+async fn serve_http<I>(
+    io: I,
+    ctx: ConnCtx,
+    stop: &mut watch::Receiver<bool>,
+    deadline: tokio::time::Instant,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let gw = ctx.gw.clone();
+    let started = ctx.started.clone();
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(crate::http::route(ctx, req).await) }
@@ -277,18 +300,34 @@ async fn serve_tcp(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(gw.config.header_read_timeout)
-        .serve_connection(TokioIo::new(tcp), svc)
+        .serve_connection(io, svc)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "http connection ended with an error");
+    let handshake = tokio::time::sleep_until(deadline);
+    tokio::pin!(handshake);
+    let mut waiting = true;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "http connection ended with an error");
+                }
+                return;
             }
-        }
-        _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+                return;
+            }
+            _ = &mut handshake, if waiting => {
+                if started.load(Ordering::Relaxed) {
+                    waiting = false;
+                    continue;
+                }
+                gw.metrics.timeouts.with_label_values(&["handshake"]).inc();
+                tracing::debug!(timeout = ?gw.config.handshake_timeout, "no request in time; closing");
+                return;
+            }
         }
     }
 }

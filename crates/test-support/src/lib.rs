@@ -127,6 +127,51 @@ impl WsClient {
         c
     }
 
+    /// Connects from a chosen local address (any of 127.0.0.0/8 on Linux,
+    /// so one machine can play many clients) with extra request headers, and
+    /// reads `hello`; a refused handshake returns its status, headers and body.
+    pub async fn connect_from(
+        src: std::net::IpAddr,
+        addr: SocketAddr,
+        headers: &[(&str, &str)],
+    ) -> Result<Self, (u16, hyper::HeaderMap, String)> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let tcp = tcp_from(src, addr).await;
+        let mut req = format!("ws://{addr}/v1/ws")
+            .into_client_request()
+            .expect("request");
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                v.parse().expect("header value"),
+            );
+        }
+        let handshake = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp));
+        match tokio::time::timeout(WAIT, handshake)
+            .await
+            .expect("handshake in time")
+        {
+            Ok((ws, _)) => {
+                let mut c = Self {
+                    ws,
+                    hello: Value::Null,
+                };
+                c.hello = c.recv().await;
+                assert_eq!(c.hello["type"], "hello", "{}", c.hello);
+                Ok(c)
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                let (parts, body) = r.into_parts();
+                Err((
+                    parts.status.as_u16(),
+                    parts.headers,
+                    String::from_utf8_lossy(body.as_deref().unwrap_or_default()).into_owned(),
+                ))
+            }
+            Err(e) => panic!("websocket handshake failed: {e}"),
+        }
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.send_text(&v.to_string()).await;
     }
@@ -192,6 +237,22 @@ impl WsClient {
             }
         }
     }
+}
+
+/// A TCP connection to `addr` from the local address `src`.
+pub async fn tcp_from(src: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = match src {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .expect("socket");
+    socket
+        .bind(SocketAddr::new(src, 0))
+        .expect("bind source address");
+    tokio::time::timeout(WAIT, socket.connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect")
 }
 
 /// The seqs of event frames for `run` in `frames`.
