@@ -321,6 +321,16 @@ pub struct GatewayArgs {
     /// Time a client has to send a request body (publish, admin); slower gets 408.
     #[arg(long, env = "RUNCAST_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub request_timeout: Duration,
+    /// Serve HTTPS/WSS with this PEM certificate chain (with --tls-key); re-read when the
+    /// file changes. Unset: plain HTTP, for use behind an ingress that terminates TLS.
+    #[arg(long, env = "RUNCAST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key for --tls-cert.
+    #[arg(long, env = "RUNCAST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// How often the certificate and key files are checked for changes.
+    #[arg(long, env = "RUNCAST_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub tls_reload_interval: Duration,
     /// Connections served at once; more get 503.
     #[arg(long, env = "RUNCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,

@@ -95,6 +95,15 @@ fn gateway_config(
     if anonymous_by_default {
         config.publish_keys = config.publish_keys.open_without_keys(true);
     }
+    if let (Some(cert), Some(key)) = (&g.tls_cert, &g.tls_key) {
+        let tls = runcast_gateway::tls::Tls::load(runcast_gateway::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            reload_interval: g.tls_reload_interval,
+        })
+        .map_err(anyhow::Error::msg)?;
+        config.tls = Some(tls);
+    }
     if config.publish_keys.is_open() {
         tracing::warn!(
             "open publishing: anyone who can reach this gateway's HTTP API can publish to any run \
@@ -227,7 +236,12 @@ async fn serve(
     let gw = Gateway::new(bus.clone(), config, source);
     let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, bus = source, demo = demo_jobs.is_some(), "runcast is up: open http://{addr}/");
+    let scheme = if gw.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%addr, bus = source, demo = demo_jobs.is_some(), "runcast is up: open {scheme}://{addr}/");
     let demo =
         demo_jobs.map(|n| demo::spawn(Arc::new(runcast_worker::BusTarget(bus)), n, String::new()));
     let result = tokio::spawn(runcast_gateway::run(gw, listener, shutdown_signal()))

@@ -250,3 +250,73 @@ async fn a_gateway_without_publish_keys_refuses_http_publishes_unless_opened() {
         }
     }
 }
+
+/// `runcast up --tls-cert/--tls-key` serves HTTPS that a stock TLS client
+/// (openssl s_client, trusting only the test CA) verifies and talks HTTP
+/// over; a key that does not match the certificate stops it at startup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_https_with_the_given_certificate() {
+    let dir = runcast_test_support::nats::TempDir::new("runcast-cli-tls");
+    let d = dir.path();
+    runcast_test_support::make_certs(d, &["gw", "other"]);
+    let bad = Command::new(BIN)
+        .args(["up", "--listen", &free_addr().to_string()])
+        .arg("--tls-cert")
+        .arg(d.join("gw.pem"))
+        .arg("--tls-key")
+        .arg(d.join("other.key"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("do not make a usable pair"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    let addr = free_addr();
+    let _up = Command::new(BIN)
+        .args(["up", "--listen", &addr.to_string(), "--log", "warn"])
+        .env("RUNCAST_TLS_CERT", d.join("gw.pem"))
+        .env("RUNCAST_TLS_KEY", d.join("gw.key"))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut s_client = Command::new("openssl")
+            .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+            .arg(addr.to_string())
+            .arg("-CAfile")
+            .arg(d.join("ca.pem"))
+            .args(["-verify_ip", "127.0.0.1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = s_client.stdin.take().unwrap();
+        let _ = stdin
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let out = tokio::time::timeout(Duration::from_secs(10), s_client.wait_with_output())
+            .await
+            .expect("s_client finished")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.starts_with("HTTP/1.1 200") {
+            assert!(text.ends_with("ok\n"), "{text}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no HTTPS answer: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -77,6 +77,9 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Publish requests per second per API key, burst twice that (0: no limit).
     pub publish_rate_per_key: f64,
+    /// Terminate TLS with this certificate (reloaded when its files
+    /// change); `None`: plain HTTP, for use behind an ingress.
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 impl Default for Config {
@@ -115,6 +118,7 @@ impl Default for Config {
             session_rate_per_ip: 0.0,
             trusted_proxies: Vec::new(),
             publish_rate_per_key: 0.0,
+            tls: None,
         }
     }
 }

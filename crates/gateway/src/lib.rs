@@ -25,6 +25,7 @@ mod replay;
 pub mod server;
 mod session;
 mod sse;
+pub mod tls;
 mod ws;
 
 pub use config::Config;

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub closes: IntCounterVec,
     pub refused_connections: IntCounter,
     pub timeouts: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
+    pub tls_handshake_failures: IntCounter,
     /// Clients asked to reconnect elsewhere, by reason (shutdown, drain,
     /// rebalance).
     pub reconnect_hints: IntCounterVec,
@@ -197,6 +199,21 @@ impl Metrics {
             refused_connections: counter(
                 "runcast_refused_connections_total",
                 "Connections refused because max_connections was reached.",
+            ),
+            tls_reloads: {
+                let v = vec(
+                    "runcast_tls_reloads_total",
+                    "Certificate file changes seen, by result: ok (now served) or error (refused; the previous certificate stays).",
+                    "result",
+                );
+                for r in ["ok", "error"] {
+                    v.with_label_values(&[r]);
+                }
+                v
+            },
+            tls_handshake_failures: counter(
+                "runcast_tls_handshake_failures_total",
+                "TLS handshakes that failed (not TLS, no shared protocol or cipher, client refused the certificate).",
             ),
             timeouts: {
                 let v = vec(

@@ -191,6 +191,11 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let reloader = gw
+        .config
+        .tls
+        .as_ref()
+        .map(|tls| tls.spawn_reloader(gw.metrics.clone()));
     tokio::pin!(shutdown);
     let mut drain_deadline = None;
     loop {
@@ -247,6 +252,9 @@ pub async fn run(
     {
         tracing::warn!(timeout = ?gw.config.drain_timeout, "drain timed out; dropping remaining connections");
     }
+    if let Some(r) = reloader {
+        r.abort();
+    }
     Ok(())
 }
 
@@ -257,6 +265,10 @@ async fn serve_tcp(
 ) {
     let Ok(permit) = gw.conn_limit.clone().try_acquire_owned() else {
         gw.metrics.refused_connections.inc();
+        if gw.config.tls.is_some() {
+            // A plain-text 503 means nothing to a TLS client; closing does.
+            return;
+        }
         let body = r#"{"error":{"code":"capacity","message":"too many connections; try another gateway"}}"#;
         let resp = format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
@@ -278,7 +290,22 @@ async fn serve_tcp(
         peer,
         started: Arc::new(AtomicBool::new(false)),
     };
-    serve_http(TokioIo::new(tcp), ctx, &mut stop, deadline).await;
+    let Some(tls) = gw.config.tls.clone() else {
+        serve_http(TokioIo::new(tcp), ctx, &mut stop, deadline).await;
+        return;
+    };
+    // The TLS handshake counts against the same deadline as the headers.
+    match tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => serve_http(TokioIo::new(stream), ctx, &mut stop, deadline).await,
+        Ok(Err(e)) => {
+            gw.metrics.tls_handshake_failures.inc();
+            tracing::debug!(error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            gw.metrics.timeouts.with_label_values(&["handshake"]).inc();
+            tracing::debug!("TLS handshake timed out");
+        }
+    }
 }
 
 /// HTTP/1.1 (with upgrades) on one accepted connection, until it ends, the
