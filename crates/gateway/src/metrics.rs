@@ -87,6 +87,15 @@ impl Metrics {
                 .expect("unique metric");
             v
         };
+        // A counter whose every label value is exported (at 0) from the start,
+        // so rate() and alerts see the series before the first event.
+        let seeded = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let v = vec(name, help, label);
+            for value in values {
+                v.with_label_values(&[value]);
+            }
+            v
+        };
         let connections = IntGaugeVec::new(
             Opts::new(
                 "runcast_connections",
@@ -200,65 +209,40 @@ impl Metrics {
                 "runcast_refused_connections_total",
                 "Connections refused because max_connections was reached.",
             ),
-            tls_reloads: {
-                let v = vec(
-                    "runcast_tls_reloads_total",
-                    "Certificate file changes seen, by result: ok (now served) or error (refused; the previous certificate stays).",
-                    "result",
-                );
-                for r in ["ok", "error"] {
-                    v.with_label_values(&[r]);
-                }
-                v
-            },
+            tls_reloads: seeded(
+                "runcast_tls_reloads_total",
+                "Certificate file changes seen, by result: ok (now served) or error (refused; the previous certificate stays).",
+                "result",
+                &["ok", "error"],
+            ),
             tls_handshake_failures: counter(
                 "runcast_tls_handshake_failures_total",
                 "TLS handshakes that failed (not TLS, no shared protocol or cipher, client refused the certificate).",
             ),
-            timeouts: {
-                let v = vec(
-                    "runcast_timeouts_total",
-                    "Connections or requests cut off for being too slow, by stage (handshake, upgrade, request_body).",
-                    "stage",
-                );
-                for s in ["handshake", "upgrade", "request_body"] {
-                    v.with_label_values(&[s]);
-                }
-                v
-            },
-            reconnect_hints: {
-                let v = vec(
-                    "runcast_reconnect_hints_total",
-                    "Clients asked to reconnect elsewhere (close 1001), by reason: shutdown, drain, rebalance.",
-                    "reason",
-                );
-                for r in ["shutdown", "drain", "rebalance"] {
-                    v.with_label_values(&[r]); // present at 0 from the start
-                }
-                v
-            },
-            refused_sessions: {
-                let v = vec(
-                    "runcast_refused_sessions_total",
-                    "WebSocket and SSE sessions refused by per-address limits, by reason (per_ip, rate).",
-                    "reason",
-                );
-                for r in ["per_ip", "rate"] {
-                    v.with_label_values(&[r]);
-                }
-                v
-            },
-            auth_failures: {
-                let v = vec(
-                    "runcast_auth_failures_total",
-                    "Subscriber tokens refused, by reason (missing, malformed, unknown_key, bad_signature, algorithm, expired, not_yet_valid, audience, issuer).",
-                    "reason",
-                );
-                for k in crate::auth::AuthErrorKind::ALL {
-                    v.with_label_values(&[k.as_str()]);
-                }
-                v
-            },
+            timeouts: seeded(
+                "runcast_timeouts_total",
+                "Connections or requests cut off for being too slow, by stage (handshake, upgrade, request_body).",
+                "stage",
+                &["handshake", "upgrade", "request_body"],
+            ),
+            reconnect_hints: seeded(
+                "runcast_reconnect_hints_total",
+                "Clients asked to reconnect elsewhere (close 1001), by reason: shutdown, drain, rebalance.",
+                "reason",
+                &["shutdown", "drain", "rebalance"],
+            ),
+            refused_sessions: seeded(
+                "runcast_refused_sessions_total",
+                "WebSocket and SSE sessions refused by per-address limits, by reason (per_ip, rate).",
+                "reason",
+                &["per_ip", "rate"],
+            ),
+            auth_failures: seeded(
+                "runcast_auth_failures_total",
+                "Subscriber tokens refused, by reason (missing, malformed, unknown_key, bad_signature, algorithm, expired, not_yet_valid, audience, issuer).",
+                "reason",
+                &crate::auth::AuthErrorKind::ALL.map(|k| k.as_str()),
+            ),
             registry,
         }
     }
