@@ -426,10 +426,6 @@ impl GatewayArgs {
         if let Some(j) = &self.auth_jwks {
             auth.add_jwks_file(j)?;
         }
-        let mut keys = runcast_gateway::publish_keys::PublishKeys::default();
-        for e in self.publish_key.iter().filter(|e| !e.is_empty()) {
-            keys.add(e)?;
-        }
         if !auth.is_configured() {
             if !anonymous_by_default {
                 return Err(
@@ -444,8 +440,39 @@ impl GatewayArgs {
         Ok(auth)
     }
 
-    pub fn to_config(&self) -> Config {
-        Config {
+    /// Who may publish over HTTP: the configured keys; without any, nobody
+    /// unless --allow-anonymous-publish (or, for `runcast up`, by default).
+    pub fn publish_keys(
+        &self,
+        open_by_default: bool,
+    ) -> Result<runcast_gateway::publish_keys::PublishKeys, String> {
+        let mut keys = runcast_gateway::publish_keys::PublishKeys::default();
+        for e in self.publish_key.iter().filter(|e| !e.is_empty()) {
+            keys.add(e)?;
+        }
+        Ok(keys.open_without_keys(self.allow_anonymous_publish || open_by_default))
+    }
+
+    /// The certificate to serve, if --tls-cert/--tls-key are given.
+    pub fn tls(&self) -> Result<Option<std::sync::Arc<runcast_gateway::tls::Tls>>, String> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        runcast_gateway::tls::Tls::load(runcast_gateway::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            reload_interval: self.tls_reload_interval,
+        })
+        .map(Some)
+    }
+
+    /// The whole gateway configuration; `runcast up` passes
+    /// `open_by_default` to be anonymous and open without keys.
+    pub fn to_config(&self, open_by_default: bool) -> Result<Config, String> {
+        Ok(Config {
+            auth: std::sync::Arc::new(self.auth(open_by_default)?),
+            publish_keys: self.publish_keys(open_by_default)?,
+            tls: self.tls()?,
             max_frame_bytes: self.max_frame,
             hard_frame_bytes: self.max_frame.max(1 << 20),
             max_subscriptions: self.max_subscriptions,
@@ -461,14 +488,6 @@ impl GatewayArgs {
             header_read_timeout: self.header_read_timeout,
             handshake_timeout: self.handshake_timeout,
             request_timeout: self.request_timeout,
-            publish_keys: {
-                let mut k = runcast_gateway::publish_keys::PublishKeys::default();
-                for e in self.publish_key.iter().filter(|e| !e.is_empty()) {
-                    // Checked in `auth()` first, which the roles call before this.
-                    let _ = k.add(e);
-                }
-                k.open_without_keys(self.allow_anonymous_publish)
-            },
             allowed_origins: self
                 .allowed_origin
                 .iter()
@@ -485,7 +504,7 @@ impl GatewayArgs {
             drain_rate: self.drain_rate,
             drain_jitter: self.drain_jitter,
             ..Config::default()
-        }
+        })
     }
 }
 

@@ -75,34 +75,20 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(4096)
 }
 
-/// The gateway's configuration with its subscriber auth; anonymous access
-/// is said out loud in the log.
+/// The gateway's configuration; anonymous watching and open publishing are
+/// said out loud in the log.
 fn gateway_config(
     g: &args::GatewayArgs,
     anonymous_by_default: bool,
 ) -> anyhow::Result<runcast_gateway::Config> {
-    let auth = g.auth(anonymous_by_default).map_err(anyhow::Error::msg)?;
-    if auth.allow_anonymous {
+    let config = g
+        .to_config(anonymous_by_default)
+        .map_err(anyhow::Error::msg)?;
+    if config.auth.allow_anonymous {
         tracing::warn!(
             "anonymous access: anyone who can reach this gateway can watch every run (configure \
              --auth-hs256-secret, --auth-key or --auth-jwks to require tokens)"
         );
-    }
-    let mut config = runcast_gateway::Config {
-        auth: Arc::new(auth),
-        ..g.to_config()
-    };
-    if anonymous_by_default {
-        config.publish_keys = config.publish_keys.open_without_keys(true);
-    }
-    if let (Some(cert), Some(key)) = (&g.tls_cert, &g.tls_key) {
-        let tls = runcast_gateway::tls::Tls::load(runcast_gateway::tls::TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            reload_interval: g.tls_reload_interval,
-        })
-        .map_err(anyhow::Error::msg)?;
-        config.tls = Some(tls);
     }
     if config.publish_keys.is_open() {
         tracing::warn!(

@@ -62,7 +62,8 @@ pub struct Config {
     pub drain_jitter: Duration,
     /// Who may watch which runs (bearer tokens, or anonymous access).
     pub auth: std::sync::Arc<crate::auth::Auth>,
-    /// API keys for `POST /v1/runs/<run>/events`; none: the API is open.
+    /// API keys for `POST /v1/runs/<run>/events`; without any, the API is
+    /// open only if the keys allow it (`PublishKeys::open_without_keys`).
     pub publish_keys: crate::publish_keys::PublishKeys,
     /// Browser origins (`https://app.example.com`) allowed to open
     /// WebSockets and to call the HTTP API and SSE cross-origin. Empty:

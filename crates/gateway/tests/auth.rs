@@ -8,7 +8,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use runcast_core::RunId;
 use runcast_gateway::auth::{Auth, AuthErrorKind};
-use runcast_test_support::nats::TempDir;
+use runcast_test_support::{nats::TempDir, openssl};
 use serde_json::{Value, json};
 
 const SECRET: &[u8] = b"a-32-byte-or-longer-shared-secret!!";
@@ -17,55 +17,55 @@ fn now() -> u64 {
     runcast_core::now_millis() / 1000
 }
 
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// RSA and EC key pairs: (private PEM, public PEM path).
 fn keys(dir: &Path) -> (Vec<u8>, std::path::PathBuf, Vec<u8>, std::path::PathBuf) {
     let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        &p("rsa.key"),
-    ]);
-    openssl(&[
-        "pkey",
-        "-in",
-        &p("rsa.key"),
-        "-pubout",
-        "-out",
-        &p("rsa-1.pem"),
-    ]);
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-out",
-        &p("ec.key"),
-    ]);
-    openssl(&[
-        "pkey",
-        "-in",
-        &p("ec.key"),
-        "-pubout",
-        "-out",
-        &p("ec-1.pem"),
-    ]);
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            &p("rsa.key"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "pkey",
+            "-in",
+            &p("rsa.key"),
+            "-pubout",
+            "-out",
+            &p("rsa-1.pem"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &p("ec.key"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "pkey",
+            "-in",
+            &p("ec.key"),
+            "-pubout",
+            "-out",
+            &p("ec-1.pem"),
+        ],
+    );
     (
         std::fs::read(dir.join("rsa.key")).unwrap(),
         dir.join("rsa-1.pem"),

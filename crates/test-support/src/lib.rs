@@ -114,6 +114,11 @@ impl WsClient {
             .await
             .expect("websocket connect timed out")
             .expect("websocket connect failed");
+        Self::greeted(ws).await
+    }
+
+    /// A client on an open WebSocket, once the server's `hello` has come.
+    async fn greeted(ws: Ws) -> Self {
         let mut c = Self {
             ws,
             hello: Value::Null,
@@ -151,15 +156,7 @@ impl WsClient {
             .await
             .expect("handshake in time")
         {
-            Ok((ws, _)) => {
-                let mut c = Self {
-                    ws,
-                    hello: Value::Null,
-                };
-                c.hello = c.recv().await;
-                assert_eq!(c.hello["type"], "hello", "{}", c.hello);
-                Ok(c)
-            }
+            Ok((ws, _)) => Ok(Self::greeted(ws).await),
             Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
                 let (parts, body) = r.into_parts();
                 Err((
@@ -243,18 +240,7 @@ impl WsClient {
 /// each name a server certificate for 127.0.0.1 and localhost signed by it
 /// (`<name>.pem`, `<name>.key`, CN = name). P-256 keys: quick to make.
 pub fn make_certs(dir: &std::path::Path, names: &[&str]) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs (scripts/test.sh installs it)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     let ec = [
         "-newkey",
         "ec",
@@ -307,6 +293,20 @@ pub fn make_certs(dir: &std::path::Path, names: &[&str]) {
             "ext.cnf",
         ]);
     }
+}
+
+/// Runs `openssl` with `args` in `dir`, failing the test with its stderr.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A TCP connection to `addr` from the local address `src`.
