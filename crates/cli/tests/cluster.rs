@@ -28,19 +28,8 @@ impl GatewayProc {
             .local_addr()
             .unwrap();
         let child = Command::new(BIN)
-            .args([
-                "gateway",
-                "--allow-anonymous",
-                "--allow-anonymous-publish",
-                "--listen",
-                &addr.to_string(),
-                "--nats",
-                nats_urls,
-                "--nats-replicas",
-                "3",
-                "--log",
-                "warn",
-            ])
+            .args(runcast_test_support::open_gateway_args(addr, nats_urls))
+            .args(["--nats-replicas", "3", "--log", "warn"])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()

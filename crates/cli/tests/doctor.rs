@@ -20,17 +20,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_runcast");
 async fn gateway(listen: SocketAddr, nats: Option<&str>, wait_ready: bool) -> Child {
     let mut cmd = Command::new(BIN);
     match nats {
-        Some(url) => cmd.args([
-            "gateway",
-            "--allow-anonymous",
-            "--allow-anonymous-publish",
-            "--nats",
-            url,
-        ]),
-        None => cmd.arg("up"),
+        Some(url) => cmd.args(runcast_test_support::open_gateway_args(listen, url)),
+        None => cmd.args(["up", "--listen", &listen.to_string()]),
     };
     let child = cmd
-        .args(["--listen", &listen.to_string(), "--log", "warn"])
+        .args(["--log", "warn"])
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()

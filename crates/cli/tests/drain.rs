@@ -113,15 +113,7 @@ async fn a_drained_gateway_moves_its_clients_without_loss_at_its_rate() {
         .iter()
         .map(|a| {
             Command::new(BIN)
-                .args([
-                    "gateway",
-                    "--allow-anonymous",
-                    "--allow-anonymous-publish",
-                    "--listen",
-                    &a.to_string(),
-                    "--nats",
-                    &nats.url(),
-                ])
+                .args(runcast_test_support::open_gateway_args(*a, &nats.url()))
                 .args(["--admin-token", TOKEN, "--log", "warn"])
                 .stdin(Stdio::null())
                 .kill_on_drop(true)

@@ -161,17 +161,11 @@ async fn rules_and_dashboards_work_against_a_live_cluster() {
     let _gateways: Vec<Proc> = [ga, gb]
         .iter()
         .map(|a| {
-            spawn(Command::new(BIN).args([
-                "gateway",
-                "--allow-anonymous",
-                "--allow-anonymous-publish",
-                "--listen",
-                &a.to_string(),
-                "--nats",
-                &nats.url(),
-                "--log",
-                "warn",
-            ]))
+            spawn(
+                Command::new(BIN)
+                    .args(runcast_test_support::open_gateway_args(*a, &nats.url()))
+                    .args(["--log", "warn"]),
+            )
         })
         .collect();
     let _worker = spawn(Command::new(BIN).args([

@@ -83,20 +83,10 @@ async fn one_event_is_one_trace_from_worker_to_client() {
     let nats = NatsServer::start().await;
     let otlp = OtlpReceiver::start().await;
     let gw = free_addr();
-    let (_gateway, gateway_log) = runcast(
-        &[
-            "gateway",
-            "--allow-anonymous",
-            "--allow-anonymous-publish",
-            "--listen",
-            &gw.to_string(),
-            "--nats",
-            &nats.url(),
-            "--slow-event-log",
-            "1us",
-        ],
-        &otlp.endpoint(),
-    );
+    let mut args = runcast_test_support::open_gateway_args(gw, &nats.url());
+    args.extend(["--slow-event-log".into(), "1us".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_gateway, gateway_log) = runcast(&args, &otlp.endpoint());
     wait_http_ok(gw, "/readyz", "gateway").await;
     let (_worker, _) = runcast(
         &[

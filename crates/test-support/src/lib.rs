@@ -295,6 +295,23 @@ pub fn make_certs(dir: &std::path::Path, names: &[&str]) {
     }
 }
 
+/// The arguments of a `runcast gateway` process for tests that need no
+/// auth: anyone may watch and publish over HTTP. One list, so a new
+/// mandatory flag changes one place.
+pub fn open_gateway_args(listen: SocketAddr, nats: &str) -> Vec<String> {
+    [
+        "gateway",
+        "--allow-anonymous",
+        "--allow-anonymous-publish",
+        "--listen",
+        &listen.to_string(),
+        "--nats",
+        nats,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// Runs `openssl` with `args` in `dir`, failing the test with its stderr.
 pub fn openssl(dir: &std::path::Path, args: &[&str]) {
     let out = std::process::Command::new("openssl")
