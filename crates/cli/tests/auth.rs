@@ -12,39 +12,38 @@ use tokio::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_runcast");
 const SECRET: &str = "cli-auth-test-shared-secret-32-bytes!";
 
+/// Runs a command that must fail to start; returns what it said.
+async fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().await.unwrap();
+    assert!(!out.status.success(), "{cmd:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test]
 async fn a_gateway_without_an_auth_choice_refuses_to_start() {
-    let out = Command::new(BIN)
-        .args([
-            "gateway",
-            "--nats",
-            "nats://127.0.0.1:1",
-            "--listen",
-            &free_addr().to_string(),
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let listen = free_addr().to_string();
+    let err = refused(Command::new(BIN).args([
+        "gateway",
+        "--nats",
+        "nats://127.0.0.1:1",
+        "--listen",
+        &listen,
+    ]))
+    .await;
     assert!(
         err.contains("--allow-anonymous") && err.contains("--auth-hs256-secret"),
         "{err}"
     );
     // A secret too short to be safe is refused too.
-    let out = Command::new(BIN)
-        .args([
-            "up",
-            "--auth-hs256-secret",
-            "short",
-            "--listen",
-            &free_addr().to_string(),
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32 bytes"));
+    let err = refused(Command::new(BIN).args([
+        "up",
+        "--auth-hs256-secret",
+        "short",
+        "--listen",
+        &listen,
+    ]))
+    .await;
+    assert!(err.contains("at least 32 bytes"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,21 +258,16 @@ async fn up_serves_https_with_the_given_certificate() {
     let dir = runcast_test_support::nats::TempDir::new("runcast-cli-tls");
     let d = dir.path();
     runcast_test_support::make_certs(d, &["gw", "other"]);
-    let bad = Command::new(BIN)
-        .args(["up", "--listen", &free_addr().to_string()])
-        .arg("--tls-cert")
-        .arg(d.join("gw.pem"))
-        .arg("--tls-key")
-        .arg(d.join("other.key"))
-        .output()
-        .await
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("do not make a usable pair"),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
-    );
+    let err = refused(
+        Command::new(BIN)
+            .args(["up", "--listen", &free_addr().to_string()])
+            .arg("--tls-cert")
+            .arg(d.join("gw.pem"))
+            .arg("--tls-key")
+            .arg(d.join("other.key")),
+    )
+    .await;
+    assert!(err.contains("do not make a usable pair"), "{err}");
 
     let addr = free_addr();
     let _up = Command::new(BIN)
