@@ -57,6 +57,10 @@ pub enum ErrorCode {
     Conflict,
     /// The client sent its request body too slowly (`--request-timeout`).
     RequestTimeout,
+    /// Event data nested deeper than [`crate::MAX_DATA_DEPTH`] arrays and objects.
+    DataTooDeep,
+    /// A query parameter (`limit`, `status`) with a value it cannot take.
+    InvalidQuery,
     /// A bug or unexpected failure on the server.
     Internal,
 }
@@ -89,6 +93,8 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Conflict => "conflict",
             Self::RequestTimeout => "request_timeout",
+            Self::DataTooDeep => "data_too_deep",
+            Self::InvalidQuery => "invalid_query",
             Self::Internal => "internal",
         }
     }
@@ -107,7 +113,9 @@ impl ErrorCode {
             | Self::AlreadySubscribed
             | Self::NotSubscribed
             | Self::InvalidKind
-            | Self::InvalidEvent => 400,
+            | Self::InvalidEvent
+            | Self::DataTooDeep
+            | Self::InvalidQuery => 400,
             Self::TooLarge | Self::TooManyEvents => 413,
             Self::RunNotFound | Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
@@ -122,7 +130,7 @@ impl ErrorCode {
         }
     }
 
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 28] = [
         Self::InvalidJson,
         Self::InvalidFrame,
         Self::UnknownType,
@@ -148,6 +156,8 @@ impl ErrorCode {
         Self::RateLimited,
         Self::Conflict,
         Self::RequestTimeout,
+        Self::DataTooDeep,
+        Self::InvalidQuery,
         Self::Internal,
     ];
 }

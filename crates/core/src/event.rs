@@ -143,6 +143,43 @@ impl Event {
     }
 }
 
+/// How deeply event data may nest arrays and objects. Deeper data is refused
+/// at publish (`data_too_deep`): JSON parsers in every language limit
+/// recursion (serde_json at 128, Python's at about 1,000 frames, browsers
+/// vary), and a payload that one of them cannot read would break every
+/// client of the run. 64 leaves room for any real progress payload.
+pub const MAX_DATA_DEPTH: usize = 64;
+
+/// The deepest nesting of arrays and objects in a JSON text (0 for a
+/// scalar). Counts brackets outside strings in one pass without recursion,
+/// so it is safe on any input; on text that is not JSON the answer is only
+/// an estimate, but never a panic.
+pub fn json_depth(text: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_millis() -> u64 {
     std::time::SystemTime::now()
@@ -180,6 +217,18 @@ mod tests {
         for k in ["", "Progress", "a.b", "with space", "ü", &"k".repeat(65)] {
             assert!(EventKind::parse(k).is_err(), "{k:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn depth_counts_brackets_outside_strings() {
+        assert_eq!(json_depth("1"), 0);
+        assert_eq!(json_depth(r#""[[[""#), 0);
+        assert_eq!(json_depth(r#"{"a":[1,{"b":"]}"}]}"#), 3);
+        assert_eq!(json_depth(r#"["\\",[["\"["]]]"#), 3);
+        let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
+        assert_eq!(json_depth(&deep), 130);
+        // Unbalanced input is no panic.
+        assert_eq!(json_depth("]]]["), 1);
     }
 
     #[test]

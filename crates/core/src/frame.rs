@@ -166,14 +166,33 @@ fn push_u64(s: &mut String, n: u64) {
 
 /// `{"type":"state","run":..,"seq":..,"state":{..}|null}`: sent first on
 /// every subscribe. `seq` is the last seq the state includes (0: no events yet).
+///
+/// Serialized straight from the state, never through `serde_json::Value`:
+/// the state holds publisher data verbatim, and converting it to a `Value`
+/// re-parses it under serde_json's recursion limit (a panic in `json!`).
 pub fn encode_state(run: &RunId, state: Option<&RunState>) -> String {
-    serde_json::json!({
-        "type": "state",
-        "run": run,
-        "seq": state.map_or(0, |s| s.seq),
-        "state": state,
+    #[derive(serde::Serialize)]
+    struct StateFrame<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        run: &'a RunId,
+        seq: u64,
+        state: Option<&'a RunState>,
+    }
+    let frame = StateFrame {
+        ty: "state",
+        run,
+        seq: state.map_or(0, |s| s.seq),
+        state,
+    };
+    // Serializing verbatim JSON, strings and numbers cannot fail; if it
+    // ever did, the client still learns the seq rather than nothing.
+    serde_json::to_string(&frame).unwrap_or_else(|_| {
+        format!(
+            r#"{{"type":"state","run":"{run}","seq":{},"state":null}}"#,
+            frame.seq
+        )
     })
-    .to_string()
 }
 
 /// `{"type":"gap","run":..,"from":..,"to":..,"message":..}`: events `from..=to`
@@ -334,6 +353,28 @@ mod tests {
         assert_eq!(v["seq"], 7);
         assert_eq!(v["kind"], "progress");
         assert_eq!(v["traceparent"], "00-abc-\"x\"-01");
+    }
+
+    #[test]
+    fn state_frame_with_deeply_nested_data_is_no_panic() {
+        let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+        let ev = Event {
+            run: RunId::parse("r1").unwrap(),
+            seq: 1,
+            kind: EventKind::Status,
+            data: serde_json::value::RawValue::from_string(deep.clone()).unwrap(),
+            ts: 1,
+            stored_us: 1,
+            traceparent: None,
+        };
+        let state = RunState::new(&ev);
+        let text = encode_state(&ev.run, Some(&state));
+        assert!(
+            text.starts_with(r#"{"type":"state","run":"r1","seq":1,"state":{"#),
+            "{text}"
+        );
+        assert!(text.contains(&deep));
+        assert!(encode_event(&ev).contains(&deep));
     }
 
     #[test]

@@ -15,7 +15,9 @@ mod state;
 pub mod subject;
 
 pub use error::{CloseCode, ErrorCode, ProtocolError};
-pub use event::{Event, EventKind, NewEvent, ParseKindError, now_micros, now_millis};
+pub use event::{
+    Event, EventKind, MAX_DATA_DEPTH, NewEvent, ParseKindError, json_depth, now_micros, now_millis,
+};
 pub use run_id::{ParseRunIdError, RunId};
 pub use state::{RunState, RunStatus};
 

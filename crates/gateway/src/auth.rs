@@ -303,21 +303,28 @@ impl Auth {
             });
         }
         let mut last = None;
-        for key in candidates {
+        for key in &candidates {
             // Only the key's own algorithm: an HS256 token can never be
             // checked against an RSA key's bytes.
             let mut v = Validation::new(key.alg);
             v.leeway = self.leeway.as_secs();
             v.validate_nbf = true;
-            v.set_required_spec_claims(&["exp"]);
+            // A configured audience or issuer must be present in the token,
+            // not only match when present: jsonwebtoken checks `aud` and
+            // `iss` only when the claim is there unless it is required.
+            let mut required = vec!["exp"];
             match &self.audience {
-                Some(aud) => v.set_audience(&[aud]),
+                Some(aud) => {
+                    v.set_audience(&[aud]);
+                    required.push("aud");
+                }
                 None => v.validate_aud = false,
             }
             if let Some(iss) = &self.issuer {
                 v.set_issuer(&[iss]);
-                v.set_required_spec_claims(&["exp", "iss"]);
+                required.push("iss");
             }
+            v.set_required_spec_claims(&required);
             match decode::<Claims>(token, &key.key, &v) {
                 Ok(data) => {
                     let c = data.claims;
@@ -332,7 +339,10 @@ impl Auth {
                 Err(e) => last = Some(e),
             }
         }
-        let e = last.expect("at least one candidate");
+        // `candidates` is not empty, so some key refused the token.
+        let Some(e) = last else {
+            return Err(err(AuthErrorKind::UnknownKey, "no key accepts this token"));
+        };
         Err(match e.kind() {
             ErrorKind::ExpiredSignature => err(AuthErrorKind::Expired, "the token has expired"),
             ErrorKind::ImmatureSignature => err(
@@ -352,6 +362,14 @@ impl Auth {
             ErrorKind::InvalidSignature => err(
                 AuthErrorKind::BadSignature,
                 "the token's signature is invalid",
+            ),
+            ErrorKind::MissingRequiredClaim(c) if c == "aud" => err(
+                AuthErrorKind::Audience,
+                "the token has no \"aud\" claim; this gateway requires one (--auth-audience)",
+            ),
+            ErrorKind::MissingRequiredClaim(c) if c == "iss" => err(
+                AuthErrorKind::Issuer,
+                "the token has no \"iss\" claim; this gateway requires one (--auth-issuer)",
             ),
             ErrorKind::MissingRequiredClaim(c) => err(
                 AuthErrorKind::Malformed,

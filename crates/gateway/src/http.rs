@@ -214,8 +214,8 @@ pub fn error(err: ProtocolError) -> Response<Body> {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    if status == StatusCode::REQUEST_TIMEOUT {
-        // The rest of a trickled body is not worth waiting for.
+    if status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of a trickled or oversized body is not worth reading.
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -325,9 +325,9 @@ fn bearer(req: &Request<Incoming>) -> Option<String> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_credentials)
     {
-        return Some(t.trim().to_owned());
+        return Some(t.to_owned());
     }
     if let Some(t) = req
         .headers()
@@ -344,6 +344,16 @@ fn bearer(req: &Request<Incoming>) -> Option<String> {
         .split('&')
         .find_map(|kv| kv.strip_prefix("access_token="))
         .map(str::to_owned)
+}
+
+/// The credentials of an `Authorization: Bearer <credentials>` value. The
+/// scheme is case-insensitive (RFC 7235 §2.1), so `bearer` and `BEARER` work.
+pub(crate) fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// Who is asking: a grant, or the 401 to send. Failures are counted by
@@ -377,9 +387,9 @@ fn allowed(grant: &crate::auth::Grant, run: &RunId) -> Result<(), ProtocolError>
 }
 
 async fn list_runs(gw: &Gateway, q: &str, grant: &crate::auth::Grant) -> Response<Body> {
-    let limit = match query_u64(q, "limit") {
+    let limit = match query_limit(q) {
         Ok(l) => l.map_or(usize::MAX, |l| l as usize),
-        Err(e) => return error(ProtocolError::new(ErrorCode::InvalidFrame, e.message)),
+        Err(e) => return error(e),
     };
     let status = match q.split('&').find_map(|kv| kv.strip_prefix("status=")) {
         None => None,
@@ -387,7 +397,7 @@ async fn list_runs(gw: &Gateway, q: &str, grant: &crate::auth::Grant) -> Respons
             Some(st) => Some(st),
             None => {
                 return error(ProtocolError::new(
-                    ErrorCode::InvalidFrame,
+                    ErrorCode::InvalidQuery,
                     format!(
                         "status must be running, completed or failed, not {:?}",
                         truncate(s)
@@ -416,10 +426,19 @@ async fn list_runs(gw: &Gateway, q: &str, grant: &crate::auth::Grant) -> Respons
                 .filter(|r| grant.allows(&r.run))
                 .take(limit)
                 .collect();
-            json(
-                StatusCode::OK,
-                serde_json::json!({ "runs": runs }).to_string(),
-            )
+            // Straight from the states, never through a `Value`: they hold
+            // publisher data verbatim (see `frame::encode_state`).
+            #[derive(serde::Serialize)]
+            struct Runs {
+                runs: Vec<runcast_core::RunState>,
+            }
+            match serde_json::to_string(&Runs { runs }) {
+                Ok(body) => json(StatusCode::OK, body),
+                Err(e) => error(ProtocolError::new(
+                    ErrorCode::Internal,
+                    format!("could not encode the run list: {e}"),
+                )),
+            }
         }
         Err(e) => error(ProtocolError::new(ErrorCode::Unavailable, e.to_string())),
     }
@@ -427,10 +446,14 @@ async fn list_runs(gw: &Gateway, q: &str, grant: &crate::auth::Grant) -> Respons
 
 async fn get_run(gw: Arc<Gateway>, run: RunId) -> Response<Body> {
     match gw.bus.state(&run).await {
-        Ok(Some(s)) => json(
-            StatusCode::OK,
-            serde_json::to_string(&s).unwrap_or_default(),
-        ),
+        Ok(Some(s)) => match serde_json::to_string(&s) {
+            Ok(body) => json(StatusCode::OK, body),
+            Err(e) => error(ProtocolError::for_run(
+                ErrorCode::Internal,
+                &run,
+                format!("could not encode the run's state: {e}"),
+            )),
+        },
         Ok(None) => error(ProtocolError::for_run(
             ErrorCode::RunNotFound,
             &run,
@@ -453,12 +476,30 @@ pub(crate) fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError
     Ok(None)
 }
 
+/// `?limit=N`: a positive integer, when given.
+pub(crate) fn query_limit(q: &str) -> Result<Option<u64>, ProtocolError> {
+    for pair in q.split('&') {
+        if let Some(("limit", v)) = pair.split_once('=') {
+            return match v.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Ok(Some(n)),
+                _ => Err(ProtocolError::new(
+                    ErrorCode::InvalidQuery,
+                    format!(
+                        "limit must be a positive integer, not {:?}",
+                        v.chars().take(32).collect::<String>()
+                    ),
+                )),
+            };
+        }
+    }
+    Ok(None)
+}
+
 /// `GET /v1/runs/<run>/events?since=N&limit=M`: one page of history.
 async fn history(gw: Arc<Gateway>, run: RunId, q: String) -> Response<Body> {
-    let (since, limit) = match (query_u64(&q, "since"), query_u64(&q, "limit")) {
-        (Ok(s), Ok(l)) => (s.unwrap_or(0), l.unwrap_or(100).clamp(1, 1000) as usize),
-        (Err(e), _) => return error(e),
-        (_, Err(e)) => return error(ProtocolError::new(ErrorCode::InvalidFrame, e.message)),
+    let (since, limit) = match (query_u64(&q, "since"), query_limit(&q)) {
+        (Ok(s), Ok(l)) => (s.unwrap_or(0), l.unwrap_or(100).min(1000) as usize),
+        (Err(e), _) | (_, Err(e)) => return error(e),
     };
     let page = match gw.bus.read(&run, since.saturating_add(1), limit).await {
         Ok(p) => p,
@@ -584,6 +625,16 @@ pub(crate) fn parse_publish(
                     format!("event {i} has no \"data\""),
                 )
             })?;
+            let depth = runcast_core::json_depth(data.get());
+            if depth > runcast_core::MAX_DATA_DEPTH {
+                return Err(ProtocolError::new(
+                    ErrorCode::DataTooDeep,
+                    format!(
+                        "event {i}: data nests {depth} levels of arrays and objects; the limit is {}",
+                        runcast_core::MAX_DATA_DEPTH
+                    ),
+                ));
+            }
             let traceparent = it.traceparent.or_else(|| header_tp.map(str::to_owned));
             Ok(NewEvent {
                 kind,
@@ -613,7 +664,7 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
         .get("x-runcast-key")
         .or_else(|| req.headers().get(header::AUTHORIZATION))
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_owned());
+        .map(|v| bearer_credentials(v).unwrap_or(v).trim().to_owned());
     let checked = gw
         .config
         .publish_keys
@@ -641,7 +692,13 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
         .map(str::to_owned);
     let body = match read_body(&gw, req, limit).await {
         Ok(b) => b,
-        Err(e) => return error(e),
+        Err(e) => {
+            gw.metrics
+                .protocol_errors
+                .with_label_values(&[e.code.as_str()])
+                .inc();
+            return error(e);
+        }
     };
     let events = match parse_publish(&body, gw.config.max_batch, tp.as_deref()) {
         Ok(ev) => ev,
@@ -742,7 +799,7 @@ fn authorize(gw: &Gateway, req: &Request<Incoming>) -> Result<(), ProtocolError>
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_credentials)
         .unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
         Ok(())
@@ -762,6 +819,22 @@ async fn read_body(
     req: Request<Incoming>,
     limit: usize,
 ) -> Result<Bytes, ProtocolError> {
+    // A body that says up front it is too large is refused from its header:
+    // nothing of it is read, and a client that sent `Expect: 100-continue`
+    // never gets the 100 (hyper sends it only once the body is polled).
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = declared
+        && n > limit as u64
+    {
+        return Err(ProtocolError::new(
+            ErrorCode::TooLarge,
+            format!("body of {n} bytes (Content-Length) is over the limit of {limit} bytes"),
+        ));
+    }
     let read = Limited::new(req.into_body(), limit).collect();
     match tokio::time::timeout(gw.config.request_timeout, read).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),

@@ -47,6 +47,6 @@ pub mod fuzzing {
     /// A request's query string, as the read and SSE routes parse `since`/`limit`.
     pub fn query(q: &str) {
         let _ = crate::http::query_u64(q, "since");
-        let _ = crate::http::query_u64(q, "limit");
+        let _ = crate::http::query_limit(q);
     }
 }

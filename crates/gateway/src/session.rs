@@ -168,10 +168,15 @@ impl<O: Output> Session<O> {
                 )));
             }
         }
-        self.cursors.insert(run.clone(), since.unwrap_or(head) + 1);
+        let cursor = since.unwrap_or(head);
+        self.cursors.insert(run.clone(), cursor + 1);
         self.gw.metrics.subscriptions.inc();
+        // The state frame's SSE id is where the client stands now, not the
+        // state's seq: on a resume, events `since+1..=head` are still to be
+        // replayed, and a client cut off right after this frame must resume
+        // from `since` or it would lose them.
         self.out
-            .send_text(frame::encode_state(&run, state.as_ref()), Some(head))
+            .send_text(frame::encode_state(&run, state.as_ref()), Some(cursor))
             .await?;
         // Replay everything after the cursor that history holds now, not
         // only up to the state's seq: a state may be a moment old, and if

@@ -156,10 +156,47 @@ fn hs256_tokens_scope_runs_and_are_checked_claim_by_claim() {
             ),
             AuthErrorKind::Issuer,
         ),
+        (
+            hs(
+                Some("app-2026"),
+                SECRET,
+                &with(json!({"aud": ["other", "also-other"]})),
+            ),
+            AuthErrorKind::Audience,
+        ),
         ("not.a.jwt".to_string(), AuthErrorKind::Malformed),
     ] {
         assert_eq!(kind(&auth, &token), want, "{token}");
     }
+    // A configured audience and issuer must be present, not only match when
+    // present: a token without them is refused (an outside client found `aud`
+    // was optional).
+    for (claim, want) in [
+        ("aud", AuthErrorKind::Audience),
+        ("iss", AuthErrorKind::Issuer),
+    ] {
+        let mut c = claims(ok.clone());
+        c.as_object_mut().unwrap().remove(claim);
+        assert_eq!(
+            kind(&auth, &hs(Some("app-2026"), SECRET, &c)),
+            want,
+            "{claim} missing"
+        );
+    }
+    // `aud` as an array that names us is accepted.
+    let g = auth.authenticate(Some(&hs(
+        Some("app-2026"),
+        SECRET,
+        &with(json!({"aud": ["other", "runcast"]})),
+    )));
+    assert!(g.is_ok(), "aud array with ours: {g:?}");
+    // Without a configured audience, `aud` is not needed.
+    let mut open = Auth::default();
+    open.add_hs256_secret(None, SECRET).unwrap();
+    assert!(
+        open.authenticate(Some(&hs(None, SECRET, &claims(json!({})))))
+            .is_ok()
+    );
     // No exp at all.
     let mut no_exp = claims(ok.clone());
     no_exp.as_object_mut().unwrap().remove("exp");

@@ -253,6 +253,12 @@ async fn http_bad_requests_get_clear_errors_and_lose_nothing() {
         ("history since not a number", "GET", "/v1/runs/job/events?since=abc".into(), String::new(), 400, "invalid_since"),
         ("history since negative", "GET", "/v1/runs/job/events?since=-3".into(), String::new(), 400, "invalid_since"),
         ("history since in the future", "GET", "/v1/runs/job/events?since=50".into(), String::new(), 400, "since_out_of_range"),
+        ("history limit negative", "GET", "/v1/runs/job/events?limit=-1".into(), String::new(), 400, "invalid_query"),
+        ("history limit zero", "GET", "/v1/runs/job/events?limit=0".into(), String::new(), 400, "invalid_query"),
+        ("run list limit negative", "GET", "/v1/runs?limit=-1".into(), String::new(), 400, "invalid_query"),
+        ("run list limit not a number", "GET", "/v1/runs?limit=ten".into(), String::new(), 400, "invalid_query"),
+        ("run list unknown status", "GET", "/v1/runs?status=sleeping".into(), String::new(), 400, "invalid_query"),
+        ("data nested too deep", "POST", "/v1/runs/job/events".into(), format!(r#"{{"kind":"status","data":{}{}}}"#, "[".repeat(65), "]".repeat(65)), 400, "data_too_deep"),
         ("unknown route", "GET", "/v2/everything".into(), String::new(), 404, "not_found"),
         ("wrong method on events", "DELETE", "/v1/runs/job/events".into(), String::new(), 405, "method_not_allowed"),
         ("wrong method on runs", "POST", "/v1/runs".into(), String::new(), 405, "method_not_allowed"),
@@ -264,6 +270,13 @@ async fn http_bad_requests_get_clear_errors_and_lose_nothing() {
         assert_eq!(got, status, "row {what:?}: {text}");
         let v = json(&text);
         assert_eq!(v["error"]["code"], code, "row {what:?}: {text}");
+        if path.contains("limit=") {
+            let m = v["error"]["message"].as_str().unwrap_or("");
+            assert!(
+                m.contains("limit") && !m.contains("cursor"),
+                "row {what:?}: the message is about the limit: {m}"
+            );
+        }
         assert!(
             v["error"]["message"]
                 .as_str()
@@ -422,4 +435,39 @@ async fn connections_over_the_limit_are_refused_with_503() {
         }
     }
     assert!(ok, "a closed connection gives its slot back");
+}
+
+/// A publish whose Content-Length is over the limit is refused from its
+/// headers: no `100 Continue`, nothing of the body read, and the connection
+/// closed. (An outside client saw a 10 MiB publish answered with 100
+/// Continue and 1 MiB read before the 413.)
+#[tokio::test]
+async fn an_oversized_publish_is_refused_from_its_content_length() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start().await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/runs/big/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        10 << 20
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // No body is sent: the answer must come from the headers alone.
+    let mut resp = Vec::new();
+    let read = tokio::time::timeout(runcast_test_support::WAIT, tcp.read_to_end(&mut resp)).await;
+    assert!(
+        read.is_ok(),
+        "the gateway answered and closed without waiting for the body"
+    );
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+    assert!(
+        text.contains("too_large") && text.contains("Content-Length"),
+        "{text}"
+    );
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
 }

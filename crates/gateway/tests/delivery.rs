@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use runcast_bus::{Bus, Retention};
 use runcast_core::{EventKind, NewEvent, RunId};
 use runcast_gateway::Config;
-use runcast_test_support::{TestGateway, WAIT, WsClient, http, json, seqs};
+use runcast_test_support::{SseReader, TestGateway, WAIT, WsClient, http, json, seqs};
 use runcast_worker::Publisher;
 use serde_json::{Value, json};
 
@@ -417,76 +417,11 @@ async fn heartbeat_closes_a_silent_peer_with_resumable_code() {
     assert!(pings >= 3, "server pings every interval (saw {pings})");
 }
 
-/// Reads SSE messages (the JSON in `data:` and the `id:`) from a streaming body.
-struct SseReader {
-    body: hyper::body::Incoming,
-    buf: String,
-}
-
-impl SseReader {
-    async fn open(gw: &TestGateway, path: &str, last_event_id: Option<u64>) -> (u16, SseReader) {
-        use hyper_util::rt::TokioIo;
-        let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let mut req = hyper::Request::get(path).header("host", "x");
-        if let Some(id) = last_event_id {
-            req = req.header("last-event-id", id.to_string());
-        }
-        let resp = send
-            .send_request(
-                req.body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (
-            status,
-            SseReader {
-                body: resp.into_body(),
-                buf: String::new(),
-            },
-        )
-    }
-
-    /// The next message with data: (id, json).
-    async fn next(&mut self) -> Option<(Option<u64>, Value)> {
-        use http_body_util::BodyExt;
-        loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let msg: String = self.buf.drain(..end + 2).collect();
-                let mut id = None;
-                let mut data = None;
-                for line in msg.lines() {
-                    if let Some(v) = line.strip_prefix("id: ") {
-                        id = Some(v.parse().unwrap());
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data = Some(serde_json::from_str(v).unwrap());
-                    }
-                }
-                match data {
-                    Some(d) => return Some((id, d)),
-                    None => continue, // retry: or a heartbeat comment
-                }
-            }
-            let frame = tokio::time::timeout(WAIT, self.body.frame())
-                .await
-                .expect("sse data in time")?;
-            if let Ok(data) = frame.unwrap().into_data() {
-                self.buf.push_str(std::str::from_utf8(&data).unwrap());
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_streams_state_and_events_and_resumes_with_last_event_id() {
     let gw = TestGateway::start().await;
     publish_n(&gw.bus(), "sse-run", 1, 5).await;
-    let (status, mut s) = SseReader::open(&gw, "/v1/runs/sse-run/stream", None).await;
+    let (status, mut s) = SseReader::open(gw.addr, "/v1/runs/sse-run/stream", None).await;
     assert_eq!(status, 200);
     let (id, state) = s.next().await.unwrap();
     assert_eq!(
@@ -502,7 +437,7 @@ async fn sse_streams_state_and_events_and_resumes_with_last_event_id() {
     }
     drop(s); // the browser loses the connection
     publish_n(&gw.bus(), "sse-run", 11, 20).await;
-    let (_, mut s) = SseReader::open(&gw, "/v1/runs/sse-run/stream", Some(last)).await;
+    let (_, mut s) = SseReader::open(gw.addr, "/v1/runs/sse-run/stream", Some(last)).await;
     assert_eq!(s.next().await.unwrap().1["type"], "state");
     for want in 11..=20 {
         let (id, ev) = s.next().await.unwrap();
@@ -544,7 +479,7 @@ async fn graceful_shutdown_fails_readiness_closes_clients_resumably_and_finishes
     assert_eq!(status, 200);
     let mut c = WsClient::connect(&gw.ws_url()).await;
     c.subscribe("r", None).await;
-    let (_, mut sse) = SseReader::open(&gw, "/v1/runs/r/stream", None).await;
+    let (_, mut sse) = SseReader::open(gw.addr, "/v1/runs/r/stream", None).await;
     assert_eq!(sse.next().await.unwrap().1["type"], "state");
 
     let started = tokio::time::Instant::now();
@@ -629,4 +564,52 @@ async fn bus_interest_follows_distinct_runs_not_clients() {
         m.contains("runcast_subscriptions 0") && m.contains("runcast_watched_runs 0"),
         "{m}"
     );
+}
+
+/// Every `id:` an SSE stream sends is a safe cursor: cut the stream right
+/// after any message, resume with the last id received, and every event
+/// still arrives exactly once, in order. An outside client found that a
+/// resume's state message carried the run's head as its id before the
+/// replay, so a cut right after it lost the replayed events silently.
+#[tokio::test]
+async fn sse_cut_after_any_message_resumes_exactly_once_in_order() {
+    let gw = TestGateway::start().await;
+    publish_n(&gw.bus(), "cuts", 1, 10).await;
+    // Every starting point: fresh, and resumes from each cursor.
+    for start in [None, Some(0), Some(3), Some(6), Some(9)] {
+        // Messages a first connection reads before it is cut: 1 is right
+        // after the state message.
+        let total = 1 + 10 - start.unwrap_or(10) as usize;
+        for cut_after in 1..=total {
+            let path = match start {
+                Some(s) => format!("/v1/runs/cuts/stream?since={s}"),
+                None => "/v1/runs/cuts/stream".to_owned(),
+            };
+            let (_, mut s) = SseReader::open(gw.addr, &path, None).await;
+            let mut got = Vec::new();
+            let mut last_id = None;
+            for _ in 0..cut_after {
+                let (id, f) = s.next().await.expect("message before the cut");
+                if f["type"] == "event" {
+                    got.push(f["seq"].as_u64().unwrap());
+                }
+                last_id = id.or(last_id);
+            }
+            drop(s);
+            let last_id = last_id.expect("every message carries an id");
+            let (_, mut s) = SseReader::open(gw.addr, "/v1/runs/cuts/stream", Some(last_id)).await;
+            let (_, state) = s.next().await.unwrap();
+            assert_eq!(state["type"], "state");
+            while got.last().copied().unwrap_or(start.unwrap_or(10)) < 10 {
+                let (_, f) = s.next().await.expect("replayed event");
+                assert_eq!(f["type"], "event", "{f}");
+                got.push(f["seq"].as_u64().unwrap());
+            }
+            let want: Vec<u64> = (start.unwrap_or(10) + 1..=10).collect();
+            assert_eq!(
+                got, want,
+                "start {start:?}, cut after message {cut_after}, resumed from id {last_id}"
+            );
+        }
+    }
 }

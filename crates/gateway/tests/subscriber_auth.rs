@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header, encode};
 use runcast_bus::Retention;
 use runcast_gateway::{Config, auth::Auth};
-use runcast_test_support::{TestGateway, http, json, metric};
+use runcast_test_support::{SseReader, TestGateway, http, json, metric};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http::HeaderValue};
 
@@ -139,6 +139,33 @@ async fn tokens_travel_three_ways_and_scope_what_a_client_sees() {
     )
     .await
     .unwrap();
+    // The scheme is case-insensitive (RFC 7235): `bearer` and `BEARER` work
+    // on the WebSocket, SSE and the read API alike.
+    for scheme in ["bearer", "BEARER"] {
+        let auth = format!("{scheme} {t}");
+        assert!(
+            ws(&gw, "/v1/ws", Some(("authorization", auth.clone())))
+                .await
+                .is_ok(),
+            "{scheme}"
+        );
+        let (status, _) = SseReader::open_with(
+            gw.addr,
+            "/v1/runs/r-1/stream",
+            &[("authorization", auth.as_str())],
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme} on SSE");
+        let (status, _, body) = http(
+            gw.addr,
+            "GET",
+            "/v1/runs",
+            &[("authorization", auth.as_str())],
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme} on the read API: {body}");
+    }
     // Subprotocol (browsers): runcast.v1 is selected, the token not echoed.
     let (mut b, proto) = ws(
         &gw,

@@ -382,7 +382,117 @@ pub async fn http(
     (status, hdrs, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// Parses a JSON body, failing the test with the body when it is not JSON.
+/// An SSE client over a real socket that reads messages the way the
+/// event-stream format says: several `data:` lines join with LF, and comments (`: heartbeat`) and `retry:` dispatch
+/// nothing.
+pub struct SseReader {
+    body: hyper::body::Incoming,
+    buf: String,
+}
+
+impl SseReader {
+    /// `GET path`, with `Last-Event-ID` when given: the status, and the
+    /// reader of the body.
+    pub async fn open(
+        addr: SocketAddr,
+        path: &str,
+        last_event_id: Option<u64>,
+    ) -> (u16, SseReader) {
+        let id = last_event_id.map(|i| i.to_string());
+        let headers: Vec<(&str, &str)> = id.iter().map(|i| ("last-event-id", i.as_str())).collect();
+        Self::open_with(addr, path, &headers).await
+    }
+
+    /// `GET path` with these request headers.
+    pub async fn open_with(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, SseReader) {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let mut req = hyper::Request::get(path).header("host", addr.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = tokio::time::timeout(
+            WAIT,
+            send.send_request(req.body(Full::new(Bytes::new())).expect("request")),
+        )
+        .await
+        .expect("response in time")
+        .expect("response");
+        let status = resp.status().as_u16();
+        (
+            status,
+            SseReader {
+                body: resp.into_body(),
+                buf: String::new(),
+            },
+        )
+    }
+
+    /// The next message with data, as (its `id:`, the data parsed as JSON);
+    /// `None` when the stream ends.
+    pub async fn next(&mut self) -> Option<(Option<u64>, Value)> {
+        let (id, data) = self.next_raw().await?;
+        let id = id.map(|i| {
+            i.parse()
+                .unwrap_or_else(|_| panic!("id {i:?} is not a seq"))
+        });
+        Some((id, json(&data)))
+    }
+
+    /// The next message with data, as (its `id:` text, its data text).
+    pub async fn next_raw(&mut self) -> Option<(Option<String>, String)> {
+        loop {
+            // A message ends at a blank line. The gateway ends lines with LF
+            // only; a CR before it is tolerated (CRLF), a bare CR is not
+            // expected (the conformance suite's parser covers every form).
+            if let Some(end) = self.buf.find("\n\n").or_else(|| self.buf.find("\n\r\n")) {
+                let msg: String = self.buf.drain(..end).collect();
+                let blank = if self.buf.starts_with("\n\n") { 2 } else { 3 };
+                self.buf.drain(..blank);
+                let (mut id, mut data): (Option<String>, Option<String>) = (None, None);
+                for line in msg.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)) {
+                    if line.starts_with(':') {
+                        continue;
+                    }
+                    let (field, value) = match line.split_once(':') {
+                        Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                        None => (line, ""),
+                    };
+                    match field {
+                        "id" => id = Some(value.to_owned()),
+                        "data" => match &mut data {
+                            Some(d) => {
+                                d.push('\n');
+                                d.push_str(value);
+                            }
+                            None => data = Some(value.to_owned()),
+                        },
+                        _ => {}
+                    }
+                }
+                match data {
+                    Some(d) => return Some((id, d)),
+                    None => continue, // retry: or a heartbeat comment
+                }
+            }
+            let frame = tokio::time::timeout(WAIT, self.body.frame())
+                .await
+                .expect("sse data in time")?;
+            if let Ok(data) = frame.expect("sse body").into_data() {
+                self.buf
+                    .push_str(std::str::from_utf8(&data).expect("utf-8"));
+            }
+        }
+    }
+}
+
 /// Waits up to 30 s for `GET path` on `addr` to answer 200 (a process we
 /// started coming up); panics naming `what` otherwise.
 pub async fn wait_http_ok(addr: SocketAddr, path: &str, what: &str) {
@@ -401,6 +511,7 @@ pub async fn wait_http_ok(addr: SocketAddr, path: &str, what: &str) {
     }
 }
 
+/// Parses a JSON body, failing the test with the body when it is not JSON.
 pub fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
