@@ -309,15 +309,38 @@ pub(crate) fn delivered_event(
 
 /// The payload as JSON. Publishers are meant to send JSON; anything else
 /// (a plain-text `nats pub`) is delivered as a JSON string rather than dropped.
-fn payload_json(payload: &[u8]) -> Box<RawValue> {
+/// So is JSON nested deeper than the publish API accepts
+/// ([`runcast_core::MAX_DATA_DEPTH`]): any NATS client can store it, and
+/// clients whose parsers limit recursion could not read it as JSON. As a
+/// string it still reaches every client, and no reader has to parse it.
+pub(crate) fn payload_json(payload: &[u8]) -> Box<RawValue> {
     if let Ok(text) = std::str::from_utf8(payload)
+        && runcast_core::json_depth(text) <= runcast_core::MAX_DATA_DEPTH
         && let Ok(raw) = serde_json::from_str::<&RawValue>(text)
     {
         return raw.to_owned();
     }
     let text = String::from_utf8_lossy(payload);
-    serde_json::value::to_raw_value(&text)
-        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("valid JSON"))
+    // Serializing a string cannot fail; `null` only keeps this panic-free.
+    serde_json::value::to_raw_value(&text).unwrap_or_else(|_| Box::<RawValue>::default())
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::payload_json;
+
+    #[test]
+    fn stored_payloads_become_json_a_client_can_parse() {
+        assert_eq!(payload_json(br#"{"done": 1}"#).get(), r#"{"done": 1}"#);
+        assert_eq!(payload_json(b"plain text").get(), r#""plain text""#);
+        assert_eq!(payload_json(b"\xff\xfe").get(), "\"\u{fffd}\u{fffd}\"");
+        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert_eq!(payload_json(ok.as_bytes()).get(), ok);
+        let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
+        let got = payload_json(deep.as_bytes());
+        let back: String = serde_json::from_str(got.get()).unwrap();
+        assert_eq!(back, deep, "delivered as a string holding the text");
+    }
 }
 
 impl NatsBus {

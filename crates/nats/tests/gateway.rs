@@ -400,3 +400,97 @@ async fn hop_metrics_balance_across_gateways() {
     // Prometheus's own linter accepts the exposition (names, types, units).
     runcast_test_support::promtool_check_metrics(&sa);
 }
+
+/// Any NATS client can store any bytes on a run's subject, past every check
+/// of the publish API. An outside client stored a `status` event nested 130
+/// levels deep and took down the run list, the run's subscriptions and, as
+/// the event stayed in the stream, every gateway started later. Now such a
+/// payload reaches clients as a JSON string of its text, and everything
+/// else about the run and the run list keeps working, on a gateway that was
+/// running and on one started afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatever_a_nats_client_stores_every_gateway_still_serves() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("stored", None).await;
+
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
+    let pretty = "{\n  \"done\": 2,\r\n  \"total\": 4\n}";
+    for (kind, payload) in [
+        ("status", deep.as_str()),
+        ("progress", pretty),
+        ("log", "plain text, not JSON"),
+        ("complete", deep.as_str()),
+    ] {
+        js.publish(
+            format!("runcast.runs.stored.{kind}"),
+            payload.as_bytes().to_vec().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+
+    let mut got = Vec::new();
+    let mut got_seq = None;
+    while got.len() < 4 {
+        let f = c.recv().await;
+        assert_eq!(f["type"], "event", "{f}");
+        got.push(f["data"].clone());
+        got_seq = f["seq"].as_u64();
+    }
+    assert_eq!(got[0], serde_json::Value::String(deep.clone()));
+    assert_eq!(got[1], serde_json::json!({"done": 2, "total": 4}));
+    assert_eq!(got[2], "plain text, not JSON");
+    assert_eq!(got[3], serde_json::Value::String(deep.clone()));
+
+    // A gateway started after the events were stored serves them too.
+    let later = nats_gateway(&nats).await;
+    for g in [&gw, &later] {
+        // Run states are folded into the KV bucket in the background.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let state = loop {
+            // ... and mirrored into each gateway's run list.
+            let (status, _, body) = http(g.addr, "GET", "/v1/runs/stored", &[], "").await;
+            let (_, _, list) = http(g.addr, "GET", "/v1/runs", &[], "").await;
+            if status == 200
+                && json(&body)["seq"].as_u64() >= got_seq
+                && json(&list)["runs"][0]["seq"].as_u64() >= got_seq
+            {
+                break json(&body);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "state not folded: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (status, _, list) = http(g.addr, "GET", "/v1/runs", &[], "").await;
+        assert_eq!(status, 200, "{list}");
+        assert_eq!(json(&list)["runs"][0]["run"], "stored");
+        assert_eq!(
+            (state["status"].as_str(), state["percent"].as_f64()),
+            (Some("completed"), Some(100.0))
+        );
+        let (status, _, body) =
+            http(g.addr, "GET", "/v1/runs/stored/events?since=0", &[], "").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(json(&body)["events"].as_array().unwrap().len(), 4);
+    }
+    let mut c2 = WsClient::connect(&later.ws_url()).await;
+    c2.send(serde_json::json!({"type": "subscribe", "run": "stored", "since": 0}))
+        .await;
+    assert_eq!(c2.recv().await["type"], "state");
+    let replayed: Vec<serde_json::Value> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(c2.recv().await);
+        }
+        v
+    };
+    assert_eq!(seqs(&replayed, "stored").len(), 4);
+}

@@ -193,8 +193,20 @@ impl Publisher {
         kind: EventKind,
         data: &T,
     ) -> Result<u64, PublishError> {
-        let seqs =
-            publish_traced(&*self.target, &self.run, vec![NewEvent::json(kind, data)?]).await?;
+        let event = NewEvent::json(kind, data)?;
+        // Refused here as the gateway would refuse it, so a NATS target
+        // (which stores anything) never gets data clients cannot parse.
+        let depth = runcast_core::json_depth(event.data.get());
+        if depth > runcast_core::MAX_DATA_DEPTH {
+            return Err(PublishError::new(
+                PublishErrorKind::InvalidInput,
+                format!(
+                    "event data nests {depth} levels of arrays and objects; the limit is {}",
+                    runcast_core::MAX_DATA_DEPTH
+                ),
+            ));
+        }
+        let seqs = publish_traced(&*self.target, &self.run, vec![event]).await?;
         seqs.first().copied().ok_or_else(|| {
             PublishError::new(PublishErrorKind::Unavailable, "publish returned no seq")
         })
@@ -288,10 +300,21 @@ mod tests {
             Publisher::on_bus(bus.clone(), "a.b").err().unwrap().kind,
             PublishErrorKind::InvalidInput
         );
-        let p = Publisher::on_bus(bus, "ok").unwrap();
+        let p = Publisher::on_bus(bus.clone(), "ok").unwrap();
         assert_eq!(
             p.custom("Not.Valid", &1).await.unwrap_err().kind,
             PublishErrorKind::InvalidInput
+        );
+        // Data nested past the limit never leaves the worker.
+        let mut deep = serde_json::json!(1);
+        for _ in 0..65 {
+            deep = serde_json::json!([deep]);
+        }
+        let e = p.complete(&deep).await.unwrap_err();
+        assert_eq!(e.kind, PublishErrorKind::InvalidInput, "{e}");
+        assert!(
+            bus.state(p.run()).await.unwrap().is_none(),
+            "nothing stored"
         );
     }
 }
