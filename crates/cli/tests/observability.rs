@@ -384,3 +384,68 @@ fn the_collector_config_is_complete() {
         );
     }
 }
+
+/// A fresh `runcast up` that no client has touched exports every metric
+/// family with at least one series, and every label value known in advance
+/// at 0, so dashboards and alerts show 0 rather than "no data" on an idle
+/// pod. (An outside client found `runcast_connections` missing until the
+/// first connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_process_exports_every_known_series_at_zero() {
+    let addr = free_addr();
+    let _up = spawn(Command::new(BIN).args(["up", "--listen", &addr.to_string(), "--log", "warn"]));
+    wait_http_ok(addr, "/healthz", "runcast up").await;
+    let (_, _, scrape) = http(addr, "GET", "/metrics", &[], "").await;
+
+    // The class: a family declared with # TYPE has at least one sample.
+    let families: Vec<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(families.len() > 20, "{scrape}");
+    for f in &families {
+        let has_sample = scrape.lines().any(|l| {
+            !l.starts_with('#')
+                && l.strip_prefix(f)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ', '_']))
+        });
+        assert!(has_sample, "{f} has no series on a fresh process");
+    }
+
+    // The instances: every label value known in advance, at 0.
+    let zero = |name: &str, label: &str, value: &str| {
+        let series = format!("{name}{{{label}=\"{value}\"}} 0");
+        assert!(
+            scrape.lines().any(|l| l == series),
+            "{series} missing on a fresh process"
+        );
+    };
+    for t in ["websocket", "sse"] {
+        zero("runcast_connections", "transport", t);
+    }
+    for c in runcast_core::ErrorCode::ALL {
+        zero("runcast_protocol_errors_total", "code", c.as_str());
+    }
+    for c in runcast_core::CloseCode::ALL {
+        zero("runcast_closes_total", "code", &c.code().to_string());
+    }
+    for k in runcast_gateway::auth::AuthErrorKind::ALL {
+        zero("runcast_auth_failures_total", "reason", k.as_str());
+    }
+    for s in ["handshake", "upgrade", "request_body"] {
+        zero("runcast_timeouts_total", "stage", s);
+    }
+    for r in ["shutdown", "drain", "rebalance"] {
+        zero("runcast_reconnect_hints_total", "reason", r);
+    }
+    for r in ["per_ip", "rate"] {
+        zero("runcast_refused_sessions_total", "reason", r);
+    }
+    for r in ["ok", "error"] {
+        zero("runcast_tls_reloads_total", "result", r);
+    }
+    for hop in ["publish_to_receive", "receive_to_write", "publish_to_write"] {
+        zero("runcast_event_latency_seconds_count", "hop", hop);
+    }
+}

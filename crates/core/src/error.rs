@@ -236,6 +236,18 @@ impl CloseCode {
         }
     }
 
+    /// Every code the server sends.
+    pub const ALL: [CloseCode; 8] = [
+        Self::Normal,
+        Self::GoingAway,
+        Self::PolicyViolation,
+        Self::MessageTooBig,
+        Self::InternalError,
+        Self::SlowConsumer,
+        Self::HeartbeatTimeout,
+        Self::TokenExpired,
+    ];
+
     pub fn reason(self) -> &'static str {
         match self {
             Self::Normal => "normal",

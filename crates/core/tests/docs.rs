@@ -32,16 +32,7 @@ fn every_error_code_is_documented_and_in_the_schema() {
 #[test]
 fn every_close_code_is_documented() {
     let doc = read("docs/protocol.md");
-    for c in [
-        CloseCode::Normal,
-        CloseCode::GoingAway,
-        CloseCode::PolicyViolation,
-        CloseCode::MessageTooBig,
-        CloseCode::InternalError,
-        CloseCode::SlowConsumer,
-        CloseCode::HeartbeatTimeout,
-        CloseCode::TokenExpired,
-    ] {
+    for c in CloseCode::ALL {
         assert!(
             doc.contains(&format!("| {} |", c.code())),
             "close code {} is not in docs/protocol.md",

@@ -3,7 +3,10 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use runcast_core::LATENCY_BUCKETS;
+use runcast_core::{CloseCode, ErrorCode, LATENCY_BUCKETS};
+
+/// The `transport` label values of `runcast_connections`.
+pub const TRANSPORTS: [&str; 2] = ["websocket", "sse"];
 
 /// The gateway's Prometheus metrics, one registry per process. Labels are
 /// bounded (transport, error code, close code); never a run ID or address.
@@ -107,6 +110,11 @@ impl Metrics {
         registry
             .register(Box::new(connections.clone()))
             .expect("unique metric");
+        // An idle pod shows 0, not "no data", on dashboards and alerts.
+        for transport in TRANSPORTS {
+            connections.with_label_values(&[transport]);
+        }
+        let close_codes = CloseCode::ALL.map(|c| c.code().to_string());
         let latency = HistogramVec::new(
             HistogramOpts::new(
                 "runcast_event_latency_seconds",
@@ -195,15 +203,17 @@ impl Metrics {
                 "runcast_slow_consumer_disconnects_total",
                 "Connections closed because their outgoing queue overflowed.",
             ),
-            protocol_errors: vec(
+            protocol_errors: seeded(
                 "runcast_protocol_errors_total",
                 "Error frames and error responses, by code.",
                 "code",
+                &ErrorCode::ALL.map(ErrorCode::as_str),
             ),
-            closes: vec(
+            closes: seeded(
                 "runcast_closes_total",
                 "WebSocket closes sent by the server, by close code.",
                 "code",
+                &close_codes.each_ref().map(String::as_str),
             ),
             refused_connections: counter(
                 "runcast_refused_connections_total",
