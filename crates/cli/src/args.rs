@@ -340,6 +340,10 @@ pub struct GatewayArgs {
     /// Subscriber tokens: an HS256 shared secret (32+ bytes).
     #[arg(long, env = "RUNCAST_AUTH_HS256_SECRET", hide_env_values = true)]
     pub auth_hs256_secret: Option<String>,
+    /// The `kid` of the HS256 secret, for tokens whose header names one (rotation).
+    /// Without it, the secret checks tokens that carry no `kid`.
+    #[arg(long, env = "RUNCAST_AUTH_HS256_KID", requires = "auth_hs256_secret")]
+    pub auth_hs256_kid: Option<String>,
     /// Subscriber tokens: RS256/ES256 public keys in PEM, as [kid=]path (kid defaults to the
     /// file name); repeat or separate with commas for rotation.
     #[arg(long, env = "RUNCAST_AUTH_KEYS", value_delimiter = ',')]
@@ -414,7 +418,7 @@ impl GatewayArgs {
             .with_issuer(self.auth_issuer.clone());
         auth.allow_anonymous = self.allow_anonymous;
         if let Some(s) = &self.auth_hs256_secret {
-            auth.add_hs256_secret(None, s.as_bytes())?;
+            auth.add_hs256_secret(self.auth_hs256_kid.clone(), s.as_bytes())?;
         }
         for k in self.auth_key.iter().filter(|k| !k.is_empty()) {
             let (kid, path) = match k.split_once('=') {

@@ -325,24 +325,6 @@ pub(crate) fn payload_json(payload: &[u8]) -> Box<RawValue> {
     serde_json::value::to_raw_value(&text).unwrap_or_else(|_| Box::<RawValue>::default())
 }
 
-#[cfg(test)]
-mod payload_tests {
-    use super::payload_json;
-
-    #[test]
-    fn stored_payloads_become_json_a_client_can_parse() {
-        assert_eq!(payload_json(br#"{"done": 1}"#).get(), r#"{"done": 1}"#);
-        assert_eq!(payload_json(b"plain text").get(), r#""plain text""#);
-        assert_eq!(payload_json(b"\xff\xfe").get(), "\"\u{fffd}\u{fffd}\"");
-        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
-        assert_eq!(payload_json(ok.as_bytes()).get(), ok);
-        let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
-        let got = payload_json(deep.as_bytes());
-        let back: String = serde_json::from_str(got.get()).unwrap();
-        assert_eq!(back, deep, "delivered as a string holding the text");
-    }
-}
-
 impl NatsBus {
     async fn open_watch(&self, run: &RunId) -> Result<Watch, BusError> {
         let filter = self.filter(run);
@@ -493,5 +475,23 @@ impl Bus for NatsBus {
         } else {
             Err(problem)
         }
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::payload_json;
+
+    #[test]
+    fn stored_payloads_become_json_a_client_can_parse() {
+        assert_eq!(payload_json(br#"{"done": 1}"#).get(), r#"{"done": 1}"#);
+        assert_eq!(payload_json(b"plain text").get(), r#""plain text""#);
+        assert_eq!(payload_json(b"\xff\xfe").get(), "\"\u{fffd}\u{fffd}\"");
+        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert_eq!(payload_json(ok.as_bytes()).get(), ok);
+        let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
+        let got = payload_json(deep.as_bytes());
+        let back: String = serde_json::from_str(got.get()).unwrap();
+        assert_eq!(back, deep, "delivered as a string holding the text");
     }
 }
