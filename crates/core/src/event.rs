@@ -180,6 +180,24 @@ pub fn json_depth(text: &str) -> usize {
     max
 }
 
+/// A stored payload as event data. Publishers that go through the gateway
+/// send JSON within [`MAX_DATA_DEPTH`], but any NATS client can store any
+/// bytes on a run's subject. Anything else (plain text from `nats pub`,
+/// invalid UTF-8, JSON nested too deep for clients' parsers) becomes a JSON
+/// string of its text (invalid UTF-8 replaced by U+FFFD): it still reaches
+/// every client, and no reader has to parse it.
+pub fn data_from_payload(payload: &[u8]) -> Box<RawValue> {
+    if let Ok(text) = std::str::from_utf8(payload)
+        && json_depth(text) <= MAX_DATA_DEPTH
+        && let Ok(raw) = serde_json::from_str::<&RawValue>(text)
+    {
+        return raw.to_owned();
+    }
+    let text = String::from_utf8_lossy(payload);
+    // Serializing a string cannot fail; `null` only keeps this panic-free.
+    serde_json::value::to_raw_value(&text).unwrap_or_else(|_| Box::<RawValue>::default())
+}
+
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_millis() -> u64 {
     std::time::SystemTime::now()
@@ -229,6 +247,20 @@ mod tests {
         assert_eq!(json_depth(&deep), 130);
         // Unbalanced input is no panic.
         assert_eq!(json_depth("]]]["), 1);
+    }
+
+    #[test]
+    fn stored_payloads_become_json_a_client_can_parse() {
+        let data = |p: &[u8]| data_from_payload(p).get().to_owned();
+        assert_eq!(data(br#"{"done": 1}"#), r#"{"done": 1}"#);
+        assert_eq!(data(b"plain text"), r#""plain text""#);
+        assert_eq!(data(b"\xff\xfe"), "\"\u{fffd}\u{fffd}\"");
+        assert_eq!(data(b""), r#""""#);
+        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert_eq!(data(ok.as_bytes()), ok);
+        let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
+        let back: String = serde_json::from_str(&data(deep.as_bytes())).unwrap();
+        assert_eq!(back, deep, "delivered as a string holding the text");
     }
 
     #[test]

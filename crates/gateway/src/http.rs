@@ -426,13 +426,7 @@ async fn list_runs(gw: &Gateway, q: &str, grant: &crate::auth::Grant) -> Respons
                 .filter(|r| grant.allows(&r.run))
                 .take(limit)
                 .collect();
-            // Straight from the states, never through a `Value`: they hold
-            // publisher data verbatim (see `frame::encode_state`).
-            #[derive(serde::Serialize)]
-            struct Runs {
-                runs: Vec<runcast_core::RunState>,
-            }
-            match serde_json::to_string(&Runs { runs }) {
+            match encode_runs(&runs) {
                 Ok(body) => json(StatusCode::OK, body),
                 Err(e) => error(ProtocolError::new(
                     ErrorCode::Internal,
@@ -442,6 +436,16 @@ async fn list_runs(gw: &Gateway, q: &str, grant: &crate::auth::Grant) -> Respons
         }
         Err(e) => error(ProtocolError::new(ErrorCode::Unavailable, e.to_string())),
     }
+}
+
+/// `{"runs":[..]}`, straight from the states, never through a `Value`:
+/// they hold publisher data verbatim (see `frame::encode_state`).
+pub(crate) fn encode_runs(runs: &[runcast_core::RunState]) -> Result<String, serde_json::Error> {
+    #[derive(serde::Serialize)]
+    struct Runs<'a> {
+        runs: &'a [runcast_core::RunState],
+    }
+    serde_json::to_string(&Runs { runs })
 }
 
 async fn get_run(gw: Arc<Gateway>, run: RunId) -> Response<Body> {
@@ -512,6 +516,11 @@ async fn history(gw: Arc<Gateway>, run: RunId, q: String) -> Response<Body> {
             format!("since {since} is past the run's last seq {}", page.head),
         ));
     }
+    json(StatusCode::OK, encode_history(&run, &page, since))
+}
+
+/// A history page's body: `{"run","events":[event frames],"first","head","next_since","gap"}`.
+pub(crate) fn encode_history(run: &RunId, page: &runcast_bus::Page, since: u64) -> String {
     let mut body = String::from("{\"run\":\"");
     body.push_str(run.as_str());
     body.push_str("\",\"events\":[");
@@ -535,7 +544,7 @@ async fn history(gw: Arc<Gateway>, run: RunId, q: String) -> Response<Body> {
             "{{\"from\":{f},\"to\":{t}}}"
         ))
     ));
-    json(StatusCode::OK, body)
+    body
 }
 
 #[derive(serde::Deserialize)]

@@ -200,3 +200,21 @@ async fn pretty_printed_data_arrives_whole_over_sse_with_resumable_ids() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The fuzz target's seeds (fuzz/seeds/stored_events: the outside repro
+/// over HTTP and over NATS, pretty-printed and non-JSON payloads) run on
+/// every test run, not only when fuzzing.
+#[test]
+fn the_stored_events_fuzz_seeds_pass() {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fuzz/seeds/stored_events"
+    );
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).expect("seeds") {
+        let input = std::fs::read(entry.unwrap().path()).unwrap();
+        runcast_gateway::fuzzing::stored_events(&input);
+        n += 1;
+    }
+    assert!(n >= 4, "{n} seeds");
+}

@@ -19,7 +19,6 @@ use async_trait::async_trait;
 use runcast_bus::{Bus, BusError, BusStats, Page, RunFilter, Watch};
 use runcast_core::{Event, NewEvent, RunId, RunState, subject};
 use runcast_worker::{PublishErrorKind, PublishTarget};
-use serde_json::value::RawValue;
 use tokio::task::JoinHandle;
 
 use crate::{
@@ -256,7 +255,7 @@ pub(crate) fn to_event(prefix: &str, m: jetstream::message::StreamMessage) -> Op
         run,
         seq: m.sequence,
         kind,
-        data: payload_json(&m.payload),
+        data: runcast_core::data_from_payload(&m.payload),
         ts: (m.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
         stored_us: (m.time.unix_timestamp_nanos() / 1_000).max(0) as u64,
         traceparent: m.headers.get("traceparent").map(|v| v.to_string()),
@@ -305,24 +304,6 @@ pub(crate) fn delivered_event(
             time: info.published,
         },
     )
-}
-
-/// The payload as JSON. Publishers are meant to send JSON; anything else
-/// (a plain-text `nats pub`) is delivered as a JSON string rather than dropped.
-/// So is JSON nested deeper than the publish API accepts
-/// ([`runcast_core::MAX_DATA_DEPTH`]): any NATS client can store it, and
-/// clients whose parsers limit recursion could not read it as JSON. As a
-/// string it still reaches every client, and no reader has to parse it.
-pub(crate) fn payload_json(payload: &[u8]) -> Box<RawValue> {
-    if let Ok(text) = std::str::from_utf8(payload)
-        && runcast_core::json_depth(text) <= runcast_core::MAX_DATA_DEPTH
-        && let Ok(raw) = serde_json::from_str::<&RawValue>(text)
-    {
-        return raw.to_owned();
-    }
-    let text = String::from_utf8_lossy(payload);
-    // Serializing a string cannot fail; `null` only keeps this panic-free.
-    serde_json::value::to_raw_value(&text).unwrap_or_else(|_| Box::<RawValue>::default())
 }
 
 impl NatsBus {
@@ -475,23 +456,5 @@ impl Bus for NatsBus {
         } else {
             Err(problem)
         }
-    }
-}
-
-#[cfg(test)]
-mod payload_tests {
-    use super::payload_json;
-
-    #[test]
-    fn stored_payloads_become_json_a_client_can_parse() {
-        assert_eq!(payload_json(br#"{"done": 1}"#).get(), r#"{"done": 1}"#);
-        assert_eq!(payload_json(b"plain text").get(), r#""plain text""#);
-        assert_eq!(payload_json(b"\xff\xfe").get(), "\"\u{fffd}\u{fffd}\"");
-        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
-        assert_eq!(payload_json(ok.as_bytes()).get(), ok);
-        let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
-        let got = payload_json(deep.as_bytes());
-        let back: String = serde_json::from_str(got.get()).unwrap();
-        assert_eq!(back, deep, "delivered as a string holding the text");
     }
 }
