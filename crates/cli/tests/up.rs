@@ -107,4 +107,9 @@ async fn demo_page_shows_live_runs_in_a_headless_browser() {
         dom.contains(r#"<p id="anon" class="warn">Anonymous access"#),
         "the page warns about anonymous access:\n{dom}"
     );
+    // ...and asks for no token.
+    assert!(
+        dom.contains(r#"<div id="auth" hidden="">"#),
+        "the token box stays hidden:\n{dom}"
+    );
 }
