@@ -10,7 +10,8 @@
 //! - a token that does not cover a run: forbidden on that run only;
 //! - `refresh`: the page asks for a fresh token and renews in place;
 //! - close 4003 (no fresh token in time): unauthorized, then a new token
-//!   resumes every run from its cursor without loss or duplicates.
+//!   resumes every run from its cursor without loss or duplicates;
+//! - WebSockets refused while HTTP gets through: SSE with `access_token`.
 
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
@@ -25,9 +26,14 @@ const SECRET: &str = "page-auth-test-shared-secret-32-bytes!";
 /// `runcast up` with an HS256 secret: every reader needs a token. HTTP
 /// publishing stays open (no publish keys), so tests publish freely.
 async fn gateway() -> (Child, SocketAddr) {
+    gateway_with(&[]).await
+}
+
+async fn gateway_with(args: &[&str]) -> (Child, SocketAddr) {
     let addr = free_addr();
     let child = Command::new(BIN)
         .args(["up", "--listen", &addr.to_string(), "--log", "warn"])
+        .args(args)
         .env("RUNCAST_AUTH_HS256_SECRET", SECRET)
         .stdin(Stdio::null())
         .kill_on_drop(true)
@@ -64,15 +70,20 @@ async fn publish(addr: SocketAddr, run: &str, kind: &str, data: Value) {
     assert_eq!(status, 200, "publish to {run}: {resp}");
 }
 
-/// Refused tokens so far, over every reason: each request the page makes
-/// without a valid token adds one.
-async fn auth_failures(addr: SocketAddr) -> u64 {
+/// The sum of a counter's series (every label value) in `/metrics`.
+async fn counter(addr: SocketAddr, series: &str) -> u64 {
     let (_, _, scrape) = http(addr, "GET", "/metrics", &[], "").await;
     scrape
         .lines()
-        .filter(|l| l.starts_with("runcast_auth_failures_total{"))
+        .filter(|l| l.starts_with(series))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum::<f64>() as u64
+}
+
+/// Refused tokens so far, over every reason: each request the page makes
+/// without a valid token adds one.
+async fn auth_failures(addr: SocketAddr) -> u64 {
+    counter(addr, "runcast_auth_failures_total{").await
 }
 
 const UNAUTHORIZED: &str = "document.getElementById('conn').textContent === 'unauthorized' \
@@ -404,5 +415,47 @@ async fn an_expired_connection_shows_unauthorized_and_a_new_token_resumes_withou
     assert!(
         st.as_str().unwrap().contains("· 4 events"),
         "duplicates: {st}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_websockets_are_refused_the_page_streams_over_sse_with_its_token() {
+    // The gateway refuses WebSockets from the page's origin, as a proxy
+    // that drops upgrades would; HTTP reads and SSE still get through.
+    let (_gw, addr) = gateway_with(&["--allowed-origin", "http://elsewhere.invalid"]).await;
+    publish(
+        addr,
+        "team-a-1",
+        "progress",
+        json!({"done": 1, "total": 10}),
+    )
+    .await;
+    let tok = token(300, json!({"runs": ["team-a-1"]}));
+    let mut page = Browser::open(&format!("http://{addr}/#token={tok}")).await;
+    page.wait_for(
+        "a live SSE stream",
+        "document.getElementById('conn').textContent === 'live (SSE)'",
+    )
+    .await;
+    page.wait_for("team-a-1's history", &log_has("#1 ")).await;
+    publish(addr, "team-a-1", "log", json!({"line": "over-sse"})).await;
+    page.wait_for("a live event over SSE", &log_has("over-sse"))
+        .await;
+    page.wait_for(
+        "team-a-1 with both events",
+        &format!("{}.includes('· 2 events')", run_status("team-a-1")),
+    )
+    .await;
+    // The token went with every request, the stream's included.
+    assert_eq!(auth_failures(addr).await, 0);
+    // The page gave up on WebSockets after three refused upgrades.
+    let refusals = "runcast_protocol_errors_total{code=\"forbidden\"}";
+    let tried = counter(addr, refusals).await;
+    assert_eq!(tried, 3, "refused WebSocket upgrades");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        counter(addr, refusals).await,
+        tried,
+        "the page went on trying WebSockets"
     );
 }
