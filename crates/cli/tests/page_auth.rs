@@ -343,6 +343,27 @@ async fn a_refresh_asks_for_a_fresh_token_and_the_connection_goes_on() {
     )
     .await;
 
+    // A token the gateway refuses (another key) leaves the old one in use.
+    let forged = encode(
+        &Header::default(),
+        &json!({"exp": now() + 300, "runs": ["team-a-1"]}),
+        &EncodingKey::from_secret(b"not-the-gateway-secret-but-32-bytes-long"),
+    )
+    .unwrap();
+    paste_token(&mut page, &forged).await;
+    page.wait_for(
+        "that the gateway refused the token",
+        "document.getElementById('authmsg').textContent.includes('refused that token')",
+    )
+    .await;
+    assert_eq!(
+        page.eval("sessionStorage.getItem('runcast.token')").await,
+        short.as_str(),
+        "a refused token replaced the working one"
+    );
+    page.eval("document.getElementById('token').value = ''")
+        .await;
+
     let fresh = token(300, json!({"runs": ["team-a-1"]}));
     paste_token(&mut page, &fresh).await;
     page.wait_for("the new token accepted", LIVE).await;
