@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use runcast_test_support::{WsClient, http, json};
+use runcast_test_support::{WsClient, browser::Browser, http, json};
 use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_runcast");
@@ -77,85 +77,39 @@ async fn sigterm_fails_readiness_then_closes_clients_resumably_and_exits() {
     assert!(t0.elapsed() < Duration::from_secs(4));
 }
 
-/// Finds Debian's Chromium; the test command installs it.
-fn chromium() -> Option<&'static str> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_page_shows_live_runs_in_a_headless_browser() {
-    let Some(browser) = chromium() else {
-        panic!("chromium is not installed; scripts/test.sh installs it (apt-get install chromium)");
-    };
     let (_child, addr) = start(&["--demo", "--demo-jobs", "3"]).await;
-    // Let the demo start its jobs.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let profile = tempdir();
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        Command::new(browser)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-quic",
-                &format!("--user-data-dir={}", profile.display()),
-                "--virtual-time-budget=4000",
-                "--dump-dom",
-                &format!("http://{addr}/"),
-            ])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
+    let mut page = Browser::open(&format!("http://{addr}/")).await;
+    page.wait_for(
+        "a live connection",
+        "document.getElementById('conn').className === 'up'",
     )
-    .await
-    .expect("chromium finished")
-    .unwrap();
-    let _ = std::fs::remove_dir_all(&profile);
-    let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        dom.contains(r#"id="conn" class="up""#),
-        "page connected its WebSocket:\n{dom}"
-    );
+    .await;
     for run in ["loadtest-1", "batch-2", "codegen-3"] {
-        assert!(
-            dom.contains(&format!(r#"data-run="{run}""#)),
-            "page lists {run}:\n{dom}"
-        );
+        page.wait_for(
+            &format!("{run} listed"),
+            &format!("document.querySelector('[data-run=\"{run}\"]')"),
+        )
+        .await;
     }
-    assert!(dom.contains("running"), "runs show their status");
+    page.wait_for(
+        "the selected run's events",
+        "document.getElementById('log').innerText.includes('#1 ')",
+    )
+    .await;
+    let dom = page.eval("document.documentElement.outerHTML").await;
+    let dom = dom.as_str().expect("the page's HTML");
+    assert!(dom.contains("running"), "runs show their status:\n{dom}");
+    assert!(dom.contains(" events"), "runs show event counts:\n{dom}");
     // `runcast up` without keys is anonymous, and the page says so.
     assert!(
         dom.contains(r#"<p id="anon" class="warn">Anonymous access"#),
         "the page warns about anonymous access:\n{dom}"
     );
-    assert!(dom.contains(" events"), "runs show event counts");
+    // ...and asks for no token.
     assert!(
-        dom.contains("#1 "),
-        "the selected run's events are listed:\n{dom}"
+        dom.contains(r#"<div id="auth" hidden="">"#),
+        "the token box stays hidden:\n{dom}"
     );
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!(
-        "runcast-chromium-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }

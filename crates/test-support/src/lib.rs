@@ -1,7 +1,9 @@
 //! Test support for runcast: a real gateway on a loopback port, protocol
-//! clients over real sockets, a tiny HTTP client, and the bus behaviour
-//! tests ([`bus_conformance`]) every bus implementation must pass.
+//! clients over real sockets, a tiny HTTP client, a headless browser
+//! ([`browser`]), and the bus behaviour tests ([`bus_conformance`]) every
+//! bus implementation must pass.
 
+pub mod browser;
 pub mod bus_conformance;
 pub mod nats;
 pub mod otlp;
