@@ -150,6 +150,20 @@ impl Event {
 /// client of the run. 64 leaves room for any real progress payload.
 pub const MAX_DATA_DEPTH: usize = 64;
 
+/// Event data nested deeper than [`MAX_DATA_DEPTH`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("data nests {0} levels of arrays and objects; the limit is {MAX_DATA_DEPTH}")]
+pub struct DataTooDeep(pub usize);
+
+/// Refuses data nested deeper than [`MAX_DATA_DEPTH`]: what every publish
+/// path checks before anything is stored.
+pub fn check_depth(data: &RawValue) -> Result<(), DataTooDeep> {
+    match json_depth(data.get()) {
+        d if d > MAX_DATA_DEPTH => Err(DataTooDeep(d)),
+        _ => Ok(()),
+    }
+}
+
 /// The deepest nesting of arrays and objects in a JSON text (0 for a
 /// scalar). Counts brackets outside strings in one pass without recursion,
 /// so it is safe on any input; on text that is not JSON the answer is only

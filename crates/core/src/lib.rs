@@ -16,8 +16,8 @@ pub mod subject;
 
 pub use error::{CloseCode, ErrorCode, ProtocolError};
 pub use event::{
-    Event, EventKind, MAX_DATA_DEPTH, NewEvent, ParseKindError, data_from_payload, json_depth,
-    now_micros, now_millis,
+    DataTooDeep, Event, EventKind, MAX_DATA_DEPTH, NewEvent, ParseKindError, check_depth,
+    data_from_payload, json_depth, now_micros, now_millis,
 };
 pub use run_id::{ParseRunIdError, RunId};
 pub use state::{RunState, RunStatus};

@@ -44,15 +44,13 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         && !origin_allowed(&ctx.gw, o)
         && segs.as_slice() == ["v1", "ws"]
     {
-        ctx.gw
-            .metrics
-            .protocol_errors
-            .with_label_values(&[ErrorCode::Forbidden.as_str()])
-            .inc();
-        return error(ProtocolError::new(
-            ErrorCode::Forbidden,
-            format!("origin {:?} is not allowed (--allowed-origin)", truncate(o)),
-        ));
+        return counted(
+            &ctx.gw,
+            ProtocolError::new(
+                ErrorCode::Forbidden,
+                format!("origin {:?} is not allowed (--allowed-origin)", truncate(o)),
+            ),
+        );
     }
     if m == Method::OPTIONS {
         return preflight(&ctx.gw, origin.as_deref());
@@ -243,15 +241,18 @@ where
     }
 }
 
+/// The error response, counted in `runcast_protocol_errors_total`.
+fn counted(gw: &Gateway, e: ProtocolError) -> Response<Body> {
+    gw.metrics
+        .protocol_errors
+        .with_label_values(&[e.code.as_str()])
+        .inc();
+    error(e)
+}
+
 fn protocol_error(gw: &Gateway, e: SessionError) -> Response<Body> {
     match e {
-        SessionError::Protocol(p) => {
-            gw.metrics
-                .protocol_errors
-                .with_label_values(&[p.code.as_str()])
-                .inc();
-            error(p)
-        }
+        SessionError::Protocol(p) => counted(gw, p),
         SessionError::Closed => error(ProtocolError::new(ErrorCode::Internal, "connection closed")),
     }
 }
@@ -634,16 +635,9 @@ pub(crate) fn parse_publish(
                     format!("event {i} has no \"data\""),
                 )
             })?;
-            let depth = runcast_core::json_depth(data.get());
-            if depth > runcast_core::MAX_DATA_DEPTH {
-                return Err(ProtocolError::new(
-                    ErrorCode::DataTooDeep,
-                    format!(
-                        "event {i}: data nests {depth} levels of arrays and objects; the limit is {}",
-                        runcast_core::MAX_DATA_DEPTH
-                    ),
-                ));
-            }
+            runcast_core::check_depth(&data).map_err(|e| {
+                ProtocolError::new(ErrorCode::DataTooDeep, format!("event {i}: {e}"))
+            })?;
             let traceparent = it.traceparent.or_else(|| header_tp.map(str::to_owned));
             Ok(NewEvent {
                 kind,
@@ -686,11 +680,7 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
             _ => Ok(()),
         });
     if let Err(e) = checked {
-        gw.metrics
-            .protocol_errors
-            .with_label_values(&[e.code.as_str()])
-            .inc();
-        return error(e);
+        return counted(&gw, e);
     }
     let limit = gw.config.max_publish_bytes;
     let tp = req
@@ -701,23 +691,11 @@ async fn publish(gw: Arc<Gateway>, raw_run: String, req: Request<Incoming>) -> R
         .map(str::to_owned);
     let body = match read_body(&gw, req, limit).await {
         Ok(b) => b,
-        Err(e) => {
-            gw.metrics
-                .protocol_errors
-                .with_label_values(&[e.code.as_str()])
-                .inc();
-            return error(e);
-        }
+        Err(e) => return counted(&gw, e),
     };
     let events = match parse_publish(&body, gw.config.max_batch, tp.as_deref()) {
         Ok(ev) => ev,
-        Err(e) => {
-            gw.metrics
-                .protocol_errors
-                .with_label_values(&[e.code.as_str()])
-                .inc();
-            return error(e);
-        }
+        Err(e) => return counted(&gw, e),
     };
     let n = events.len() as u64;
     // Continues the publisher's trace (the body's or the header's

@@ -196,16 +196,8 @@ impl Publisher {
         let event = NewEvent::json(kind, data)?;
         // Refused here as the gateway would refuse it, so a NATS target
         // (which stores anything) never gets data clients cannot parse.
-        let depth = runcast_core::json_depth(event.data.get());
-        if depth > runcast_core::MAX_DATA_DEPTH {
-            return Err(PublishError::new(
-                PublishErrorKind::InvalidInput,
-                format!(
-                    "event data nests {depth} levels of arrays and objects; the limit is {}",
-                    runcast_core::MAX_DATA_DEPTH
-                ),
-            ));
-        }
+        runcast_core::check_depth(&event.data)
+            .map_err(|e| PublishError::new(PublishErrorKind::InvalidInput, format!("event {e}")))?;
         let seqs = publish_traced(&*self.target, &self.run, vec![event]).await?;
         seqs.first().copied().ok_or_else(|| {
             PublishError::new(PublishErrorKind::Unavailable, "publish returned no seq")
