@@ -11,7 +11,9 @@ use runcast_worker::{
     GatewayUrl,
     tls::{ClientStream, ConnectError, Dialer},
 };
-use tokio_tungstenite::tungstenite::{Error as WsError, client::IntoClientRequest};
+use tokio_tungstenite::tungstenite::{
+    Error as WsError, client::IntoClientRequest, error::ProtocolError,
+};
 
 pub(crate) type Ws = tokio_tungstenite::WebSocketStream<ClientStream>;
 
@@ -56,7 +58,11 @@ impl UpgradeError {
         match self {
             Self::Connect(e) => e.kind.is_transient(),
             Self::Answered { status, .. } => matches!(status, 408 | 429 | 500..=599),
-            Self::Broken(WsError::Url(_)) => false,
+            // An answer that is not HTTP: a TLS port spoken to in plain
+            // text answers with a TLS alert, every time.
+            Self::Broken(WsError::Url(_) | WsError::Protocol(ProtocolError::HttparseError(_))) => {
+                false
+            }
             Self::Broken(_) | Self::TimedOut(_) => true,
         }
     }
@@ -91,6 +97,9 @@ impl UpgradeError {
                 "{ws} answered {status} to the WebSocket upgrade; check --url and any proxy in between"
             ),
             Self::Broken(WsError::Url(e)) => format!("{ws} is not a usable WebSocket URL: {e}"),
+            Self::Broken(WsError::Protocol(ProtocolError::HttparseError(e))) => format!(
+                "{ws} did not answer in HTTP ({e}); if the gateway serves TLS (--tls-cert, or a TLS proxy in front), use a wss:// or https:// URL"
+            ),
             Self::Broken(e) => format!("WebSocket handshake with {ws} broke off: {e}"),
             Self::TimedOut(d) => format!("no answer from {ws} within {d:?}"),
         }

@@ -136,8 +136,13 @@ fn client(tls: &ClientTls) -> HttpsClient {
     http.set_nodelay(true);
     // The TLS layer on top needs https:// URIs let through.
     http.enforce_http(false);
+    // hyper-rustls sets ALPN itself from the enabled HTTP versions and
+    // refuses a configuration that already has it (ours offers http/1.1
+    // for the WebSocket clients, which connect without hyper-rustls).
+    let mut config = (*tls.config()).clone();
+    config.alpn_protocols.clear();
     let https = HttpsConnectorBuilder::new()
-        .with_tls_config((*tls.config()).clone())
+        .with_tls_config(config)
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
@@ -213,5 +218,34 @@ impl PublishTarget for HttpTarget {
             _ => format!("{base} answered {status} without a runcast error (a proxy in between?)"),
         };
         Err(PublishError::new(kind, message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_url_form_and_trust_setting_builds_a_target() {
+        for url in [
+            "http://127.0.0.1:8080",
+            "https://h.example/runcast",
+            "wss://h.example/v1/ws",
+        ] {
+            let t = HttpTarget::new(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            let roots = t.clone().with_root_certs(Vec::new());
+            assert_eq!(
+                roots.err().map(|e| e.kind),
+                Some(PublishErrorKind::InvalidInput),
+                "an empty root set trusts nothing and is refused"
+            );
+            let missing = t.with_ca_file(Path::new("/nonexistent/ca.pem"));
+            assert!(
+                missing.is_err_and(|e| e.message.contains("/nonexistent/ca.pem")),
+                "{url}"
+            );
+        }
+        let bad = HttpTarget::new("ftp://h").err().map(|e| e.kind);
+        assert_eq!(bad, Some(PublishErrorKind::InvalidInput));
     }
 }

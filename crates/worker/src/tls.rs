@@ -190,7 +190,10 @@ impl ClientTls {
         Some(match e {
             E::InvalidCertificate(c) => {
                 let why = match c {
-                    C::UnknownIssuer => self.unknown_issuer(),
+                    // BadSignature: the issuer's name matches a trusted CA's
+                    // but its key does not, e.g. a CA made again under the
+                    // same name. To the user that is the same: the wrong CA.
+                    C::UnknownIssuer | C::BadSignature => self.unknown_issuer(),
                     C::NotValidForName | C::NotValidForNameContext { .. } => format!(
                         "it is not valid for the name {host}; use a URL with a name the certificate lists (its subjectAltName), or reissue it for {host}"
                     ),
@@ -253,19 +256,18 @@ fn roots(certs: Vec<CertificateDer<'static>>) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// The rustls error in a chain, looking inside `io::Error`s (whose
-/// `source()` skips the error they wrap).
+/// The rustls error in a chain. `io::Error`s are looked into rather than
+/// past: their `source()` skips the error they wrap, and hyper-rustls wraps
+/// tokio-rustls's `io::Error` in another one.
 fn rustls_error<'a>(mut err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     loop {
         if let Some(e) = err.downcast_ref::<rustls::Error>() {
             return Some(e);
         }
-        if let Some(inner) = err.downcast_ref::<io::Error>().and_then(io::Error::get_ref)
-            && let Some(e) = inner.downcast_ref::<rustls::Error>()
-        {
-            return Some(e);
-        }
-        err = err.source()?;
+        err = match err.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+            Some(inner) => inner,
+            None => err.source()?,
+        };
     }
 }
 
@@ -491,6 +493,9 @@ mod tests {
         let e = system.explain(&wrapped, "h", 443).unwrap();
         assert_eq!(e.kind, ConnectErrorKind::Certificate);
         assert!(e.message.contains("h:443"), "{}", e.message);
+        let twice = io::Error::other(wrapped);
+        let e = system.explain(&twice, "h", 443).unwrap();
+        assert_eq!(e.kind, ConnectErrorKind::Certificate);
         let plain = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
         assert!(system.explain(&plain, "h", 443).is_none());
     }
