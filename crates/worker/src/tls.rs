@@ -13,6 +13,22 @@
 //! Failures come back as a [`ConnectError`] whose [`ConnectErrorKind`] says
 //! whether retrying can help: an unreachable gateway may come back, an
 //! untrusted certificate will not.
+//!
+//! ```no_run
+//! # async fn connect() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::path::Path;
+//! use runcast_worker::{GatewayUrl, tls::Dialer};
+//!
+//! let url = GatewayUrl::parse("wss://progress.internal:8443/v1/ws")?;
+//! let dialer = Dialer::new(url, Some(Path::new("/etc/runcast/ca.pem")))?;
+//! match dialer.connect().await {
+//!     // TCP and TLS are up: speak HTTP/1.1 or a WebSocket handshake on it.
+//!     Ok(stream) => drop(stream),
+//!     Err(e) if e.kind.is_transient() => eprintln!("try again later: {e}"),
+//!     Err(e) => eprintln!("fix this first: {e}"),
+//! }
+//! # Ok(()) }
+//! ```
 
 use std::{
     io,
