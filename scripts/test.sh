@@ -10,13 +10,16 @@ step() { printf '\n== %s\n' "$*"; }
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # What the tests need beyond Rust, from Debian: Chromium (the watch page in
-# a real headless browser), openssl (certificates for the NATS TLS test) and
-# Prometheus's promtool (checks the metrics a gateway exposes).
+# a real headless browser), openssl (certificates for the TLS tests),
+# Prometheus's promtool (checks the metrics a gateway exposes) and nginx (a
+# real TLS-terminating proxy in front of a gateway for the client tests;
+# Debian puts it in /usr/sbin, which is not on every user's PATH).
 step "install test dependencies"
 missing=""
 command -v chromium >/dev/null 2>&1 || missing+=" chromium"
 command -v openssl >/dev/null 2>&1 || missing+=" openssl"
 command -v promtool >/dev/null 2>&1 || missing+=" prometheus"
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=" nginx"
 if [ -n "$missing" ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
@@ -26,6 +29,7 @@ if [ -n "$missing" ]; then
 fi
 chromium --version
 promtool --version 2>&1 | head -1
+"$(command -v nginx || echo /usr/sbin/nginx)" -v
 # A real protoc (from grpcio-tools) to check the protocol schema and docs,
 # and the official Python NATS client for the other-language worker example.
 for module_package in grpc_tools:grpcio-tools nats:nats-py; do

@@ -92,11 +92,23 @@ pub struct OperatorArgs {
     pub metrics_listen: SocketAddr,
 }
 
+/// Whom a client command trusts for `https://` and `wss://` URLs.
+#[derive(Debug, Args)]
+pub struct ClientTlsArgs {
+    /// Trust only the CA certificate(s) in this PEM file for https/wss, instead of the
+    /// system's roots (a gateway whose certificate comes from a private CA).
+    #[arg(long, env = "RUNCAST_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
-    /// The gateway's HTTP URL, as clients reach it (through any proxy or ingress).
+    /// The gateway's URL as clients reach it (through any proxy or ingress):
+    /// http(s)://host[:port][/prefix]; ws(s):// and .../v1/ws name the same gateway.
     #[arg(long, env = "RUNCAST_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// Also check NATS directly at this URL.
     #[arg(long = "nats", env = "RUNCAST_NATS_URL")]
     pub nats: Option<String>,
@@ -560,9 +572,12 @@ pub struct TailArgs {
     /// Resume after this seq (replays every later event); default: current state, then live.
     #[arg(long)]
     pub since: Option<u64>,
-    /// Gateway URL: ws(s)://host/v1/ws, or http(s)://host (the /v1/ws endpoint there).
+    /// Gateway URL: http(s)://host[:port][/prefix] or ws(s)://..., with or without
+    /// /v1/ws (the gateway's WebSocket endpoint is used either way).
     #[arg(long, env = "RUNCAST_URL", default_value = "ws://127.0.0.1:8080/v1/ws")]
     pub url: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// Bearer token for gateways that require one (sent as Authorization: Bearer).
     #[arg(long, env = "RUNCAST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -590,13 +605,16 @@ pub struct PublishArgs {
     /// Event data (any JSON), delivered to clients verbatim.
     #[arg(long)]
     pub data: String,
-    /// Gateway HTTP URL.
+    /// Gateway URL: http(s)://host[:port][/prefix] (ws(s):// and .../v1/ws name the
+    /// same gateway).
     #[arg(
         long,
         env = "RUNCAST_HTTP_URL",
         default_value = "http://127.0.0.1:8080"
     )]
     pub url: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// API key, for gateways that require one.
     #[arg(long, env = "RUNCAST_PUBLISH_KEY", hide_env_values = true)]
     pub key: Option<String>,

@@ -7,24 +7,23 @@
 //! a failure says what is wrong and how to fix it, and the exit code is 1.
 
 use std::{
-    net::SocketAddr,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use runcast_worker::tls::{ConnectError, ConnectErrorKind, Dialer};
 use serde_json::Value;
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 
-use crate::args::DoctorArgs;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use crate::{
+    args::DoctorArgs,
+    connect::{self, UpgradeError, Ws},
+};
 
 /// One check's outcome.
 struct Check {
@@ -80,73 +79,70 @@ impl Report {
     }
 }
 
-/// Where the gateway is: `http://host:port` (a path prefix is kept).
+/// Where the gateway is (any URL form, a path prefix kept), how to reach
+/// it (TLS and whom to trust), and the credentials for protected gateways:
+/// a subscriber token and a publish API key, sent with every request that
+/// may need them.
 struct Target {
-    addr: SocketAddr,
-    host: String,
-    prefix: String,
-    /// Credentials for protected gateways: a subscriber token and a
-    /// publish API key, sent with every request that may need them.
+    dialer: Dialer,
     token: Option<String>,
     key: Option<String>,
 }
 
-async fn target(url: &str) -> anyhow::Result<Target> {
-    let rest = if let Some(r) = url.strip_prefix("http://") {
-        r
-    } else if url.starts_with("https://") {
-        bail!(
-            "runcast doctor speaks plain HTTP only for now; check the gateway itself \
-             (kubectl port-forward svc/runcast 8080) with --url http://127.0.0.1:8080"
-        );
-    } else {
-        bail!("--url must look like http://host:port, not {url:?}");
-    };
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let with_port = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    let addr = tokio::net::lookup_host(&with_port)
-        .await
-        .with_context(|| format!("cannot resolve {authority}"))?
-        .next()
-        .with_context(|| format!("{authority} resolves to no address"))?;
-    let prefix = path.trim_end_matches('/');
-    Ok(Target {
-        token: None,
-        key: None,
-        addr,
-        host: authority.to_owned(),
-        prefix: if prefix.is_empty() {
-            String::new()
-        } else {
-            format!("/{prefix}")
-        },
-    })
+/// Why a request got no HTTP answer.
+enum SendError {
+    /// No connection: nothing listening, DNS, TLS.
+    Connect(ConnectError),
+    /// Connected, but no usable HTTP exchange.
+    Http(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connect(e) => write!(f, "{e}"),
+            Self::Http(e) => f.write_str(e),
+        }
+    }
+}
+
+/// What to do about a connection that could not be opened.
+fn connect_fix(kind: ConnectErrorKind) -> &'static str {
+    match kind {
+        ConnectErrorKind::Resolve => "check the host name in --url",
+        ConnectErrorKind::Unreachable | ConnectErrorKind::Interrupted => {
+            "start the gateway, or keep `kubectl port-forward svc/<release>-runcast 8080` running, and check --url"
+        }
+        ConnectErrorKind::Certificate => {
+            "pass the CA that signed the gateway's certificate with --ca-file (RUNCAST_CA_FILE), or use a host name the certificate lists"
+        }
+        ConnectErrorKind::Handshake => {
+            "use http:// for a gateway that serves plain HTTP (no --tls-cert), https:// for one with --tls-cert or behind a TLS proxy"
+        }
+    }
 }
 
 /// Sends one HTTP/1.1 request to the gateway on a fresh connection and
-/// returns the response with its body unread (SSE reads only its start).
+/// returns the response with its body unread (SSE reads only its start),
+/// and the TLS version if the connection has TLS.
 async fn send(
     t: &Target,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: Option<String>,
-) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-    let tcp = TcpStream::connect(t.addr)
+) -> Result<(hyper::Response<hyper::body::Incoming>, Option<String>), SendError> {
+    let stream = t.dialer.connect().await.map_err(SendError::Connect)?;
+    let tls = stream.tls_version();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(|e| SendError::Http(format!("handshake: {e}")))?;
     tokio::spawn(conn);
+    let url = t.dialer.url();
     let mut req = hyper::Request::builder()
         .method(method)
-        .uri(format!("{}{path}", t.prefix))
-        .header("host", &t.host);
+        .uri(url.path(path))
+        .header("host", url.authority());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -158,20 +154,25 @@ async fn send(
     }
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .map_err(|e| e.to_string())?;
-    sender.send_request(req).await.map_err(|e| e.to_string())
+        .map_err(|e| SendError::Http(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| SendError::Http(e.to_string()))?;
+    Ok((resp, tls))
 }
 
-/// One whole request and response within `within`: status and body.
+/// One whole request and response within `within`: status, body, and the
+/// TLS version if any.
 async fn request(
     t: &Target,
     method: &str,
     path: &str,
     body: Option<String>,
     within: Duration,
-) -> Result<(u16, String), String> {
+) -> Result<(u16, String, Option<String>), SendError> {
     let exchange = async {
-        let resp = send(
+        let (resp, tls) = send(
             t,
             method,
             path,
@@ -184,13 +185,13 @@ async fn request(
             .into_body()
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| SendError::Http(e.to_string()))?
             .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok((status, String::from_utf8_lossy(&body).into_owned(), tls))
     };
     tokio::time::timeout(within, exchange)
         .await
-        .map_err(|_| format!("no answer within {within:?}"))?
+        .map_err(|_| SendError::Http(format!("no answer within {within:?}")))?
 }
 
 fn message_of(body: &str) -> String {
@@ -206,28 +207,49 @@ fn message_of(body: &str) -> String {
 }
 
 pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
-    let mut t = target(&a.url).await?;
-    t.token = a.token.clone();
-    t.key = a.key.clone();
+    let dialer = connect::dialer(&a.url, a.tls.ca_file.as_deref())?;
+    let url = dialer.url().clone();
+    let addr = tokio::net::lookup_host((url.host(), url.port()))
+        .await
+        .with_context(|| format!("cannot resolve {}", url.host()))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", url.host()))?;
+    let t = Target {
+        dialer,
+        token: a.token.clone(),
+        key: a.key.clone(),
+    };
     let within = a.timeout;
     let mut r = Report { checks: Vec::new() };
-    println!("runcast doctor: {} ({})", a.url, t.addr);
+    println!("runcast doctor: {} ({addr})", a.url);
 
-    // 1. Anything listening, answering HTTP?
+    // 1. Anything listening, answering HTTP (over TLS for https)?
     let started = Instant::now();
     let reachable = match request(&t, "GET", "/healthz", None, within).await {
-        Ok((200, _)) => Ok("GET /healthz -> 200".to_owned()),
-        Ok((status, body)) => Err(problem(
-            format!("GET /healthz -> {status}: {}", message_of(&body)),
+        Ok((200, _, tls)) => Ok(match tls {
+            Some(version) => format!("GET /healthz -> 200 over {version}, certificate trusted"),
+            None => "GET /healthz -> 200".to_owned(),
+        }),
+        Ok((status, body, _)) => Err(problem(
+            format!(
+                "GET {} -> {status}: {}",
+                url.path("/healthz"),
+                message_of(&body)
+            ),
             "this URL reaches something that is not a runcast gateway; check the port, the path prefix and your ingress routes",
         )),
-        Err(e) if e.starts_with("connect") => Err(problem(
-            format!("nothing is listening at {} ({e})", t.addr),
-            "start the gateway, or keep `kubectl port-forward svc/<release>-runcast 8080` running, and check --url",
+        Err(SendError::Connect(e)) if e.kind == ConnectErrorKind::Unreachable => Err(problem(
+            format!("nothing is listening at {addr} ({e})"),
+            connect_fix(e.kind),
         )),
-        Err(e) => Err(problem(
+        Err(SendError::Connect(e)) => Err(problem(e.to_string(), connect_fix(e.kind))),
+        Err(SendError::Http(e)) => Err(problem(
             format!("no HTTP answer: {e}"),
-            "something accepts connections but does not answer HTTP; check what listens on this port",
+            if url.is_tls() {
+                "something accepts TLS connections but does not answer HTTP; check what listens on this port"
+            } else {
+                "something accepts connections but does not answer HTTP; if it serves TLS, use an https:// URL"
+            },
         )),
     };
     if !r.record("gateway reachable", started, reachable) {
@@ -237,8 +259,8 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
     // 2. Ready?
     let started = Instant::now();
     let ready = match request(&t, "GET", "/readyz", None, within).await {
-        Ok((200, _)) => Ok("GET /readyz -> 200".to_owned()),
-        Ok((status, body)) => {
+        Ok((200, _, _)) => Ok("GET /readyz -> 200".to_owned()),
+        Ok((status, body, _)) => {
             let why = message_of(&body);
             let fix = if why.contains("NATS") || why.contains("bus") {
                 "the gateway cannot use NATS: check that NATS runs, that --nats points at it, and the credentials; `runcast doctor --nats <url>` checks NATS directly"
@@ -257,53 +279,38 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
     let ready = r.record("gateway ready", started, ready);
 
     // 3. WebSocket upgrade through whatever lies in between.
-    let ws_url = format!("ws://{}{}/v1/ws", t.host, t.prefix);
+    let ws_url = url.ws_url();
     let started = Instant::now();
     let mut ws: Option<Ws> = None;
-    let mut ws_req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            ws_url.as_str(),
-        )?;
-    if let Some(tok) = &t.token
-        && let Ok(v) = format!("Bearer {tok}").parse()
-    {
-        ws_req.headers_mut().insert("authorization", v);
-    }
-    let upgraded = match tokio::time::timeout(within, tokio_tungstenite::connect_async(ws_req))
-        .await
-    {
-        Err(_) => Err(problem(
+    let authorization = connect::bearer(t.token.as_deref())?;
+    let upgraded = match connect::websocket(&t.dialer, authorization.as_ref(), within).await {
+        Err(UpgradeError::TimedOut(_)) => Err(problem(
             format!("no upgrade answer within {within:?}"),
             "a proxy holds the upgrade request; check its WebSocket support and timeouts",
         )),
-        Ok(Err(WsError::Http(resp))) if matches!(resp.status().as_u16(), 401 | 403) => {
-            Err(problem(
-                format!(
-                    "GET /v1/ws answered {}: the gateway requires a subscriber token{}",
-                    resp.status(),
-                    if t.token.is_some() {
-                        " and refused the one given"
-                    } else {
-                        ""
-                    }
-                ),
-                "pass a valid token with --token (docs/security.md says how tokens are issued)",
-            ))
-        }
-        Ok(Err(WsError::Http(resp))) => {
-            let status = resp.status().as_u16();
-            Err(problem(
-                format!(
-                    "GET /v1/ws answered {status} instead of 101 Switching Protocols: the Upgrade request did not reach the gateway intact"
-                ),
-                "a proxy strips the Upgrade and Connection headers. ingress-nginx: WebSockets work by default, check custom configuration snippets; plain nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; see docs/observability.md (runcast doctor)",
-            ))
-        }
-        Ok(Err(e)) => Err(problem(
-            format!("{e}"),
+        Err(UpgradeError::Answered { status, .. }) if matches!(status, 401 | 403) => Err(problem(
+            format!(
+                "GET /v1/ws answered {status}: the gateway requires a subscriber token{}",
+                if t.token.is_some() {
+                    " and refused the one given"
+                } else {
+                    ""
+                }
+            ),
+            "pass a valid token with --token (docs/security.md says how tokens are issued)",
+        )),
+        Err(UpgradeError::Answered { status, .. }) => Err(problem(
+            format!(
+                "GET /v1/ws answered {status} instead of 101 Switching Protocols: the Upgrade request did not reach the gateway intact"
+            ),
+            "a proxy strips the Upgrade and Connection headers. ingress-nginx: WebSockets work by default, check custom configuration snippets; plain nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; see docs/observability.md (runcast doctor)",
+        )),
+        Err(UpgradeError::Connect(e)) => Err(problem(e.to_string(), connect_fix(e.kind))),
+        Err(e @ UpgradeError::Broken(_)) => Err(problem(
+            e.explain(&url),
             "check the URL and any proxy in between",
         )),
-        Ok(Ok((mut socket, _))) => {
+        Ok(mut socket) => {
             // The gateway greets first; a buffering proxy holds the greeting.
             match tokio::time::timeout(within, socket.next()).await {
                 Ok(Some(Ok(Message::Text(t)))) if t.contains(r#""type":"hello""#) => {
@@ -380,11 +387,11 @@ fn finish(r: &Report) -> ExitCode {
 async fn sse_check(t: &Target, run: &str, within: Duration) -> Result<String, Problem> {
     let route = format!("/v1/runs/{run}/stream");
     // As the user's URL spells it, for the messages.
-    let path = format!("{}{route}", t.prefix);
+    let path = t.dialer.url().path(&route);
     let first_bytes = async {
-        let resp = send(t, "GET", &route, &[("accept", "text/event-stream")], None)
+        let (resp, _) = send(t, "GET", &route, &[("accept", "text/event-stream")], None)
             .await
-            .map_err(|e| problem(e, "check the URL"))?;
+            .map_err(|e| problem(e.to_string(), "check the URL"))?;
         let status = resp.status().as_u16();
         let ctype = resp
             .headers()
@@ -505,11 +512,11 @@ async fn round_trip(
     )
     .await
     {
-        Ok((200, b)) => serde_json::from_str::<Value>(&b)
+        Ok((200, b, _)) => serde_json::from_str::<Value>(&b)
             .ok()
             .and_then(|v| v["seqs"][0].as_u64())
             .unwrap_or(0),
-        Ok((status, b)) => {
+        Ok((status, b, _)) => {
             return Err(problem(
                 format!("publish -> {status}: {}", message_of(&b)),
                 "the bus refused the probe event; see the gateway's log",

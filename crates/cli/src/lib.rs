@@ -4,6 +4,7 @@
 
 mod args;
 pub mod bench;
+mod connect;
 pub mod demo;
 mod doctor;
 mod metrics_server;
@@ -268,6 +269,9 @@ async fn publish(a: args::PublishArgs) -> anyhow::Result<()> {
     let data: Box<serde_json::value::RawValue> = serde_json::from_str(&a.data)
         .with_context(|| format!("--data is not valid JSON: {}", a.data))?;
     let mut target = runcast_worker::HttpTarget::new(&a.url)?;
+    if let Some(ca) = &a.tls.ca_file {
+        target = target.with_ca_file(ca).context("--ca-file")?;
+    }
     if let Some(k) = &a.key {
         target = target.with_key(k);
     }

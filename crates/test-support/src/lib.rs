@@ -1,11 +1,12 @@
 //! Test support for runcast: a real gateway on a loopback port, protocol
 //! clients over real sockets, a tiny HTTP client, a headless browser
-//! ([`browser`]), and the bus behaviour tests ([`bus_conformance`]) every
-//! bus implementation must pass.
+//! ([`browser`]), real nginx and nats-server processes, and the bus
+//! behaviour tests ([`bus_conformance`]) every bus implementation must pass.
 
 pub mod browser;
 pub mod bus_conformance;
 pub mod nats;
+pub mod nginx;
 pub mod otlp;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

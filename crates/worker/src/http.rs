@@ -1,45 +1,68 @@
-//! Publishing through a gateway's HTTP API (`POST /v1/runs/<run>/events`).
+//! Publishing through a gateway's HTTP API (`POST /v1/runs/<run>/events`),
+//! over plain HTTP or HTTPS.
+
+use std::path::Path;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, StatusCode, Uri};
+use hyper::{Request, StatusCode};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
 use runcast_core::{NewEvent, RunId};
 
-use crate::{PublishError, PublishErrorKind, PublishTarget};
+use crate::{
+    GatewayUrl, PublishError, PublishErrorKind, PublishTarget,
+    tls::{CertificateDer, ClientTls, TlsSetupError},
+};
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A pooled HTTP/1.1 client for one gateway. Requests time out after 10 s.
+///
+/// `https://` URLs trust the system's root certificates; for a gateway with
+/// a certificate from a private CA, trust that CA instead:
+///
+/// ```no_run
+/// # fn main() -> Result<(), runcast_worker::PublishError> {
+/// use std::{path::Path, sync::Arc};
+/// use runcast_worker::{HttpTarget, Publisher};
+///
+/// let target = HttpTarget::new("https://progress.internal:8443")?
+///     .with_ca_file(Path::new("/etc/runcast/ca.pem"))?
+///     .with_key("rk_...");
+/// let run = Publisher::new(Arc::new(target), "nightly-scan-42")?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct HttpTarget {
-    base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    url: GatewayUrl,
+    client: HttpsClient,
+    /// Whom HTTPS trusts; also explains a refused certificate.
+    tls: Option<ClientTls>,
     /// Sent as `X-Runcast-Key` when the gateway requires an API key.
     key: Option<String>,
 }
 
 impl HttpTarget {
+    /// A target for a gateway's base URL (`http(s)://host[:port][/prefix]`;
+    /// `ws(s)://` URLs and ones ending in `/v1/ws` name the same gateway).
     pub fn new(base_url: &str) -> Result<Self, PublishError> {
-        let base = base_url.trim_end_matches('/').to_owned();
-        let uri: Uri = base.parse().map_err(|e| {
-            PublishError::new(
-                PublishErrorKind::InvalidInput,
-                format!("bad gateway URL {base_url:?}: {e}"),
-            )
-        })?;
-        if uri.scheme_str() != Some("http") {
-            return Err(PublishError::new(
-                PublishErrorKind::InvalidInput,
-                format!("gateway URL {base_url:?} must start with http://"),
-            ));
-        }
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
+        let url = GatewayUrl::parse(base_url)
+            .map_err(|e| PublishError::new(PublishErrorKind::InvalidInput, e.to_string()))?;
+        let tls = ClientTls::for_url(&url, None).map_err(setup_error)?;
+        // A plain http:// gateway never uses TLS, but the connector type
+        // wants a configuration: one that trusts nothing.
+        let client = match &tls {
+            Some(tls) => client(tls),
+            None => client(&ClientTls::trusting_nothing().map_err(setup_error)?),
+        };
         Ok(Self {
-            base,
-            client: Client::builder(TokioExecutor::new()).build(conn),
+            client,
+            url,
+            tls,
             key: None,
         })
     }
@@ -49,6 +72,81 @@ impl HttpTarget {
         self.key = Some(key.to_owned());
         self
     }
+
+    /// Trusts exactly the CA certificates in this PEM file for HTTPS,
+    /// instead of the system's roots (a gateway with a private CA).
+    pub fn with_ca_file(self, path: &Path) -> Result<Self, PublishError> {
+        Ok(self.with_tls(ClientTls::from_ca_file(path).map_err(setup_error)?))
+    }
+
+    /// Trusts exactly these root certificates for HTTPS.
+    pub fn with_root_certs(
+        self,
+        certs: impl IntoIterator<Item = CertificateDer<'static>>,
+    ) -> Result<Self, PublishError> {
+        Ok(self.with_tls(ClientTls::from_root_certs(certs).map_err(setup_error)?))
+    }
+
+    /// Uses this TLS configuration for HTTPS.
+    pub fn with_tls(mut self, tls: ClientTls) -> Self {
+        self.client = client(&tls);
+        self.tls = Some(tls);
+        self
+    }
+}
+
+impl HttpTarget {
+    /// A failed request: a TLS problem retrying cannot fix, or a gateway
+    /// that may come back.
+    fn request_error(&self, e: &hyper_util::client::legacy::Error) -> PublishError {
+        let base = self.url.http_base();
+        let tls = self
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.explain(e, self.url.host(), self.url.port()));
+        match tls {
+            Some(c) if !c.kind.is_transient() => {
+                PublishError::new(PublishErrorKind::Tls, c.message)
+            }
+            _ => {
+                // hyper's own message is only "client error (Connect)"; the
+                // reason is further down the chain.
+                let mut why = e.to_string();
+                let mut source = std::error::Error::source(e);
+                while let Some(s) = source {
+                    why = format!("{why}: {s}");
+                    source = s.source();
+                }
+                PublishError::new(
+                    PublishErrorKind::Unavailable,
+                    format!("gateway {base} unreachable: {why}"),
+                )
+            }
+        }
+    }
+}
+
+fn setup_error(e: TlsSetupError) -> PublishError {
+    PublishError::new(PublishErrorKind::InvalidInput, e.to_string())
+}
+
+/// One pooled client for plain and TLS URLs alike.
+fn client(tls: &ClientTls) -> HttpsClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    // The TLS layer on top needs https:// URIs let through.
+    http.enforce_http(false);
+    // hyper-rustls sets ALPN itself from the enabled HTTP versions and
+    // refuses a configuration that already has it (ours offers http/1.1
+    // for the WebSocket clients, which connect without hyper-rustls).
+    let mut config = (*tls.config()).clone();
+    config.alpn_protocols.clear();
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(https)
 }
 
 #[derive(serde::Serialize)]
@@ -71,7 +169,8 @@ impl PublishTarget for HttpTarget {
             })
             .collect();
         let body = serde_json::to_vec(&wire)?;
-        let mut req = Request::post(format!("{}/v1/runs/{run}/events", self.base))
+        let base = self.url.http_base();
+        let mut req = Request::post(format!("{base}/v1/runs/{run}/events"))
             .header("content-type", "application/json");
         if let Some(k) = &self.key {
             req = req.header("x-runcast-key", k.as_str());
@@ -83,10 +182,8 @@ impl PublishTarget for HttpTarget {
         let resp =
             tokio::time::timeout(std::time::Duration::from_secs(10), self.client.request(req))
                 .await
-                .map_err(|_| {
-                    unavailable(format!("gateway {} did not answer within 10s", self.base))
-                })?
-                .map_err(|e| unavailable(format!("gateway {} unreachable: {e}", self.base)))?;
+                .map_err(|_| unavailable(format!("gateway {base} did not answer within 10s")))?
+                .map_err(|e| self.request_error(&e))?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -97,10 +194,15 @@ impl PublishTarget for HttpTarget {
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
         if status == StatusCode::OK {
             return serde_json::from_value::<Vec<u64>>(v["seqs"].clone()).map_err(|_| {
-                unavailable(format!(
-                    "unexpected answer from gateway: {}",
-                    String::from_utf8_lossy(&bytes)
-                ))
+                // Something answered 200 that is not the publish API: a
+                // page at a wrong path prefix. Retrying cannot change that.
+                PublishError::new(
+                    PublishErrorKind::Rejected,
+                    format!(
+                        "{base} answered 200 without seqs, so it is not a runcast gateway's publish API; check the URL and its path prefix: {}",
+                        String::from_utf8_lossy(&bytes).chars().take(200).collect::<String>()
+                    ),
+                )
             });
         }
         let kind = if status.is_server_error() && status != StatusCode::INSUFFICIENT_STORAGE {
@@ -108,13 +210,42 @@ impl PublishTarget for HttpTarget {
         } else {
             PublishErrorKind::Rejected
         };
-        Err(PublishError::new(
-            kind,
-            format!(
-                "gateway answered {status}: {} ({})",
-                v["error"]["message"].as_str().unwrap_or("no message"),
-                v["error"]["code"].as_str().unwrap_or("no code")
+        let message = match (v["error"]["message"].as_str(), v["error"]["code"].as_str()) {
+            (Some(m), Some(c)) => format!("gateway answered {status}: {m} ({c})"),
+            _ if status == StatusCode::NOT_FOUND => format!(
+                "{base} answered 404 Not Found without a runcast error: no gateway publish API at this URL; check its path prefix"
             ),
-        ))
+            _ => format!("{base} answered {status} without a runcast error (a proxy in between?)"),
+        };
+        Err(PublishError::new(kind, message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_url_form_and_trust_setting_builds_a_target() {
+        for url in [
+            "http://127.0.0.1:8080",
+            "https://h.example/runcast",
+            "wss://h.example/v1/ws",
+        ] {
+            let t = HttpTarget::new(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            let roots = t.clone().with_root_certs(Vec::new());
+            assert_eq!(
+                roots.err().map(|e| e.kind),
+                Some(PublishErrorKind::InvalidInput),
+                "an empty root set trusts nothing and is refused"
+            );
+            let missing = t.with_ca_file(Path::new("/nonexistent/ca.pem"));
+            assert!(
+                missing.is_err_and(|e| e.message.contains("/nonexistent/ca.pem")),
+                "{url}"
+            );
+        }
+        let bad = HttpTarget::new("ftp://h").err().map(|e| e.kind);
+        assert_eq!(bad, Some(PublishErrorKind::InvalidInput));
     }
 }

@@ -5,6 +5,10 @@
 //! a gateway's HTTP publish API ([`Publisher::http`]). Each call returns the
 //! seq the event was given, so a worker knows exactly what was accepted.
 //!
+//! Gateways are named by a [`GatewayUrl`] (`http`, `https`, `ws` or `wss`,
+//! with an optional path prefix) and reached through [`tls`], the client TLS
+//! that the `runcast` CLI's `tail`, `doctor` and `publish` use too.
+//!
 //! ```no_run
 //! # async fn job() -> Result<(), runcast_worker::PublishError> {
 //! use runcast_worker::Publisher;
@@ -21,6 +25,8 @@
 
 mod http;
 mod metrics;
+pub mod tls;
+mod url;
 
 use std::sync::Arc;
 
@@ -32,6 +38,7 @@ use tracing::Instrument;
 
 pub use http::HttpTarget;
 pub use metrics::{Metered, PublishMetrics};
+pub use url::{GatewayUrl, UrlError};
 
 /// What went wrong with a publish, as a small enum callers can match on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +49,10 @@ pub enum PublishErrorKind {
     Rejected,
     /// The bus or gateway could not be reached or failed; retrying may work.
     Unavailable,
+    /// TLS to the gateway failed in a way retrying cannot fix: its
+    /// certificate is not trusted, or it does not speak TLS. Fix the URL or
+    /// the trusted CA ([`HttpTarget::with_ca_file`]).
+    Tls,
 }
 
 /// A publish failure: a [`PublishErrorKind`] and a message that says what to do.
@@ -129,7 +140,8 @@ impl Publisher {
         Self::new(Arc::new(BusTarget(bus)), run)
     }
 
-    /// A publisher that posts to a gateway at `base_url` (`http://host:port`).
+    /// A publisher that posts to a gateway at `base_url` (`http://host:port`,
+    /// `https://host/prefix`; see [`HttpTarget`]).
     pub fn http(base_url: &str, run: &str) -> Result<Self, PublishError> {
         Self::new(Arc::new(HttpTarget::new(base_url)?), run)
     }

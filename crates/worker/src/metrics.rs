@@ -35,7 +35,7 @@ impl PublishMetrics {
         let errors = IntCounterVec::new(
             Opts::new(
                 "runcast_publish_errors_total",
-                "Publish calls that failed, by reason (invalid_input, rejected, unavailable).",
+                "Publish calls that failed, by reason (invalid_input, rejected, unavailable, tls).",
             ),
             &["reason"],
         )
@@ -48,7 +48,7 @@ impl PublishMetrics {
             .buckets(runcast_core::LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
-        for reason in ["invalid_input", "rejected", "unavailable"] {
+        for reason in ["invalid_input", "rejected", "unavailable", "tls"] {
             errors.with_label_values(&[reason]); // present at 0 from the start
         }
         registry
@@ -113,6 +113,7 @@ impl<T: PublishTarget> PublishTarget for Metered<T> {
                     PublishErrorKind::InvalidInput => "invalid_input",
                     PublishErrorKind::Rejected => "rejected",
                     PublishErrorKind::Unavailable => "unavailable",
+                    PublishErrorKind::Tls => "tls",
                 };
                 self.metrics.errors.with_label_values(&[reason]).inc();
             }
@@ -146,6 +147,7 @@ mod tests {
             "runcast_events_published_total 2",
             r#"runcast_publish_errors_total{reason="rejected"} 1"#,
             r#"runcast_publish_errors_total{reason="unavailable"} 0"#,
+            r#"runcast_publish_errors_total{reason="tls"} 0"#,
             "runcast_publish_ack_seconds_count 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
