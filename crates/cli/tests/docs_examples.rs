@@ -20,7 +20,7 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use runcast_test_support::{http, nats::free_addr};
+use runcast_test_support::nats::free_addr;
 
 const BIN: &str = env!("CARGO_BIN_EXE_runcast");
 

@@ -102,6 +102,10 @@ async fn data_a_publisher_stored_never_breaks_a_run_or_the_run_list() {
             NewEvent::new(EventKind::Status, raw(&deep)),
             NewEvent::new(EventKind::Progress, raw(&deep)),
             NewEvent::new(EventKind::Complete, raw(&deep)),
+            // Valid JSON that a `serde_json::Value` cannot hold (found by an
+            // outside client too): out-of-range numbers.
+            NewEvent::new(EventKind::Progress, raw(r#"{"done":-1e400,"total":1e999}"#)),
+            NewEvent::new(EventKind::Status, raw(r#"{"n":-1e400}"#)),
         ],
     )
     .await
@@ -138,10 +142,18 @@ async fn data_a_publisher_stored_never_breaks_a_run_or_the_run_list() {
             None => panic!("connection dropped after {} frames", texts.len()),
         }
     }
-    assert!(texts[0].starts_with(r#"{"type":"state","run":"evil","seq":3"#));
+    assert!(texts[0].starts_with(r#"{"type":"state","run":"evil","seq":5"#));
     for (i, t) in texts[1..].iter().enumerate() {
         assert!(is_json(t) && t.contains(&deep), "event {i}");
         assert!(t.contains(&format!(r#""seq":{}"#, i + 1)));
+    }
+    for _ in 0..2 {
+        match c.next_message().await {
+            Some(tokio_tungstenite::tungstenite::Message::Text(t)) => {
+                assert!(is_json(&t) && t.contains("e400"), "{t}")
+            }
+            other => panic!("connection dropped: {other:?}"),
+        }
     }
     c.subscribe("good", None).await;
     bus.publish(
@@ -160,12 +172,12 @@ async fn data_a_publisher_stored_never_breaks_a_run_or_the_run_list() {
     let (status, mut s) = SseReader::open(gw.addr, "/v1/runs/evil/stream?since=0", None).await;
     assert_eq!(status, 200);
     let mut ids = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         let (id, data) = s.next_raw().await.expect("message");
         assert!(is_json(&data));
         ids.push(id.unwrap());
     }
-    assert_eq!(ids, ["0", "1", "2", "3"]);
+    assert_eq!(ids, ["0", "1", "2", "3", "4", "5"]);
 }
 
 #[tokio::test]
