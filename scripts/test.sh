@@ -20,19 +20,33 @@ command -v chromium >/dev/null 2>&1 || missing+=" chromium"
 command -v openssl >/dev/null 2>&1 || missing+=" openssl"
 command -v promtool >/dev/null 2>&1 || missing+=" prometheus"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=" nginx"
+command -v curl >/dev/null 2>&1 || missing+=" curl"
 if [ -n "$missing" ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
+  # The tests start their own nginx on loopback ports; Debian's package
+  # would start a system one on port 80. Deny service starts during the
+  # install (policy-rc.d exit 101), unless the machine already has a policy.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo_cmd tee "$policy" >/dev/null
+    $sudo_cmd chmod +x "$policy"
+    made_policy=1
+  fi
   # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq $missing >/dev/null
+  [ -z "$made_policy" ] || $sudo_cmd rm -f "$policy"
 fi
 chromium --version
 promtool --version 2>&1 | head -1
 "$(command -v nginx || echo /usr/sbin/nginx)" -v
 # A real protoc (from grpcio-tools) to check the protocol schema and docs,
 # and the official Python NATS client for the other-language worker example.
-for module_package in grpc_tools:grpcio-tools nats:nats-py; do
+# pytest, PyJWT and cryptography run the wire conformance suite
+# (conformance/requirements.txt).
+for module_package in grpc_tools:grpcio-tools nats:nats-py pytest:pytest jwt:pyjwt cryptography:cryptography; do
   module=${module_package%%:*}
   package=${module_package#*:}
   if ! python3 -c "import $module" 2>/dev/null; then
@@ -83,6 +97,13 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+# The wire conformance suite (conformance/): a Python client written from
+# docs/protocol.md alone, against the binary the tests just built, on the
+# embedded bus and on NATS-backed gateways.
+step "conformance"
+cargo build --locked -p runcast-cli
+RUNCAST_BIN="$PWD/target/debug/runcast" python3 -m pytest -q -p no:cacheprovider conformance
 
 step "fuzz (${FUZZ_SECONDS:-30}s per target)"
 bash scripts/fuzz.sh
