@@ -111,7 +111,7 @@ pub async fn route(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         }
         (["v1", "runs", run, "stream"], &Method::GET) => {
             let run = run.to_string();
-            stream(ctx.clone(), run, req)
+            stream(ctx.clone(), run, req).await
         }
         (["v1", "admin", op], _) => {
             let op = op.to_string();
@@ -974,7 +974,7 @@ fn upgrade(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
 }
 
 /// `GET /v1/runs/<run>/stream`: SSE, resuming after `Last-Event-ID` or `?since=`.
-fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Body> {
+async fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Body> {
     let run = match RunId::parse(&raw_run) {
         Ok(r) => r,
         Err(e) => return error(ProtocolError::new(ErrorCode::InvalidRunId, e.to_string())),
@@ -1004,6 +1004,25 @@ fn stream(ctx: ConnCtx, raw_run: String, req: Request<Incoming>) -> Response<Bod
     };
     if let Err(e) = allowed(&grant, &run) {
         return error(e);
+    }
+    // A cursor past the run's head is a 400 before the stream starts, as a
+    // bad cursor's syntax is: EventSource gives up on an HTTP error, while
+    // an error inside a 200 stream would only make it reconnect in a loop.
+    if let Some(since) = since {
+        match ctx.gw.bus.read(&run, since.saturating_add(1), 0).await {
+            Ok(page) if since > page.head => {
+                return counted(
+                    &ctx.gw,
+                    ProtocolError::for_run(
+                        ErrorCode::SinceOutOfRange,
+                        &run,
+                        format!("since {since} is past the run's last seq {}", page.head),
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => return protocol_error(&ctx.gw, bus_error(e, &run)),
+        }
     }
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let (gw, tokens) = ctx.detach(ip);

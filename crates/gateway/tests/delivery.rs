@@ -460,6 +460,21 @@ async fn sse_streams_state_and_events_and_resumes_with_last_event_id() {
         (status, json(&body)["error"]["code"].as_str()),
         (400, Some("invalid_since"))
     );
+    // So is a cursor past the run's head, by header or query, before any
+    // stream starts (an outside client got a 200 stream with an error).
+    for (path, header) in [
+        ("/v1/runs/sse-run/stream", Some("21")),
+        ("/v1/runs/sse-run/stream?since=99", None),
+    ] {
+        let headers: Vec<(&str, &str)> = header.map(|h| ("last-event-id", h)).into_iter().collect();
+        let (status, hdrs, body) = http(gw.addr, "GET", path, &headers, "").await;
+        assert_eq!(
+            (status, json(&body)["error"]["code"].as_str()),
+            (400, Some("since_out_of_range")),
+            "{path} {header:?}: {body}"
+        );
+        assert_ne!(hdrs["content-type"], "text/event-stream");
+    }
     let (status, _, body) = http(gw.addr, "GET", "/v1/runs/a.b/stream", &[], "").await;
     assert_eq!(
         (status, json(&body)["error"]["code"].as_str()),
