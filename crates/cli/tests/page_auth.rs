@@ -101,6 +101,15 @@ fn log_has(text: &str) -> String {
     format!("document.getElementById('log').innerText.includes({text:?})")
 }
 
+/// Waits until the page shows team-a-1's first event, then publishes the log
+/// line `line` and waits until it appears live (`how` names the transport in
+/// a failure).
+async fn history_then_live(page: &mut Browser, addr: SocketAddr, line: &str, how: &str) {
+    page.wait_for("team-a-1's history", &log_has("#1 ")).await;
+    publish(addr, "team-a-1", "log", json!({ "line": line })).await;
+    page.wait_for(how, &log_has(line)).await;
+}
+
 /// Pastes `token` into the token box and submits it, as a user would.
 async fn paste_token(page: &mut Browser, token: &str) {
     page.eval("document.getElementById('token').focus()").await;
@@ -208,16 +217,7 @@ async fn a_token_in_the_link_lists_runs_and_live_events_and_leaves_the_address_b
 
     page.eval("document.querySelector('[data-run=\"team-a-1\"]').click()")
         .await;
-    page.wait_for("team-a-1's history", &log_has("#1 ")).await;
-    publish(
-        addr,
-        "team-a-1",
-        "log",
-        json!({"line": "live-line-from-test"}),
-    )
-    .await;
-    page.wait_for("a live event", &log_has("live-line-from-test"))
-        .await;
+    history_then_live(&mut page, addr, "live-line-from-test", "a live event").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,10 +253,7 @@ async fn pasting_a_token_recovers_from_the_unauthorized_state() {
     page.wait_for("a live connection", LIVE).await;
     page.wait_for("team-a-1 listed", &run_status("team-a-1"))
         .await;
-    page.wait_for("team-a-1's history", &log_has("#1 ")).await;
-    publish(addr, "team-a-1", "log", json!({"line": "after-the-paste"})).await;
-    page.wait_for("a live event", &log_has("after-the-paste"))
-        .await;
+    history_then_live(&mut page, addr, "after-the-paste", "a live event").await;
     assert_eq!(
         page.eval("sessionStorage.getItem('runcast.token')").await,
         tok.as_str()
@@ -376,16 +373,7 @@ async fn a_refresh_asks_for_a_fresh_token_and_the_connection_goes_on() {
     let wait = expiry.saturating_sub(now()) + 2;
     tokio::time::sleep(Duration::from_secs(wait)).await;
     page.wait_for("a live connection", LIVE).await;
-    page.wait_for("team-a-1's history", &log_has("#1 ")).await;
-    publish(
-        addr,
-        "team-a-1",
-        "log",
-        json!({"line": "after-the-old-exp"}),
-    )
-    .await;
-    page.wait_for("a live event", &log_has("after-the-old-exp"))
-        .await;
+    history_then_live(&mut page, addr, "after-the-old-exp", "a live event").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,10 +446,7 @@ async fn where_websockets_are_refused_the_page_streams_over_sse_with_its_token()
         "document.getElementById('conn').textContent === 'live (SSE)'",
     )
     .await;
-    page.wait_for("team-a-1's history", &log_has("#1 ")).await;
-    publish(addr, "team-a-1", "log", json!({"line": "over-sse"})).await;
-    page.wait_for("a live event over SSE", &log_has("over-sse"))
-        .await;
+    history_then_live(&mut page, addr, "over-sse", "a live event over SSE").await;
     page.wait_for(
         "team-a-1 with both events",
         &format!("{}.includes('· 2 events')", run_status("team-a-1")),
