@@ -214,3 +214,23 @@ def test_finished_run_is_forgotten_after_finished_ttl(age_dep):
     r = httpc.get(age_dep.a.url, f"/v1/runs/{run}")
     assert r.status == 404 and r.error()["code"] == "run_not_found", r
     assert run not in {s["run"] for s in get_json(age_dep.a, "/v1/runs?limit=1000")["runs"]}
+
+
+def test_mixed_kinds_lose_nothing_in_silence(gap_dep):
+    """docs: losses are announced by `gap` frames. With a chatty kind and a sparse one (on NATS the
+    limit counts per run and kind), every published event is either delivered or inside a gap."""
+    run = uid("mixed")
+    seqs = publish_ok(gap_dep.a, run, [progress(1, 2)])
+    seqs += publish_ok(gap_dep.a, run, [{"kind": "log", "data": {"line": i}} for i in range(7)])
+    seqs += publish_ok(gap_dep.a, run, [progress(2, 2)])
+    c = ws(gap_dep.b)
+    subscribe(c, run, since=0)
+    gaps = []
+    evs = collect_events(c, run, seqs[-1], gaps=gaps)
+    c.close()
+    delivered = [e["seq"] for e in evs]
+    assert delivered == sorted(delivered) and len(set(delivered)) == len(delivered), delivered
+    silent = [s for s in seqs
+              if s not in delivered and not any(g["from"] <= s <= g["to"] for g in gaps)]
+    assert not silent, f"lost without a gap: {silent} (delivered {delivered}, gaps {gaps})"
+    assert delivered[-1] == seqs[-1]

@@ -202,12 +202,58 @@ impl NatsBus {
         subject::run_wildcard(&self.inner.prefix, run)
     }
 
-    /// The last event of `subject` (may be a wildcard), if any is retained.
-    async fn last(&self, subject: &str) -> Result<Option<Event>, BusError> {
+    /// The seq from which the run's history (`filter`: its subjects) is
+    /// complete. Limits retention drops the stream's oldest messages, so
+    /// everything from the stream's oldest seq on is kept; but the limit of
+    /// messages per subject (`--history-events`) drops the oldest events of
+    /// one kind while older events of other kinds stay, a hole in the middle
+    /// of the run that seqs alone cannot show (they are shared by all runs).
+    /// So for each of the run's subjects at that limit, history counts as
+    /// complete only from its oldest kept message on; what lies before is
+    /// announced as a gap, never skipped in silence.
+    async fn complete_from(&self, stream: &Stream, filter: &str) -> Result<u64, BusError> {
+        use futures_util::TryStreamExt;
+        let (info, full) = patiently(|| async {
+            let mut subjects = stream
+                .info_with_subjects(filter)
+                .await
+                .map_err(unavailable)?;
+            let limit = subjects.info.config.max_messages_per_subject;
+            let mut full = Vec::new();
+            while let Some((subject, count)) = subjects.try_next().await.map_err(unavailable)? {
+                if limit > 0 && count as i64 >= limit {
+                    full.push(subject);
+                }
+            }
+            Ok((subjects.info.state.first_sequence, full))
+        })
+        .await?;
+        let mut first = info.max(1);
+        for subject in full {
+            let oldest = patiently(|| async {
+                match stream.direct_get_first_for_subject(subject.as_str()).await {
+                    Ok(m) => Ok(Some(m.sequence)),
+                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(unavailable(format!("reading {subject}: {e}"))),
+                }
+            })
+            .await?;
+            first = first.max(oldest.unwrap_or(0));
+        }
+        Ok(first)
+    }
+
+    /// The stream sequence of the last message on `subject` (may be a
+    /// wildcard), if any is retained. The message need not be a readable
+    /// event: any NATS client can store a message on a subject that is not
+    /// one (`runcast.runs.r1.Complete`), and the events before it must not
+    /// disappear from history behind it. Its seq is a skipped number, which
+    /// readers already take in stride.
+    async fn last_seq(&self, subject: &str) -> Result<Option<u64>, BusError> {
         let stream = self.stream()?;
         patiently(|| async {
             match stream.direct_get_last_for_subject(subject).await {
-                Ok(m) => Ok(to_event(&self.inner.prefix, m)),
+                Ok(m) => Ok(Some(m.sequence)),
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
                 Err(e) => Err(unavailable(format!("reading {subject}: {e}"))),
             }
@@ -309,7 +355,7 @@ pub(crate) fn delivered_event(
 impl NatsBus {
     async fn open_watch(&self, run: &RunId) -> Result<Watch, BusError> {
         let filter = self.filter(run);
-        let mut head = self.last(&filter).await?.map_or(0, |e| e.seq);
+        let mut head = self.last_seq(&filter).await?.unwrap_or(0);
         let mut opened_at = head;
         if head == 0 {
             // No events yet: everything after the stream's current end. It
@@ -322,7 +368,7 @@ impl NatsBus {
                 .map_err(|e| unavailable(format!("watching {filter}: {e}")))?
                 .state
                 .last_sequence;
-            head = self.last(&filter).await?.map_or(0, |e| e.seq);
+            head = self.last_seq(&filter).await?.unwrap_or(0);
             if head > 0 {
                 opened_at = head;
             }
@@ -375,20 +421,23 @@ impl Bus for NatsBus {
     async fn read(&self, run: &RunId, from: u64, limit: usize) -> Result<Page, BusError> {
         let stream = self.stream()?;
         let filter = self.filter(run);
-        let head = self.last(&filter).await?.map_or(0, |e| e.seq);
-        // Everything from the stream's oldest message on is retained; what
-        // lies before it may have held events of this run.
-        let oldest = patiently(|| async { stream.get_info().await.map_err(unavailable) })
-            .await?
-            .state
-            .first_sequence
-            .max(1);
-        let events = state::read_events(stream, &self.inner.prefix, run, (from, head), limit)
-            .await?
-            .into_iter()
-            .map(Arc::new)
-            .collect();
-        let first = if head == 0 { 1 } else { oldest };
+        let head = self.last_seq(&filter).await?.unwrap_or(0);
+        let first = if head == 0 {
+            1
+        } else {
+            self.complete_from(stream, &filter).await?
+        };
+        let events = state::read_events(
+            stream,
+            &self.inner.prefix,
+            run,
+            (from.max(first), head),
+            limit,
+        )
+        .await?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
         Ok(Page {
             events,
             first,
@@ -408,11 +457,11 @@ impl Bus for NatsBus {
         };
         // The bucket is folded a moment after each publish (or much later,
         // with no gateway folding): add what it lacks from the stream.
-        let state = match self.last(&self.filter(run)).await? {
-            Some(last) if stored.as_ref().is_none_or(|s| s.seq < last.seq) => {
+        let state = match self.last_seq(&self.filter(run)).await? {
+            Some(last) if stored.as_ref().is_none_or(|s| s.seq < last) => {
                 let from = stored.as_ref().map_or(1, |s| s.seq + 1);
                 let tail =
-                    state::read_events(stream, &self.inner.prefix, run, (from, last.seq), TAIL_MAX)
+                    state::read_events(stream, &self.inner.prefix, run, (from, last), TAIL_MAX)
                         .await?;
                 state::fold_onto(stored, &tail)
             }

@@ -239,3 +239,41 @@ async fn an_expired_run_leaves_the_list() {
         .unwrap();
     assert!(keys.next().await.is_none());
 }
+
+/// The limit of messages per subject drops one kind's oldest events while
+/// older events of other kinds stay: a hole in the middle of the run. An
+/// outside client found it skipped in silence (a run of progress, six logs,
+/// progress, at 3 per subject, replayed as 1, 5, 6, 7, 8). History now
+/// counts as complete only from the full subject's oldest kept event, and
+/// everything before it is announced as a gap. Likewise a message on a
+/// subject that is no event kind must not hide the events before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_kind_retention_and_stray_subjects_never_lose_events_in_silence() {
+    let nats = NatsServer::start().await;
+    let settings = StreamSettings {
+        max_per_subject: 3,
+        ..StreamSettings::default()
+    };
+    let (bus, _setup) = start_bus(&nats, settings).await;
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut seqs = vec![publish(&js, "holes", "progress", r#"{"done":1}"#.into()).await];
+    for i in 0..6 {
+        seqs.push(publish(&js, "holes", "log", format!(r#"{{"line":{i}}}"#)).await);
+    }
+    seqs.push(publish(&js, "holes", "progress", r#"{"done":2}"#.into()).await);
+    let run = RunId::parse("holes").unwrap();
+    let page = bus.read(&run, 1, 100).await.unwrap();
+    let kept: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+    // The log subject kept its last 3 (seqs[4..7]); history is complete from
+    // the first of them: the old progress event is before it and goes with
+    // the dropped logs into the gap.
+    assert_eq!(page.first, seqs[4], "{kept:?}");
+    assert_eq!(kept, seqs[4..], "no event from before the hole");
+
+    // A message on a subject that is no event kind (a typo) after them.
+    publish(&js, "holes", "Complete", "{}".into()).await;
+    let page = bus.read(&run, seqs[4], 100).await.unwrap();
+    let kept: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+    assert_eq!(kept, seqs[4..], "the stray message hides nothing");
+    assert!(page.head > seqs[7]);
+}
