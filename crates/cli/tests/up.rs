@@ -113,3 +113,38 @@ async fn demo_page_shows_live_runs_in_a_headless_browser() {
         "the token box stays hidden:\n{dom}"
     );
 }
+
+/// Behind a proxy that serves runcast under a path prefix (an ingress path
+/// of /runcast), the page reaches the API, the WebSocket and SSE under that
+/// prefix too. (An outside tester found it asking the host's root, getting
+/// 404s and showing "No runs yet".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_works_behind_a_proxy_under_a_path_prefix() {
+    let (_child, addr) = start(&["--demo", "--demo-jobs", "2"]).await;
+    let nginx = runcast_test_support::nginx::Nginx::proxy(addr, "/runcast").await;
+    let mut page = Browser::open(&format!("{}/", nginx.url())).await;
+    page.wait_for(
+        "a live WebSocket through the proxy",
+        "document.getElementById('conn').className === 'up' \
+         && document.getElementById('conn').textContent === 'live'",
+    )
+    .await;
+    page.wait_for(
+        "a run listed",
+        "document.querySelector('[data-run]') !== null",
+    )
+    .await;
+    page.wait_for(
+        "the selected run's events",
+        "document.getElementById('log').innerText.includes('#1 ')",
+    )
+    .await;
+    // The live WebSocket went through the proxy (nginx logs it only when it
+    // closes); the reads did too, and nothing asked the host's root.
+    let log = nginx.access_log();
+    assert!(
+        log.contains("GET /runcast/v1/runs"),
+        "the page asked under the prefix:\n{log}"
+    );
+    assert!(!log.contains("GET /v1/"), "nothing asked the root:\n{log}");
+}

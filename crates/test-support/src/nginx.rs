@@ -46,6 +46,7 @@ const PORT_ATTEMPTS: usize = 5;
 pub struct Nginx {
     pub port: u16,
     prefix: String,
+    tls: bool,
     child: Option<Child>,
     dir: TempDir,
 }
@@ -55,15 +56,25 @@ impl Nginx {
     /// `<prefix>/...` to `http://<upstream>/...` (`prefix` like `/runcast`,
     /// or `""` for the whole site).
     pub async fn tls_proxy(upstream: SocketAddr, cert: &Path, key: &Path, prefix: &str) -> Self {
+        Self::start(upstream, Some((cert, key)), prefix).await
+    }
+
+    /// The same proxy in plain HTTP.
+    pub async fn proxy(upstream: SocketAddr, prefix: &str) -> Self {
+        Self::start(upstream, None, prefix).await
+    }
+
+    async fn start(upstream: SocketAddr, tls: Option<(&Path, &Path)>, prefix: &str) -> Self {
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let mut n = Self {
                 port: free_port(),
                 prefix: prefix.trim_end_matches('/').to_owned(),
+                tls: tls.is_some(),
                 child: None,
                 dir: TempDir::new("runcast-nginx"),
             };
-            n.write_config(upstream, cert, key);
+            n.write_config(upstream, tls);
             n.spawn();
             match n.wait_listening().await {
                 Ok(()) => return n,
@@ -74,9 +85,18 @@ impl Nginx {
         panic!("nginx found no free port after {PORT_ATTEMPTS} attempts: {last}");
     }
 
-    fn write_config(&self, upstream: SocketAddr, cert: &Path, key: &Path) {
+    fn write_config(&self, upstream: SocketAddr, tls: Option<(&Path, &Path)>) {
         let d = self.dir.path().display();
         let location = format!("{}/", self.prefix);
+        let listen = match tls {
+            Some((cert, key)) => format!(
+                "listen 127.0.0.1:{} ssl;\n        ssl_certificate {};\n        ssl_certificate_key {};",
+                self.port,
+                cert.display(),
+                key.display()
+            ),
+            None => format!("listen 127.0.0.1:{};", self.port),
+        };
         let conf = format!(
             r#"daemon off;
 master_process off;
@@ -96,9 +116,7 @@ http {{
         ''      close;
     }}
     server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
+        {listen}
         location {location} {{
             proxy_pass http://{upstream}/;
             proxy_http_version 1.1;
@@ -112,9 +130,6 @@ http {{
     }}
 }}
 "#,
-            port = self.port,
-            cert = cert.display(),
-            key = key.display(),
         );
         std::fs::write(self.dir.path().join("nginx.conf"), conf).expect("write nginx.conf");
     }
@@ -159,9 +174,11 @@ http {{
         ))
     }
 
-    /// `https://127.0.0.1:<port><prefix>`: the gateway as clients see it.
+    /// `https://127.0.0.1:<port><prefix>` (`http` without TLS): the gateway
+    /// as clients see it.
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}{}", self.port, self.prefix)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{}", self.port, self.prefix)
     }
 
     /// The error log so far (for failure messages).
