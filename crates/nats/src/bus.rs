@@ -384,13 +384,18 @@ impl NatsBus {
 impl Bus for NatsBus {
     async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, BusError> {
         self.stream()?;
+        // NATS counts the headers in a message's size (against the stream's
+        // limit and the server's max_payload): check the whole message, so
+        // an event just under the limit gets a 413 here instead of failing
+        // at the server, where retrying could never help.
+        let limit = self
+            .inner
+            .max_event_bytes
+            .min(self.inner.client.server_info().max_payload);
         for ev in &events {
-            let size = ev.data.get().len();
-            if size > self.inner.max_event_bytes {
-                return Err(BusError::EventTooLarge {
-                    size,
-                    limit: self.inner.max_event_bytes,
-                });
+            let size = ev.data.get().len() + crate::publish::header_bytes(ev);
+            if size > limit {
+                return Err(BusError::EventTooLarge { size, limit });
             }
         }
         self.inner

@@ -71,6 +71,7 @@ impl NatsTarget {
         }
         let payload = Bytes::copy_from_slice(ev.data.get().as_bytes());
         let mut last = String::new();
+        let mut too_big = false;
         for attempt in 0..self.attempts {
             if attempt > 0 {
                 // 50 ms doubling, capped at 2 s.
@@ -87,6 +88,14 @@ impl NatsTarget {
                 Ok(fut) => tokio::time::timeout(self.ack_timeout, fut).await,
                 Err(e) => {
                     last = e.to_string();
+                    // The client refuses a message over the server's
+                    // max_payload before sending it: the same every time.
+                    if e.kind()
+                        == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded
+                    {
+                        too_big = true;
+                        break;
+                    }
                     if is_permanent(&last) {
                         break;
                     }
@@ -103,11 +112,13 @@ impl NatsTarget {
             }
             tracing::debug!(attempt, error = %last, "publish failed; retrying");
         }
-        let kind = if is_permanent(&last) {
-            PublishErrorKind::Rejected
-        } else {
-            PublishErrorKind::Unavailable
-        };
+        if too_big || is_permanent(&last) {
+            return Err(PublishError::new(
+                PublishErrorKind::Rejected,
+                format!("NATS refused the event on {subj}: {last}; retrying cannot help"),
+            ));
+        }
+        let kind = PublishErrorKind::Unavailable;
         // An unacknowledged publish may still reach the stream (the client
         // buffers while disconnected): say so, and how to retry safely.
         Err(PublishError::new(
@@ -119,6 +130,17 @@ impl NatsTarget {
             ),
         ))
     }
+}
+
+/// An upper bound of the header bytes `publish_one` adds to an event's
+/// data: the `NATS/1.0` line, a `Nats-Msg-Id` (a prefix and a counter, under
+/// 96 bytes) and the event's traceparent.
+pub(crate) fn header_bytes(ev: &NewEvent) -> usize {
+    const FIXED: usize = "NATS/1.0\r\n\r\n".len() + "Nats-Msg-Id: \r\n".len() + 96;
+    FIXED
+        + ev.traceparent
+            .as_ref()
+            .map_or(0, |t| "traceparent: \r\n".len() + t.len())
 }
 
 /// Failures that retrying cannot fix.

@@ -494,3 +494,30 @@ async fn whatever_a_nats_client_stores_every_gateway_still_serves() {
     };
     assert_eq!(seqs(&replayed, "stored").len(), 4);
 }
+
+/// NATS counts a message's headers in its size. An event whose data fits
+/// the limit but whose message does not used to fail at the server after
+/// five retries, as a 503 telling the publisher to retry (found by an
+/// outside tester); now it is a 413 at once, and an event that fits with
+/// its headers is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_with_its_headers_is_a_413_at_once() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let body = |data_len: usize| {
+        format!(
+            r#"{{"kind":"log","data":"{}"}}"#,
+            "x".repeat(data_len - 2) // the quotes count as data
+        )
+    };
+    let started = std::time::Instant::now();
+    let (status, headers, resp) =
+        http(gw.addr, "POST", "/v1/runs/big/events", &[], body(1_048_540)).await;
+    assert_eq!(status, 413, "{resp}");
+    assert_eq!(json(&resp)["error"]["code"], "too_large");
+    assert!(headers.get("retry-after").is_none());
+    assert!(started.elapsed() < Duration::from_secs(1), "no retries");
+    let (status, _, resp) =
+        http(gw.addr, "POST", "/v1/runs/big/events", &[], body(1_000_000)).await;
+    assert_eq!(status, 200, "{resp}");
+}
