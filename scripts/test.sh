@@ -102,7 +102,9 @@ fi
 # docs/protocol.md alone, against the binary the tests just built, on the
 # embedded bus and on NATS-backed gateways.
 step "conformance"
-cargo build --locked -p runcast-cli
+# The binary the tests above built (test profile, same features): a no-op
+# build that makes sure target/debug/runcast is it, not a second build.
+cargo build --locked --profile test --workspace
 RUNCAST_BIN="$PWD/target/debug/runcast" python3 -m pytest -q -p no:cacheprovider conformance
 
 step "fuzz (${FUZZ_SECONDS:-30}s per target)"

@@ -421,8 +421,16 @@ async fn a_fresh_process_exports_every_known_series_at_zero() {
             "{series} missing on a fresh process"
         );
     };
+    // The label values the docs name are the ones exported (an outside
+    // tester found the docs saying `ws`).
+    let docs = std::fs::read_to_string(repo("docs/observability.md")).unwrap();
+    let row = docs
+        .lines()
+        .find(|l| l.starts_with("| `runcast_connections{transport}`"))
+        .expect("runcast_connections in docs/observability.md");
     for t in ["websocket", "sse"] {
         zero("runcast_connections", "transport", t);
+        assert!(row.contains(&format!("`{t}`")), "{row}");
     }
     for c in runcast_core::ErrorCode::ALL {
         zero("runcast_protocol_errors_total", "code", c.as_str());

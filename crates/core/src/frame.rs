@@ -125,15 +125,21 @@ fn truncate(s: &str) -> String {
 
 /// Parses a `since` cursor given as text (`Last-Event-ID`, `?since=`).
 pub fn parse_since(text: &str) -> Result<u64, ProtocolError> {
-    text.trim().parse::<u64>().map_err(|_| {
-        ProtocolError::new(
-            ErrorCode::InvalidSince,
-            format!(
-                "cursor {:?} must be a non-negative integer",
-                text.chars().take(32).collect::<String>()
-            ),
-        )
-    })
+    let text = text.trim();
+    // Rust's integer parser takes a leading `+`; a cursor is digits only.
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    digits
+        .then(|| text.parse::<u64>().ok())
+        .flatten()
+        .ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::InvalidSince,
+                format!(
+                    "cursor {:?} must be a non-negative integer",
+                    text.chars().take(32).collect::<String>()
+                ),
+            )
+        })
 }
 
 /// `{"type":"event","run":..,"seq":..,"kind":..,"data":..,"ts":..[,"traceparent":..]}`
@@ -381,6 +387,8 @@ mod tests {
     fn since_cursor_text() {
         assert_eq!(parse_since(" 12 ").unwrap(), 12);
         assert_eq!(parse_since("-1").unwrap_err().code, ErrorCode::InvalidSince);
+        assert_eq!(parse_since("+1").unwrap_err().code, ErrorCode::InvalidSince);
+        assert_eq!(parse_since("").unwrap_err().code, ErrorCode::InvalidSince);
         assert_eq!(
             parse_since("abc").unwrap_err().code,
             ErrorCode::InvalidSince

@@ -154,6 +154,10 @@ impl Grant {
 struct Claims {
     sub: Option<String>,
     exp: u64,
+    /// Checked by jsonwebtoken, which also takes an array; RFC 7519 makes it
+    /// one string, so that is all a configured issuer accepts.
+    #[serde(default)]
+    iss: Option<serde_json::Value>,
     #[serde(default)]
     runs: Vec<String>,
     #[serde(default)]
@@ -282,6 +286,15 @@ impl Auth {
             ),
             _ => err(AuthErrorKind::Malformed, format!("not a JWT: {e}")),
         })?;
+        // RFC 7515 §4.1.11: a token that says an extension is critical must
+        // be refused by a recipient that does not understand it, and this
+        // one understands none.
+        if header.crit.is_some() {
+            return Err(err(
+                AuthErrorKind::Malformed,
+                "the token's header lists critical extensions (crit), which this gateway does not support",
+            ));
+        }
         let candidates: Vec<&Key> = match &header.kid {
             Some(kid) => self
                 .keys
@@ -328,6 +341,13 @@ impl Auth {
             match decode::<Claims>(token, &key.key, &v) {
                 Ok(data) => {
                     let c = data.claims;
+                    if self.issuer.is_some() && !matches!(c.iss, Some(serde_json::Value::String(_)))
+                    {
+                        return Err(err(
+                            AuthErrorKind::Issuer,
+                            "the token's \"iss\" must be a single string",
+                        ));
+                    }
                     return Ok(Grant {
                         subject: c.sub,
                         runs: c.runs.into_iter().collect(),

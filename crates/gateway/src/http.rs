@@ -485,7 +485,7 @@ pub(crate) fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError
 pub(crate) fn query_limit(q: &str) -> Result<Option<u64>, ProtocolError> {
     for pair in q.split('&') {
         if let Some(("limit", v)) = pair.split_once('=') {
-            return match v.trim().parse::<u64>() {
+            return match frame::parse_since(v) {
                 Ok(n) if n > 0 => Ok(Some(n)),
                 _ => Err(ProtocolError::new(
                     ErrorCode::InvalidQuery,
@@ -638,7 +638,13 @@ pub(crate) fn parse_publish(
             runcast_core::check_depth(&data).map_err(|e| {
                 ProtocolError::new(ErrorCode::DataTooDeep, format!("event {i}: {e}"))
             })?;
-            let traceparent = it.traceparent.or_else(|| header_tp.map(str::to_owned));
+            // A malformed traceparent is dropped, as W3C Trace Context says
+            // to: it would only put a publisher's junk into every client's
+            // frames and logs as a trace ID no trace has.
+            let traceparent = it
+                .traceparent
+                .or_else(|| header_tp.map(str::to_owned))
+                .filter(|tp| runcast_telemetry::trace_id(tp).is_some());
             Ok(NewEvent {
                 kind,
                 data,
@@ -1054,14 +1060,19 @@ mod tests {
     fn publish_bodies() {
         let ok = parse_publish(br#"{"kind":"progress","data":{"done": 1}}"#, 10, None).unwrap();
         assert_eq!(ok[0].data.get(), r#"{"done": 1}"#);
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let batch = parse_publish(
-            br#"[{"kind":"log","data":"a"},{"kind":"x-y","data":null}]"#,
+            br#"[{"kind":"log","data":"a"},{"kind":"x-y","data":null,"traceparent":"00-junk"}]"#,
             10,
-            Some("tp"),
+            Some(tp),
         )
         .unwrap();
         assert_eq!(batch.len(), 2);
-        assert_eq!(batch[1].traceparent.as_deref(), Some("tp"));
+        assert_eq!(batch[0].traceparent.as_deref(), Some(tp));
+        assert_eq!(
+            batch[1].traceparent, None,
+            "a malformed traceparent is dropped"
+        );
         let code = |b: &[u8]| parse_publish(b, 2, None).unwrap_err().code;
         assert_eq!(code(b"nope"), ErrorCode::InvalidJson);
         assert_eq!(code(b"42"), ErrorCode::InvalidEvent);

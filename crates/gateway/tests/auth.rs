@@ -183,6 +183,25 @@ fn hs256_tokens_scope_runs_and_are_checked_claim_by_claim() {
             "{claim} missing"
         );
     }
+    // `iss` is one string (RFC 7519): an array naming ours is refused, and
+    // so is a header with critical extensions this gateway cannot know
+    // (RFC 7515), both found by an outside tester.
+    assert_eq!(
+        kind(
+            &auth,
+            &hs(
+                Some("app-2026"),
+                SECRET,
+                &with(json!({"iss": ["https://app.example"]}))
+            )
+        ),
+        AuthErrorKind::Issuer
+    );
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some("app-2026".into());
+    h.crit = Some(vec!["x-unknown".into()]);
+    let crit = encode(&h, &claims(ok.clone()), &EncodingKey::from_secret(SECRET)).unwrap();
+    assert_eq!(kind(&auth, &crit), AuthErrorKind::Malformed);
     // `aud` as an array that names us is accepted.
     let g = auth.authenticate(Some(&hs(
         Some("app-2026"),
