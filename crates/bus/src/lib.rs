@@ -110,6 +110,15 @@ pub trait Bus: Send + Sync + 'static {
     /// The current state of `run`; `None` if it has no retained events.
     async fn state(&self, run: &RunId) -> Result<Option<RunState>, BusError>;
 
+    /// Every seq below this is gone from history, for every run: what
+    /// retention has dropped for sure (0 when the bus cannot tell). A run
+    /// whose retained history is empty cannot say whether it ever had events
+    /// (NATS seqs are shared by all runs); this can, for seqs a caller knows
+    /// the run reached.
+    async fn gone_before(&self) -> Result<u64, BusError> {
+        Ok(0)
+    }
+
     /// The state of retained runs that match `filter`, most recently updated
     /// first. A bus may stop looking once it has `filter.limit` of them.
     async fn runs(&self, filter: RunFilter) -> Result<Vec<RunState>, BusError>;

@@ -28,6 +28,9 @@ pub struct Replay<'a> {
     to: u64,
     page: usize,
     done: bool,
+    /// A seq the caller knows the run reached (its state's, or a live
+    /// frame's predecessor), whatever history still holds.
+    known_head: u64,
 }
 
 impl<'a> Replay<'a> {
@@ -39,7 +42,18 @@ impl<'a> Replay<'a> {
             to,
             page: page.max(1),
             done: false,
+            known_head: 0,
         }
+    }
+
+    /// The run is known to have reached `head`. When history's head is
+    /// lower and the bus says every seq up to `head` is gone, retention
+    /// dropped the run's newest events too: on NATS a run whose every event
+    /// expired looks like one that never had any, and only this tells the
+    /// replay to announce the loss.
+    pub fn known_head(mut self, head: u64) -> Self {
+        self.known_head = head;
+        self
     }
 
     /// The first seq not replayed yet: where a cursor stands afterwards.
@@ -55,6 +69,21 @@ impl<'a> Replay<'a> {
             return Ok(None);
         }
         let page = self.bus.read(self.run, self.next, self.page).await?;
+        // Announced only when the bus proves the seqs gone: a replica that
+        // lags behind the state must not turn retained events into a gap.
+        if page.head < self.known_head && self.known_head < self.bus.gone_before().await? {
+            let to = self.known_head.min(self.to);
+            self.done = true;
+            if to < self.next {
+                return Ok(None);
+            }
+            let gap = Replayed::Gap {
+                from: self.next,
+                to,
+            };
+            self.next = to + 1;
+            return Ok(Some(vec![gap]));
+        }
         let mut out = Vec::with_capacity(page.events.len() + 1);
         // Retention dropped what lies before the oldest retained seq; no
         // event can lie beyond the head.
@@ -128,5 +157,54 @@ mod tests {
         assert!(walk(&bus, &run, 9, u64::MAX, 2).await.is_empty());
         let empty = RunId::parse("none").unwrap();
         assert!(walk(&bus, &empty, 1, u64::MAX, 2).await.is_empty());
+        // A run whose state says seq 4 but whose history holds nothing (on
+        // NATS: every event expired before the state did). Announced only
+        // when the bus says seqs up to 4 are gone.
+        let mut r = Replay::new(&bus, &empty, 1, u64::MAX, 2).known_head(4);
+        assert!(r.next_page().await.unwrap().is_none(), "not proven gone");
+        let expired = Expired(bus, 5);
+        let mut r = Replay::new(&expired, &empty, 1, u64::MAX, 2).known_head(4);
+        assert!(matches!(
+            r.next_page().await.unwrap().as_deref(),
+            Some([Replayed::Gap { from: 1, to: 4 }])
+        ));
+        assert!(r.next_page().await.unwrap().is_none());
+        assert_eq!(r.next_seq(), 5);
+    }
+
+    /// The embedded bus, with every seq below `.1` gone as NATS reports it.
+    struct Expired(EmbeddedBus, u64);
+
+    #[async_trait::async_trait]
+    impl Bus for Expired {
+        async fn publish(&self, run: &RunId, ev: Vec<NewEvent>) -> Result<Vec<u64>, BusError> {
+            self.0.publish(run, ev).await
+        }
+        async fn watch(&self, run: &RunId) -> Result<runcast_bus::Watch, BusError> {
+            self.0.watch(run).await
+        }
+        async fn read(
+            &self,
+            run: &RunId,
+            from: u64,
+            limit: usize,
+        ) -> Result<runcast_bus::Page, BusError> {
+            self.0.read(run, from, limit).await
+        }
+        async fn state(&self, run: &RunId) -> Result<Option<runcast_core::RunState>, BusError> {
+            self.0.state(run).await
+        }
+        async fn runs(
+            &self,
+            filter: runcast_bus::RunFilter,
+        ) -> Result<Vec<runcast_core::RunState>, BusError> {
+            self.0.runs(filter).await
+        }
+        fn health(&self) -> Result<(), String> {
+            self.0.health()
+        }
+        async fn gone_before(&self) -> Result<u64, BusError> {
+            Ok(self.1)
+        }
     }
 }

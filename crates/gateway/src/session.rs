@@ -182,7 +182,7 @@ impl<O: Output> Session<O> {
         // only up to the state's seq: a state may be a moment old, and if
         // nothing else is ever published (a finished run) no live frame would
         // reveal what lies between.
-        self.catch_up(&run, u64::MAX).await?;
+        self.catch_up(&run, u64::MAX, head).await?;
         self.out.flush().await?;
         Ok(())
     }
@@ -244,7 +244,7 @@ impl<O: Output> Session<O> {
         if f.first > next {
             // Only at the seam of a fresh subscription can the queue start
             // ahead of the cursor; fill from history.
-            self.catch_up(&f.run, f.first - 1).await?;
+            self.catch_up(&f.run, f.first - 1, f.first - 1).await?;
             if self.cursors.get(&f.run).is_none_or(|&n| f.last < n) {
                 return Ok(false);
             }
@@ -291,12 +291,15 @@ impl<O: Output> Session<O> {
 
     /// Replays history from the run's cursor up to `to` (inclusive), sending a
     /// gap frame for anything retention already dropped.
-    async fn catch_up(&mut self, run: &RunId, to: u64) -> Result<(), Closed> {
+    /// `known_head` is a seq the run is known to have reached (see
+    /// [`Replay::known_head`]).
+    async fn catch_up(&mut self, run: &RunId, to: u64, known_head: u64) -> Result<(), Closed> {
         let Some(from) = self.cursors.get(run).copied() else {
             return Ok(());
         };
         let bus = self.gw.bus.clone();
-        let mut replay = Replay::new(&*bus, run, from, to, self.gw.config.replay_page);
+        let mut replay =
+            Replay::new(&*bus, run, from, to, self.gw.config.replay_page).known_head(known_head);
         loop {
             match replay.next_page().await {
                 Ok(Some(items)) => {

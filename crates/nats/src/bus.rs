@@ -478,6 +478,14 @@ impl Bus for NatsBus {
         Ok(state)
     }
 
+    /// The stream's oldest retained seq: limits retention drops messages
+    /// oldest first, so every seq below it is gone.
+    async fn gone_before(&self) -> Result<u64, BusError> {
+        let stream = self.stream()?;
+        let info = patiently(|| async { stream.get_info().await.map_err(unavailable) }).await?;
+        Ok(info.state.first_sequence)
+    }
+
     /// From the mirrored bucket: runs appear once folded, a moment after
     /// their first event.
     async fn runs(&self, filter: RunFilter) -> Result<Vec<RunState>, BusError> {
