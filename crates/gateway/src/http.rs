@@ -823,6 +823,29 @@ async fn read_body(
     if let Some(n) = declared
         && n > limit as u64
     {
+        // A client that asked `Expect: 100-continue` sends nothing more and
+        // reads the 413. Any other is sending the body right now; closing
+        // with it unread would reset the connection before the client reads
+        // the answer. So the body is discarded in the background (bounded in
+        // bytes and time) while the 413 goes out, as nginx's lingering close
+        // does; reading it never grows a buffer.
+        if !header_has(&req, header::EXPECT, "100-continue") {
+            let deadline = gw.config.request_timeout;
+            let cap = n.min(MAX_DISCARD);
+            tokio::spawn(async move {
+                let mut body = req.into_body();
+                let mut seen = 0u64;
+                let drain = async {
+                    while let Some(Ok(frame)) = body.frame().await {
+                        seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        if seen >= cap {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(deadline, drain).await;
+            });
+        }
         return Err(ProtocolError::new(
             ErrorCode::TooLarge,
             format!("body of {n} bytes (Content-Length) is over the limit of {limit} bytes"),
@@ -854,6 +877,10 @@ async fn read_body(
         }
     }
 }
+
+/// The most of a refused oversized body discarded before the connection is
+/// closed anyway.
+const MAX_DISCARD: u64 = 64 << 20;
 
 /// An optional JSON body of at most 64 KiB.
 async fn admin_body<T: serde::de::DeserializeOwned>(

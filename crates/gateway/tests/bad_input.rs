@@ -470,4 +470,23 @@ async fn an_oversized_publish_is_refused_from_its_content_length() {
         text.to_ascii_lowercase().contains("connection: close"),
         "{text}"
     );
+    // Without `Expect`, a client sends its body right after the headers; the
+    // gateway discards it so the client can read the 413 rather than have
+    // its connection reset mid-send (the conformance suite found the reset).
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let len = 16 << 20;
+    let head =
+        format!("POST /v1/runs/big/events HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'x'; 64 << 10];
+    for _ in 0..len / chunk.len() {
+        tcp.write_all(&chunk)
+            .await
+            .expect("the body is taken, not reset");
+    }
+    let mut resp = Vec::new();
+    let read = tokio::time::timeout(runcast_test_support::WAIT, tcp.read_to_end(&mut resp)).await;
+    assert!(read.is_ok(), "closed after the body");
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
 }
