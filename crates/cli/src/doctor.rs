@@ -517,9 +517,19 @@ async fn round_trip(
             .and_then(|v| v["seqs"][0].as_u64())
             .unwrap_or(0),
         Ok((status, b, _)) => {
+            let fix = match status {
+                401 => {
+                    "the gateway needs a publish API key: pass --key (runcast publish-key makes one)"
+                }
+                403 => {
+                    "the publish key does not cover the probe run: give doctor a key whose prefixes include \"doctor-\""
+                }
+                429 => "the publish key is over its --publish-rate-per-key; try again in a moment",
+                _ => "the bus refused the probe event; see the gateway's log",
+            };
             return Err(problem(
                 format!("publish -> {status}: {}", message_of(&b)),
-                "the bus refused the probe event; see the gateway's log",
+                fix,
             ));
         }
         Err(e) => return Err(problem(format!("publish: {e}"), "see the gateway's log")),

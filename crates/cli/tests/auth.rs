@@ -209,6 +209,25 @@ async fn publish_keys_from_publish_key_work_with_publish_key_flags() {
     let outside = publish("deploy-9", Some(&key)).await.unwrap();
     assert!(!outside.status.success());
     assert!(String::from_utf8_lossy(&outside.stderr).contains("may not publish"));
+    // doctor names the fix for each refusal of its probe publish, not "the
+    // bus refused" (an outside tester found that advice for a 403).
+    let doctor = |key: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args(["doctor", "--url", &url, "--timeout", "5s"]);
+        if let Some(k) = key {
+            c.args(["--key", k]);
+        }
+        c.output()
+    };
+    for (key, fix) in [
+        (None, "needs a publish API key"),
+        (Some(key.as_str()), "does not cover the probe run"),
+    ] {
+        let out = doctor(key).await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success());
+        assert!(text.contains(fix), "{fix}: {text}");
+    }
 }
 
 /// `runcast gateway` without publish keys takes no HTTP publishes (workers
