@@ -71,6 +71,11 @@ async fn publish(addr: SocketAddr, run: &str, kind: &str, data: Value) {
 }
 
 /// The sum of a counter's series (every label value) in `/metrics`.
+/// A `progress` event of `done` out of 10 for `run`.
+async fn progress(addr: SocketAddr, run: &str, done: u64) {
+    publish(addr, run, "progress", json!({"done": done, "total": 10})).await;
+}
+
 async fn counter(addr: SocketAddr, series: &str) -> u64 {
     let (_, _, scrape) = http(addr, "GET", "/metrics", &[], "").await;
     scrape
@@ -121,13 +126,7 @@ async fn paste_token(page: &mut Browser, token: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_token_the_page_shows_unauthorized_and_stops_trying() {
     let (_gw, addr) = gateway().await;
-    publish(
-        addr,
-        "team-a-1",
-        "progress",
-        json!({"done": 1, "total": 10}),
-    )
-    .await;
+    progress(addr, "team-a-1", 1).await;
     assert_eq!(auth_failures(addr).await, 0);
 
     let mut page = Browser::open(&format!("http://{addr}/")).await;
@@ -171,20 +170,8 @@ async fn without_a_token_the_page_shows_unauthorized_and_stops_trying() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_in_the_link_lists_runs_and_live_events_and_leaves_the_address_bar() {
     let (_gw, addr) = gateway().await;
-    publish(
-        addr,
-        "team-a-1",
-        "progress",
-        json!({"done": 1, "total": 10}),
-    )
-    .await;
-    publish(
-        addr,
-        "team-a-2",
-        "progress",
-        json!({"done": 5, "total": 10}),
-    )
-    .await;
+    progress(addr, "team-a-1", 1).await;
+    progress(addr, "team-a-2", 5).await;
     let tok = token(300, json!({"run_prefixes": ["team-a-"]}));
 
     let mut page = Browser::open(&format!("http://{addr}/#token={tok}")).await;
@@ -223,13 +210,7 @@ async fn a_token_in_the_link_lists_runs_and_live_events_and_leaves_the_address_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pasting_a_token_recovers_from_the_unauthorized_state() {
     let (_gw, addr) = gateway().await;
-    publish(
-        addr,
-        "team-a-1",
-        "progress",
-        json!({"done": 1, "total": 10}),
-    )
-    .await;
+    progress(addr, "team-a-1", 1).await;
     let mut page = Browser::open(&format!("http://{addr}/")).await;
     page.wait_for("the unauthorized state", UNAUTHORIZED).await;
 
@@ -263,20 +244,8 @@ async fn pasting_a_token_recovers_from_the_unauthorized_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_that_does_not_cover_a_run_shows_forbidden_on_that_run_only() {
     let (_gw, addr) = gateway().await;
-    publish(
-        addr,
-        "team-a-1",
-        "progress",
-        json!({"done": 1, "total": 10}),
-    )
-    .await;
-    publish(
-        addr,
-        "team-b-1",
-        "progress",
-        json!({"done": 1, "total": 10}),
-    )
-    .await;
+    progress(addr, "team-a-1", 1).await;
+    progress(addr, "team-b-1", 1).await;
     let tok = token(300, json!({"run_prefixes": ["team-a-"]}));
 
     // A link to a run the token does not cover.
@@ -297,13 +266,7 @@ async fn a_token_that_does_not_cover_a_run_shows_forbidden_on_that_run_only() {
     page.wait_for("a live connection", LIVE).await;
     page.wait_for("team-a-1 listed", &run_status("team-a-1"))
         .await;
-    publish(
-        addr,
-        "team-a-1",
-        "progress",
-        json!({"done": 7, "total": 10}),
-    )
-    .await;
+    progress(addr, "team-a-1", 7).await;
     page.wait_for(
         "team-a-1's live progress",
         &format!("{}.includes('70%')", run_status("team-a-1")),
@@ -320,13 +283,7 @@ async fn a_token_that_does_not_cover_a_run_shows_forbidden_on_that_run_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_asks_for_a_fresh_token_and_the_connection_goes_on() {
     let (_gw, addr) = gateway().await;
-    publish(
-        addr,
-        "team-a-1",
-        "progress",
-        json!({"done": 1, "total": 10}),
-    )
-    .await;
+    progress(addr, "team-a-1", 1).await;
     // The gateway sends `refresh` 5 s before `exp`: about 3 s in.
     let short = token(8, json!({"runs": ["team-a-1"]}));
     let expiry = now() + 8;
@@ -379,13 +336,7 @@ async fn a_refresh_asks_for_a_fresh_token_and_the_connection_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_connection_shows_unauthorized_and_a_new_token_resumes_without_loss() {
     let (_gw, addr) = gateway().await;
-    publish(
-        addr,
-        "team-a-1",
-        "progress",
-        json!({"done": 1, "total": 10}),
-    )
-    .await;
+    progress(addr, "team-a-1", 1).await;
     let short = token(7, json!({"runs": ["team-a-1"]}));
     let mut page = Browser::open(&format!("http://{addr}/#token={short}")).await;
     page.wait_for("a live connection", LIVE).await;
@@ -432,13 +383,7 @@ async fn where_websockets_are_refused_the_page_streams_over_sse_with_its_token()
     // The gateway refuses WebSockets from the page's origin, as a proxy
     // that drops upgrades would; HTTP reads and SSE still get through.
     let (_gw, addr) = gateway_with(&["--allowed-origin", "http://elsewhere.invalid"]).await;
-    publish(
-        addr,
-        "team-a-1",
-        "progress",
-        json!({"done": 1, "total": 10}),
-    )
-    .await;
+    progress(addr, "team-a-1", 1).await;
     let tok = token(300, json!({"runs": ["team-a-1"]}));
     let mut page = Browser::open(&format!("http://{addr}/#token={tok}")).await;
     page.wait_for(
