@@ -119,11 +119,12 @@ async fn run_session(server: Option<&Block>, clients: &[&Block]) {
         }
         None => script += "runcast up --log warn >/dev/null 2>&1 &\n",
     }
-    script += "server=$!\ntrap 'kill $server 2>/dev/null' EXIT\n";
+    // The server dies with the script, whatever ends it.
+    script +=
+        "server=$!\nprinted=$(mktemp)\ntrap 'kill $server 2>/dev/null; rm -f \"$printed\"' EXIT\n";
     script += &format!(
         "for i in $(seq 100); do curl -fsS http://{a}/healthz >/dev/null 2>&1 && break; sleep 0.1; done\n"
     );
-    script += "printed=$(mktemp)\ntrap 'kill $server 2>/dev/null; rm -f \"$printed\"' EXIT\n";
     for c in clients {
         script += &format!("echo '=== {}:{}'\n", c.file, c.line);
         script += &format!("{{\n{}\n}} | tee -a \"$printed\"\n", script_of(c, &a));

@@ -483,21 +483,21 @@ pub(crate) fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError
 
 /// `?limit=N`: a positive integer, when given.
 pub(crate) fn query_limit(q: &str) -> Result<Option<u64>, ProtocolError> {
-    for pair in q.split('&') {
-        if let Some(("limit", v)) = pair.split_once('=') {
-            return match frame::parse_since(v) {
-                Ok(n) if n > 0 => Ok(Some(n)),
-                _ => Err(ProtocolError::new(
-                    ErrorCode::InvalidQuery,
-                    format!(
-                        "limit must be a positive integer, not {:?}",
-                        v.chars().take(32).collect::<String>()
-                    ),
-                )),
-            };
-        }
+    match query_u64(q, "limit") {
+        Ok(Some(0)) | Err(_) => Err(ProtocolError::new(
+            ErrorCode::InvalidQuery,
+            format!(
+                "limit must be a positive integer, not {:?}",
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("limit="))
+                    .unwrap_or("")
+                    .chars()
+                    .take(32)
+                    .collect::<String>()
+            ),
+        )),
+        ok => ok,
     }
-    Ok(None)
 }
 
 /// `GET /v1/runs/<run>/events?since=N&limit=M`: one page of history.

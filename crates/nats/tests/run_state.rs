@@ -22,6 +22,20 @@ async fn start_bus(
     (bus, setup)
 }
 
+/// A bus whose stream keeps 3 messages per subject, and a JetStream client
+/// to publish as any NATS client would.
+async fn keeping_three_per_subject(
+    nats: &NatsServer,
+) -> (NatsBus, tokio::task::JoinHandle<()>, jetstream::Context) {
+    let settings = StreamSettings {
+        max_per_subject: 3,
+        ..StreamSettings::default()
+    };
+    let (bus, setup) = start_bus(nats, settings).await;
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    (bus, setup, js)
+}
+
 /// Publishes `data` on `runcast.runs.<run>.<kind>` with a JetStream ack, as
 /// any NATS client would; returns the stream seq.
 async fn publish(js: &jetstream::Context, run: &str, kind: &str, data: String) -> u64 {
@@ -111,12 +125,7 @@ async fn events_from_any_client_are_folded_into_the_bucket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_outlives_the_events_it_was_folded_from() {
     let nats = NatsServer::start().await;
-    let settings = StreamSettings {
-        max_per_subject: 3,
-        ..StreamSettings::default()
-    };
-    let (bus, _setup) = start_bus(&nats, settings).await;
-    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let (bus, _setup, js) = keeping_three_per_subject(&nats).await;
     let mut last = 0;
     for done in 1..=30 {
         last = publish(
@@ -250,12 +259,7 @@ async fn an_expired_run_leaves_the_list() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_kind_retention_and_stray_subjects_never_lose_events_in_silence() {
     let nats = NatsServer::start().await;
-    let settings = StreamSettings {
-        max_per_subject: 3,
-        ..StreamSettings::default()
-    };
-    let (bus, _setup) = start_bus(&nats, settings).await;
-    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let (bus, _setup, js) = keeping_three_per_subject(&nats).await;
     let mut seqs = vec![publish(&js, "holes", "progress", r#"{"done":1}"#.into()).await];
     for i in 0..6 {
         seqs.push(publish(&js, "holes", "log", format!(r#"{{"line":{i}}}"#)).await);
