@@ -20,7 +20,18 @@ use runcast_core::{
     admin::{Drain, PodStats, Shed},
 };
 
-use crate::{Gateway, hub::Conn};
+use axum::{
+    extract::{FromRequestParts, Request, State},
+    http::{StatusCode, header, request::Parts},
+    response::Response,
+};
+
+use crate::{
+    error::{ApiError, json},
+    extract::{bearer_credentials, read_body},
+    gateway::Gateway,
+    hub::Subscriber,
+};
 
 /// Why clients are asked to reconnect (the `reason` label of
 /// `runcast_reconnect_hints_total`).
@@ -130,7 +141,7 @@ impl Gateway {
 
     fn start_hints(
         self: &Arc<Self>,
-        conns: Vec<Arc<Conn>>,
+        conns: Vec<Arc<Subscriber>>,
         rate: f64,
         jitter: Duration,
         within: Option<Duration>,
@@ -160,7 +171,7 @@ impl Gateway {
     /// Expects `pending_hints` to already count them; counts each down.
     pub(crate) async fn send_hints(
         &self,
-        conns: Vec<Arc<Conn>>,
+        conns: Vec<Arc<Subscriber>>,
         rate: f64,
         jitter: Duration,
         within: Option<Duration>,
@@ -176,7 +187,7 @@ impl Gateway {
             }
         }
         let mut rng = Jitter::seeded();
-        let mut slots: Vec<(Duration, Arc<Conn>)> = conns
+        let mut slots: Vec<(Duration, Arc<Subscriber>)> = conns
             .into_iter()
             .enumerate()
             .map(|(i, c)| {
@@ -197,6 +208,95 @@ impl Gateway {
             self.pending_hints.fetch_sub(1, Ordering::Relaxed);
         }
     }
+}
+
+/// The admin API needs `Authorization: Bearer <--admin-token>`; without a
+/// configured token it is off. Compared in constant time.
+pub struct AdminAuth;
+
+impl FromRequestParts<Arc<Gateway>> for AdminAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &Arc<Gateway>) -> Result<Self, ApiError> {
+        use subtle::ConstantTimeEq;
+        let Some(token) = gw.config.admin_token.as_deref().filter(|t| !t.is_empty()) else {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "the admin API is off: start the gateway with --admin-token",
+            ));
+        };
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_credentials)
+            .unwrap_or("");
+        if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            Ok(AdminAuth)
+        } else {
+            Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing or wrong bearer token for the admin API",
+            ))
+        }
+    }
+}
+
+/// `GET /v1/admin/stats`
+pub async fn get_stats(_: AdminAuth, State(gw): State<Arc<Gateway>>) -> Response {
+    json(
+        StatusCode::OK,
+        serde_json::to_string(&gw.stats()).unwrap_or_default(),
+    )
+}
+
+/// `POST /v1/admin/drain`, with an optional body.
+pub async fn post_drain(
+    _: AdminAuth,
+    State(gw): State<Arc<Gateway>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let d = admin_body::<Drain>(&gw, req).await?.unwrap_or_default();
+    Ok(accepted(gw.drain(&d)?))
+}
+
+/// `POST /v1/admin/shed`, with a body.
+pub async fn post_shed(
+    _: AdminAuth,
+    State(gw): State<Arc<Gateway>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Some(s) = admin_body::<Shed>(&gw, req).await? else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidEvent,
+            r#"shed needs a body like {"count":100,"rate":50,"jitter_ms":500}"#,
+        ));
+    };
+    Ok(accepted(gw.shed(&s)?))
+}
+
+fn accepted(clients: u64) -> Response {
+    json(
+        StatusCode::ACCEPTED,
+        serde_json::json!({ "clients": clients }).to_string(),
+    )
+}
+
+/// An optional JSON body of at most 64 KiB.
+async fn admin_body<T: serde::de::DeserializeOwned>(
+    gw: &Gateway,
+    req: Request,
+) -> Result<Option<T>, ApiError> {
+    let body = read_body(gw, req, 64 << 10).await.map_err(|mut e| {
+        e.0.message = format!("admin body: {}", e.0.message);
+        e
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("admin body: {e}")))
 }
 
 fn check_rate(rate: f64) -> Result<(), ProtocolError> {

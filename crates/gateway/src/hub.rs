@@ -15,72 +15,23 @@ use std::{
     },
 };
 
-use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use runcast_bus::{Bus, BusError, Live};
 use runcast_core::{CloseCode, Event, RunId, frame};
 use runcast_telemetry::OpenTelemetrySpanExt;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::Instrument;
 
 use crate::{
     Metrics,
+    frame::{OutFrame, micros_since},
     replay::{Replay, Replayed},
 };
 
-/// A frame serialized once per gateway and shared by all subscribers of its run.
-#[derive(Debug)]
-pub struct OutFrame {
-    pub run: RunId,
-    /// The seqs this frame covers: for an event, everything after the run's
-    /// previous event up to this one; for a gap, the missing range.
-    pub first: u64,
-    pub last: u64,
-    pub text: Utf8Bytes,
-    /// The SSE encoding, built by the first SSE subscriber that needs it.
-    sse: OnceLock<Bytes>,
-    /// For an event received live: when the bus stored it (µs since the
-    /// epoch) and when this gateway received it, for the hop latencies.
-    pub live: Option<Timing>,
-    /// For a sampled event while traces are exported: the `runcast.fanout`
-    /// span, parent of the sessions' `runcast.deliver` spans.
-    pub trace: Option<runcast_telemetry::Context>,
-}
-
-/// When the bus stored an event (µs since the epoch) and when this gateway
-/// received it live.
-pub type Timing = (u64, std::time::Instant);
-
-impl OutFrame {
-    pub fn new(run: RunId, first: u64, last: u64, text: String) -> Self {
-        Self {
-            run,
-            first,
-            last,
-            text: Utf8Bytes::from(text),
-            sse: OnceLock::new(),
-            live: None,
-            trace: None,
-        }
-    }
-
-    /// An event that directly follows seq `prev` of its run: the frame covers
-    /// `prev+1..=seq`, so a subscriber whose cursor is anywhere in that range
-    /// has missed nothing.
-    pub fn event_after(ev: &Event, prev: u64) -> Self {
-        Self::new(ev.run.clone(), prev + 1, ev.seq, frame::encode_event(ev))
-    }
-
-    pub fn sse(&self) -> &Bytes {
-        self.sse
-            .get_or_init(|| crate::sse::encode(Some(self.last), self.text.as_str()))
-    }
-}
-
-/// The part of a connection the hub can reach: its bounded queue and its
-/// "please close" signal.
-pub struct Conn {
+/// A subscriber as the hub sees it: one session's bounded queue and its
+/// "please close" signal. (Not the TCP connection: over HTTP/2 one
+/// connection carries many sessions.)
+pub struct Subscriber {
     pub id: u64,
     tx: tokio::sync::mpsc::Sender<Arc<OutFrame>>,
     queued_bytes: AtomicUsize,
@@ -94,7 +45,7 @@ pub struct Conn {
     close_waker: AtomicWaker,
 }
 
-impl Conn {
+impl Subscriber {
     /// A connection handle and the receiving end of its queue.
     pub fn new(
         id: u64,
@@ -176,7 +127,7 @@ impl Conn {
     }
 }
 
-type Subscribers = Arc<Mutex<HashMap<u64, Arc<Conn>>>>;
+type Subscribers = Arc<Mutex<HashMap<u64, Arc<Subscriber>>>>;
 
 struct RunFanout {
     subs: Subscribers,
@@ -217,7 +168,7 @@ impl Hub {
     /// Adds `conn` as a subscriber of `run`. When this returns, every event
     /// published from now on will be offered to `conn` (the bus watch is
     /// open), so a caller can read state/history next without a seam.
-    pub async fn add(&self, run: &RunId, conn: &Arc<Conn>) -> Result<(), BusError> {
+    pub async fn add(&self, run: &RunId, conn: &Arc<Subscriber>) -> Result<(), BusError> {
         if self.try_join(run, conn) {
             return Ok(());
         }
@@ -240,7 +191,7 @@ impl Hub {
 
     /// Registers the fan-out for a freshly opened watch, with `conn` as its
     /// first subscriber.
-    fn install(&self, run: &RunId, conn: &Arc<Conn>, watch: runcast_bus::Watch) {
+    fn install(&self, run: &RunId, conn: &Arc<Subscriber>, watch: runcast_bus::Watch) {
         let mut runs = lock(&self.runs);
         if let Some(f) = runs.get(run) {
             // Cannot happen while openings go through the gate; harmless
@@ -265,7 +216,7 @@ impl Hub {
         self.metrics.watched_runs.set(runs.len() as i64);
     }
 
-    fn try_join(&self, run: &RunId, conn: &Arc<Conn>) -> bool {
+    fn try_join(&self, run: &RunId, conn: &Arc<Subscriber>) -> bool {
         let runs = lock(&self.runs);
         match runs.get(run) {
             Some(f) => {
@@ -357,27 +308,21 @@ async fn fanout(
             // covered by it are skipped above.
             let mut replay = Replay::new(&*bus, &run, last + 1, u64::MAX, page);
             loop {
-                match replay.next_page().await {
-                    Ok(Some(items)) => {
-                        for item in items {
-                            match item {
-                                Replayed::Gap { from, to } => {
-                                    metrics.gap_notices.inc();
-                                    emit(OutFrame::new(
-                                        run.clone(),
-                                        from,
-                                        to,
-                                        frame::encode_gap(&run, from, to),
-                                    ));
-                                    last = to;
-                                }
-                                Replayed::Event(ev) => {
-                                    metrics.events_received.inc();
-                                    emit(OutFrame::event_after(&ev, last));
-                                    last = ev.seq;
-                                }
-                            }
-                        }
+                match replay.next().await {
+                    Ok(Some(Replayed::Gap { from, to })) => {
+                        metrics.gap_notices.inc();
+                        emit(OutFrame::new(
+                            run.clone(),
+                            from,
+                            to,
+                            frame::encode_gap(&run, from, to),
+                        ));
+                        last = to;
+                    }
+                    Ok(Some(Replayed::Event(ev))) => {
+                        metrics.events_received.inc();
+                        emit(OutFrame::event_after(&ev, last));
+                        last = ev.seq;
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -441,12 +386,6 @@ fn traced(ev: &Event) -> Option<runcast_telemetry::Context> {
     runcast_telemetry::parent(tp)
 }
 
-/// Microseconds from `then` (µs since the epoch) to now; 0 if the clocks
-/// disagree (the bus's clock may be another machine's).
-pub fn micros_since(then: u64) -> u64 {
-    runcast_core::now_micros().saturating_sub(then)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,7 +429,7 @@ mod tests {
             head: 0,
             feed: Box::new(Scripted(script.into_iter().collect())),
         };
-        let (conn, mut rx) = Conn::new(1, 64, 1 << 20);
+        let (conn, mut rx) = Subscriber::new(1, 64, 1 << 20);
         let subs: Subscribers = Arc::new(Mutex::new(HashMap::from([(1, conn)])));
         let metrics = Arc::new(Metrics::new("embedded"));
         let task = tokio::spawn(fanout(run, watch, subs, Arc::new(bus), metrics.clone(), 2));

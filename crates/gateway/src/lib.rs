@@ -7,30 +7,45 @@
 //! numbers and run state live in the bus, so any gateway can serve any client
 //! and a client that reconnects anywhere resumes from its cursor.
 //!
-//! Layers, bottom up: [`hub`] (one bus watch per run with local interest,
-//! each event serialized once and offered to every subscriber's bounded
-//! queue), `session` (per-connection cursors, replay and catch-up, generic
-//! over the transport), `ws` / `sse` (transports), `http` (routes), and
-//! [`server::run`] (accept loop and graceful shutdown).
+//! One file per hop or concern, bottom up:
+//! - [`frame`]: a frame on its way out, serialized once, with its SSE bytes;
+//! - [`hub`]: one bus watch per run with local interest, each frame offered
+//!   to every subscriber's bounded queue; `replay` walks history for it;
+//! - `session`: one client's cursors, replay and catch-up, generic over the
+//!   transport;
+//! - `ws` and `sse`: the transports, each with its own handshake;
+//! - `runs` (read API), `publish` and [`admin`]: the other routes;
+//! - [`auth`], [`limits`], `extract` (what handlers take from a request) and
+//!   `error` (how a request fails, counted in one place);
+//! - `router`: every route and what applies to all of them (CORS, 404/405);
+//! - `accept`: the accept loop, TLS, HTTP/1.1 and HTTP/2, graceful drain;
+//! - [`Gateway`] (`gateway`): the state all of the above share.
 
+mod accept;
 pub mod admin;
 pub mod auth;
 mod config;
-mod http;
+mod error;
+mod extract;
+pub mod frame;
+mod gateway;
 pub mod hub;
 pub mod limits;
 mod metrics;
+mod publish;
 pub mod publish_keys;
 mod replay;
-pub mod server;
+mod router;
+mod runs;
 mod session;
 mod sse;
 pub mod tls;
 mod ws;
 
+pub use accept::run;
 pub use config::Config;
+pub use gateway::Gateway;
 pub use metrics::Metrics;
-pub use server::{Gateway, run};
 
 /// Entry points for the fuzz targets in `fuzz/`: the parsers that network
 /// input reaches and that are private to this crate. Not a stable API.
@@ -41,7 +56,7 @@ pub mod fuzzing {
     /// A publish request body, as `POST /v1/runs/<run>/events` parses it:
     /// the number of events, or the error the client gets.
     pub fn publish_body(body: &[u8], traceparent: Option<&str>) -> Result<usize, ProtocolError> {
-        crate::http::parse_publish(body, 1000, traceparent).map(|v| v.len())
+        crate::publish::parse_publish(body, 1000, traceparent).map(|v| v.len())
     }
 
     /// The whole path from stored data to every reader. `input` is cut at
@@ -76,7 +91,7 @@ pub mod fuzzing {
                     };
                     let run = &runs[usize::from(sel % 3)];
                     let events = if sel & 0x80 == 0 {
-                        match crate::http::parse_publish(body, 1000, None) {
+                        match crate::publish::parse_publish(body, 1000, None) {
                             Ok(ev) => ev,
                             Err(e) => {
                                 assert!(!e.message.is_empty());
@@ -97,7 +112,7 @@ pub mod fuzzing {
                     })
                     .await
                     .expect("embedded bus");
-                valid(&crate::http::encode_runs(&all).expect("run list encodes"));
+                valid(&crate::runs::encode_runs(&all).expect("run list encodes"));
                 for run in &runs {
                     let state = bus.state(run).await.expect("embedded bus");
                     valid(&frame::encode_state(run, state.as_ref()));
@@ -105,11 +120,11 @@ pub mod fuzzing {
                         valid(&serde_json::to_string(s).expect("state encodes"));
                     }
                     let page = bus.read(run, 1, 1000).await.expect("embedded bus");
-                    valid(&crate::http::encode_history(run, &page, 0));
+                    valid(&crate::runs::encode_history(run, &page, 0));
                     let mut replay = crate::replay::Replay::new(&bus, run, 1, u64::MAX, 7);
                     let mut replayed = 0;
-                    while let Some(items) = replay.next_page().await.expect("embedded bus") {
-                        replayed += items.len();
+                    while replay.next().await.expect("embedded bus").is_some() {
+                        replayed += 1;
                     }
                     assert_eq!(
                         replayed,
@@ -121,7 +136,7 @@ pub mod fuzzing {
                         valid(&text);
                         // An SSE client joins the data lines with LF: the
                         // same JSON, with CR line breaks turned into LF.
-                        let sse = crate::sse::encode(Some(ev.seq), &text);
+                        let sse = crate::frame::sse_message(Some(ev.seq), &text);
                         let sse = std::str::from_utf8(&sse).expect("SSE is UTF-8");
                         let data: Vec<&str> = sse
                             .lines()
@@ -139,7 +154,7 @@ pub mod fuzzing {
 
     /// A request's query string, as the read and SSE routes parse `since`/`limit`.
     pub fn query(q: &str) {
-        let _ = crate::http::query_u64(q, "since");
-        let _ = crate::http::query_limit(q);
+        let _ = crate::extract::query_u64(q, "since");
+        let _ = crate::extract::query_limit(q);
     }
 }

@@ -3,7 +3,7 @@
 //! Both must turn what retention already dropped into a gap notice and
 //! never send an event twice; this is the one copy of that logic.
 
-use std::sync::Arc;
+use std::{collections::VecDeque, sync::Arc};
 
 use runcast_bus::{Bus, BusError};
 use runcast_core::{Event, RunId};
@@ -19,11 +19,12 @@ pub enum Replayed {
     Event(Arc<Event>),
 }
 
-/// Reads a run's history from `next` up to `to`, one page per call.
+/// Walks a run's history from `next` up to `to`, one item per call; reads
+/// from the bus a page at a time.
 pub struct Replay<'a> {
     bus: &'a dyn Bus,
     run: &'a RunId,
-    /// The first seq not yet replayed.
+    /// The first seq not yet read from the bus.
     next: u64,
     to: u64,
     page: usize,
@@ -31,6 +32,10 @@ pub struct Replay<'a> {
     /// A seq the caller knows the run reached (its state's, or a live
     /// frame's predecessor), whatever history still holds.
     known_head: u64,
+    /// Read and not yet handed out.
+    ready: VecDeque<Replayed>,
+    /// The first seq not yet handed out: where a cursor stands afterwards.
+    yielded: u64,
 }
 
 impl<'a> Replay<'a> {
@@ -43,6 +48,8 @@ impl<'a> Replay<'a> {
             page: page.max(1),
             done: false,
             known_head: 0,
+            ready: VecDeque::new(),
+            yielded: from.max(1),
         }
     }
 
@@ -56,40 +63,59 @@ impl<'a> Replay<'a> {
         self
     }
 
-    /// The first seq not replayed yet: where a cursor stands afterwards.
+    /// The first seq not handed out yet: where a cursor stands afterwards.
     pub fn next_seq(&self) -> u64 {
-        self.next
+        self.yielded
     }
 
-    /// The next page of what to send; `None` once history holds nothing
-    /// more up to `to`. After an error the walk can be resumed or dropped:
-    /// `next_seq` still says where it stopped.
-    pub async fn next_page(&mut self) -> Result<Option<Vec<Replayed>>, BusError> {
-        if self.done || self.next > self.to {
-            return Ok(None);
+    /// The next thing to send, in seq order; `None` once history holds
+    /// nothing more up to `to`. After an error the walk can be resumed or
+    /// dropped: `next_seq` still says where it stopped.
+    pub async fn next(&mut self) -> Result<Option<Replayed>, BusError> {
+        if self.ready.is_empty() {
+            self.fill().await?;
         }
+        let item = self.ready.pop_front();
+        match &item {
+            Some(Replayed::Gap { to, .. }) => self.yielded = to + 1,
+            Some(Replayed::Event(ev)) => self.yielded = ev.seq + 1,
+            None => {}
+        }
+        Ok(item)
+    }
+
+    /// Reads the next page into `ready`; leaves it empty at the end.
+    async fn fill(&mut self) -> Result<(), BusError> {
+        while self.ready.is_empty() {
+            if self.done || self.next > self.to {
+                return Ok(());
+            }
+            self.read_page().await?;
+        }
+        Ok(())
+    }
+
+    async fn read_page(&mut self) -> Result<(), BusError> {
         let page = self.bus.read(self.run, self.next, self.page).await?;
         // Announced only when the bus proves the seqs gone: a replica that
         // lags behind the state must not turn retained events into a gap.
         if page.head < self.known_head && self.known_head < self.bus.gone_before().await? {
             let to = self.known_head.min(self.to);
             self.done = true;
-            if to < self.next {
-                return Ok(None);
+            if to >= self.next {
+                self.ready.push_back(Replayed::Gap {
+                    from: self.next,
+                    to,
+                });
+                self.next = to + 1;
             }
-            let gap = Replayed::Gap {
-                from: self.next,
-                to,
-            };
-            self.next = to + 1;
-            return Ok(Some(vec![gap]));
+            return Ok(());
         }
-        let mut out = Vec::with_capacity(page.events.len() + 1);
         // Retention dropped what lies before the oldest retained seq; no
         // event can lie beyond the head.
         let gap_to = (page.first.saturating_sub(1)).min(page.head).min(self.to);
         if page.first > self.next && gap_to >= self.next {
-            out.push(Replayed::Gap {
+            self.ready.push_back(Replayed::Gap {
                 from: self.next,
                 to: gap_to,
             });
@@ -102,14 +128,14 @@ impl<'a> Replay<'a> {
             }
             if ev.seq >= self.next {
                 self.next = ev.seq + 1;
-                out.push(Replayed::Event(ev.clone()));
+                self.ready.push_back(Replayed::Event(ev.clone()));
                 events += 1;
             }
         }
         if events == 0 || self.next > page.head {
             self.done = true;
         }
-        Ok((!out.is_empty()).then_some(out))
+        Ok(())
     }
 }
 
@@ -126,13 +152,11 @@ mod tests {
     async fn walk(bus: &dyn Bus, run: &RunId, from: u64, to: u64, page: usize) -> Vec<String> {
         let mut r = Replay::new(bus, run, from, to, page);
         let mut out = Vec::new();
-        while let Some(items) = r.next_page().await.unwrap() {
-            for i in items {
-                out.push(match i {
-                    Replayed::Gap { from, to } => format!("gap {from}-{to}"),
-                    Replayed::Event(e) => e.seq.to_string(),
-                });
-            }
+        while let Some(i) = r.next().await.unwrap() {
+            out.push(match i {
+                Replayed::Gap { from, to } => format!("gap {from}-{to}"),
+                Replayed::Event(e) => e.seq.to_string(),
+            });
         }
         out
     }
@@ -161,14 +185,14 @@ mod tests {
         // NATS: every event expired before the state did). Announced only
         // when the bus says seqs up to 4 are gone.
         let mut r = Replay::new(&bus, &empty, 1, u64::MAX, 2).known_head(4);
-        assert!(r.next_page().await.unwrap().is_none(), "not proven gone");
+        assert!(r.next().await.unwrap().is_none(), "not proven gone");
         let expired = Expired(bus, 5);
         let mut r = Replay::new(&expired, &empty, 1, u64::MAX, 2).known_head(4);
         assert!(matches!(
-            r.next_page().await.unwrap().as_deref(),
-            Some([Replayed::Gap { from: 1, to: 4 }])
+            r.next().await.unwrap(),
+            Some(Replayed::Gap { from: 1, to: 4 })
         ));
-        assert!(r.next_page().await.unwrap().is_none());
+        assert!(r.next().await.unwrap().is_none());
         assert_eq!(r.next_seq(), 5);
     }
 

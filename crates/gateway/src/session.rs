@@ -8,7 +8,6 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use runcast_bus::BusError;
 use runcast_core::{ErrorCode, ProtocolError, RunId, frame};
 use runcast_telemetry::OpenTelemetrySpanExt;
 use tokio::sync::mpsc;
@@ -17,7 +16,9 @@ use tracing::Instrument;
 use crate::{
     Gateway,
     auth::Grant,
-    hub::{Conn, OutFrame},
+    error::bus_error,
+    frame::OutFrame,
+    hub::Subscriber,
     replay::{Replay, Replayed},
 };
 
@@ -41,6 +42,12 @@ pub enum SessionError {
     Closed,
 }
 
+impl From<ProtocolError> for SessionError {
+    fn from(e: ProtocolError) -> Self {
+        SessionError::Protocol(e)
+    }
+}
+
 impl From<Closed> for SessionError {
     fn from(_: Closed) -> Self {
         SessionError::Closed
@@ -52,7 +59,7 @@ const BATCH: usize = 64;
 
 pub struct Session<O: Output> {
     pub gw: Arc<Gateway>,
-    pub conn: Arc<Conn>,
+    pub sub: Arc<Subscriber>,
     pub rx: mpsc::Receiver<Arc<OutFrame>>,
     pub out: O,
     /// run → next seq the client needs.
@@ -64,11 +71,11 @@ pub struct Session<O: Output> {
 impl<O: Output> Session<O> {
     pub fn new(gw: Arc<Gateway>, out: O, grant: Grant) -> Self {
         let id = gw.next_conn_id();
-        let (conn, rx) = Conn::new(id, gw.config.queue_messages, gw.config.queue_bytes);
-        gw.register(&conn);
+        let (sub, rx) = Subscriber::new(id, gw.config.queue_messages, gw.config.queue_bytes);
+        gw.register(&sub);
         Self {
             gw,
-            conn,
+            sub,
             rx,
             out,
             cursors: HashMap::new(),
@@ -107,7 +114,7 @@ impl<O: Output> Session<O> {
     }
 
     pub fn id(&self) -> u64 {
-        self.conn.id
+        self.sub.id
     }
 
     /// Subscribes to `run`: registers interest, sends the state frame, and
@@ -139,14 +146,14 @@ impl<O: Output> Session<O> {
         // then either in the queue or in history.
         self.gw
             .hub
-            .add(&run, &self.conn)
+            .add(&run, &self.sub)
             .await
             .map_err(|e| bus_error(e, &run))?;
         let state = match self.gw.bus.state(&run).await {
             Ok(s) => s,
             Err(e) => {
-                self.gw.hub.remove(&run, self.conn.id);
-                return Err(bus_error(e, &run));
+                self.gw.hub.remove(&run, self.sub.id);
+                return Err(bus_error(e, &run).into());
             }
         };
         let head = state.as_ref().map_or(0, |s| s.seq);
@@ -160,7 +167,7 @@ impl<O: Output> Session<O> {
                 Err(_) => head,
             };
             if since > fresh {
-                self.gw.hub.remove(&run, self.conn.id);
+                self.gw.hub.remove(&run, self.sub.id);
                 return Err(SessionError::Protocol(ProtocolError::for_run(
                     ErrorCode::SinceOutOfRange,
                     &run,
@@ -195,7 +202,7 @@ impl<O: Output> Session<O> {
                 "not subscribed to this run",
             )));
         }
-        self.gw.hub.remove(run, self.conn.id);
+        self.gw.hub.remove(run, self.sub.id);
         self.gw.metrics.subscriptions.dec();
         self.out
             .send_text(frame::encode_unsubscribed(run), None)
@@ -234,7 +241,7 @@ impl<O: Output> Session<O> {
 
     /// Writes one queued frame if the client still needs it; whether it did.
     async fn deliver(&mut self, f: Arc<OutFrame>) -> Result<bool, Closed> {
-        self.conn.taken(&f);
+        self.sub.taken(&f);
         let Some(&next) = self.cursors.get(&f.run) else {
             return Ok(false); // unsubscribed since it was queued
         };
@@ -255,7 +262,7 @@ impl<O: Output> Session<O> {
                 let span = tracing::info_span!(
                     target: runcast_telemetry::TARGET,
                     "runcast.deliver",
-                    runcast.conn = self.conn.id,
+                    runcast.conn = self.sub.id,
                     runcast.transport = O::TRANSPORT,
                 );
                 let _ = span.set_parent(fanout.clone());
@@ -270,7 +277,7 @@ impl<O: Output> Session<O> {
         if let Some((stored_us, received)) = f.live {
             let m = &self.gw.metrics;
             let receive_to_write = received.elapsed();
-            let publish_to_write = crate::hub::micros_since(stored_us);
+            let publish_to_write = crate::frame::micros_since(stored_us);
             m.receive_to_write.observe(receive_to_write.as_secs_f64());
             m.publish_to_write.observe(publish_to_write as f64 / 1e6);
             let slow = self.gw.config.slow_event_log;
@@ -301,32 +308,24 @@ impl<O: Output> Session<O> {
         let mut replay =
             Replay::new(&*bus, run, from, to, self.gw.config.replay_page).known_head(known_head);
         loop {
-            match replay.next_page().await {
-                Ok(Some(items)) => {
-                    for item in items {
-                        match item {
-                            Replayed::Gap { from, to } => {
-                                self.gw.metrics.gap_notices.inc();
-                                self.out
-                                    .send_text(frame::encode_gap(run, from, to), Some(to))
-                                    .await?;
-                            }
-                            Replayed::Event(ev) => {
-                                self.out
-                                    .send_text(frame::encode_event(&ev), Some(ev.seq))
-                                    .await?;
-                                self.gw.metrics.replayed_events.inc();
-                            }
-                        }
-                    }
+            match replay.next().await {
+                Ok(Some(Replayed::Gap { from, to })) => {
+                    self.gw.metrics.gap_notices.inc();
+                    self.out
+                        .send_text(frame::encode_gap(run, from, to), Some(to))
+                        .await?;
+                }
+                Ok(Some(Replayed::Event(ev))) => {
+                    self.out
+                        .send_text(frame::encode_event(&ev), Some(ev.seq))
+                        .await?;
+                    self.gw.metrics.replayed_events.inc();
                 }
                 Ok(None) => break,
                 Err(e) => {
                     // The client keeps its cursor; it will be repaired by the
                     // next live frame or a reconnect. Tell it why it waits.
-                    if let SessionError::Protocol(p) = bus_error(e, run) {
-                        self.send_error(&p).await?;
-                    }
+                    self.send_error(&bus_error(e, run)).await?;
                     break;
                 }
             }
@@ -340,9 +339,9 @@ impl<O: Output> Session<O> {
 
 impl<O: Output> Drop for Session<O> {
     fn drop(&mut self) {
-        self.gw.deregister(self.conn.id);
+        self.gw.deregister(self.sub.id);
         for run in self.cursors.keys() {
-            self.gw.hub.remove(run, self.conn.id);
+            self.gw.hub.remove(run, self.sub.id);
         }
         self.gw.metrics.subscriptions.sub(self.cursors.len() as i64);
     }
@@ -371,14 +370,4 @@ fn log_slow(f: &OutFrame, publish_to_write_us: u64, receive_to_write: std::time:
         trace_id = %trace_id.as_deref().unwrap_or("none"),
         "slow event delivery"
     );
-}
-
-/// Maps a bus failure to the protocol error a client sees.
-pub fn bus_error(e: BusError, run: &RunId) -> SessionError {
-    let code = match e {
-        BusError::TooManyRuns(_) | BusError::Full(_) => ErrorCode::Capacity,
-        BusError::EventTooLarge { .. } => ErrorCode::TooLarge,
-        BusError::Unavailable(_) => ErrorCode::Unavailable,
-    };
-    SessionError::Protocol(ProtocolError::for_run(code, run, e.to_string()))
 }

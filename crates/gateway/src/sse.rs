@@ -11,48 +11,93 @@ use std::{
     task::{Context, Poll},
 };
 
+use axum::{
+    extract::{Request, State},
+    http::{HeaderValue, header},
+    response::Response,
+};
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
-use runcast_core::{ErrorCode, ProtocolError, RunId};
+use runcast_core::{ErrorCode, ProtocolError, RunId, frame};
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
-    Gateway,
-    hub::OutFrame,
+    error::{ApiError, bus_error},
+    extract::{Run, admit, conn_info, query_u64},
+    frame::{OutFrame, sse_message},
+    gateway::Gateway,
+    runs::allowed,
     session::{Closed, Output, Session, SessionError},
 };
 
-/// Encodes one SSE message. A frame holds the publisher's `data` verbatim,
-/// and JSON may have line breaks between tokens (pretty-printed data), so
-/// the text is split on every line break the SSE format knows (CRLF, LF,
-/// CR), one `data:` line each: `EventSource` joins them with LF, which is
-/// the same JSON value.
-pub fn encode(id: Option<u64>, json: &str) -> Bytes {
-    let mut s = String::with_capacity(json.len() + 32);
-    if let Some(id) = id {
-        s.push_str("id: ");
-        s.push_str(&id.to_string());
-        s.push('\n');
-    }
-    if json.contains(['\n', '\r']) {
-        for line in json.split("\r\n").flat_map(|l| l.split(['\n', '\r'])) {
-            s.push_str("data: ");
-            s.push_str(line);
-            s.push('\n');
+/// `GET /v1/runs/{run}/stream`: SSE, resuming after `Last-Event-ID` or `?since=`.
+pub async fn stream(
+    State(gw): State<Arc<Gateway>>,
+    Run(run): Run,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (mut parts, _body) = req.into_parts();
+    let since = match parts.headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| frame::parse_since(s).ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidSince,
+                        "Last-Event-ID must be a non-negative integer",
+                    )
+                })?,
+        ),
+        None => query_u64(parts.uri.query().unwrap_or(""), "since")?,
+    };
+    let conn = conn_info(&parts)?;
+    let admitted = admit(&gw, &mut parts).await?;
+    allowed(&admitted.grant, &run)?;
+    // A cursor past the run's head is a 400 before the stream starts, as a
+    // bad cursor's syntax is: EventSource gives up on an HTTP error, while
+    // an error inside a 200 stream would only make it reconnect in a loop.
+    if let Some(since) = since {
+        let page = gw
+            .bus
+            .read(&run, since.saturating_add(1), 0)
+            .await
+            .map_err(|e| bus_error(e, &run))?;
+        if since > page.head {
+            return Err(ApiError::for_run(
+                ErrorCode::SinceOutOfRange,
+                &run,
+                format!("since {since} is past the run's last seq {}", page.head),
+            ));
         }
-    } else {
-        s.push_str("data: ");
-        s.push_str(json);
-        s.push('\n');
     }
-    s.push('\n');
-    Bytes::from(s)
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let tokens = conn.detach(admitted.ip);
+    let grant = admitted.grant;
+    let task = async move {
+        serve(gw, run, since, tx, grant).await;
+        drop(tokens);
+    };
+    tokio::spawn(tracing::Instrument::instrument(
+        task,
+        tracing::debug_span!("sse"),
+    ));
+    let mut r = Response::new(axum::body::Body::new(ChannelBody(rx)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells nginx-style proxies not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(r)
 }
 
 /// A response body fed by a channel. The channel is small (8 chunks): the
 /// session awaits each send, so a slow reader pushes back into the session
 /// and from there into the bounded per-connection queue.
-pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
+struct ChannelBody(mpsc::Receiver<Bytes>);
 
 impl Body for ChannelBody {
     type Data = Bytes;
@@ -74,7 +119,10 @@ impl Output for SseOut {
         self.0.send(frame.sse().clone()).await.map_err(|_| Closed)
     }
     async fn send_text(&mut self, text: String, id: Option<u64>) -> Result<(), Closed> {
-        self.0.send(encode(id, &text)).await.map_err(|_| Closed)
+        self.0
+            .send(sse_message(id, &text))
+            .await
+            .map_err(|_| Closed)
     }
     async fn flush(&mut self) -> Result<(), Closed> {
         Ok(())
@@ -84,7 +132,7 @@ impl Output for SseOut {
 /// Streams `run` into `tx` until the client goes away, falls behind, or the
 /// server drains. Ending the stream is the only "close" SSE has: the client
 /// reconnects with `Last-Event-ID` and resumes.
-pub async fn serve(
+async fn serve(
     gw: Arc<Gateway>,
     run: RunId,
     since: Option<u64>,
@@ -122,7 +170,7 @@ pub async fn serve(
     // A second handle on the body channel only to notice the client leaving.
     let client = s.out.0.clone();
     loop {
-        let conn = s.conn.clone();
+        let conn = s.sub.clone();
         let step = tokio::select! {
             biased;
             _ = conn.closed() => break,
@@ -144,155 +192,11 @@ pub async fn serve(
             break;
         }
     }
-    if let Some(code) = s.conn.close_code() {
+    if let Some(code) = s.sub.close_code() {
         gw.metrics
             .closes
             .with_label_values(&[&code.code().to_string()])
             .inc();
     }
     transport.dec();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use runcast_core::{Event, EventKind, frame};
-    use serde_json::Value;
-
-    /// The event-stream interpretation of the WHATWG HTML standard (9.2.6):
-    /// lines end at CRLF, LF or CR; `data` fields are joined with LF; a
-    /// blank line dispatches. Returns each dispatched (last event ID, data).
-    fn parse_stream(text: &str) -> Vec<(String, String)> {
-        let (mut out, mut data, mut id, mut has_data) =
-            (Vec::new(), String::new(), String::new(), false);
-        let mut rest = text;
-        while !rest.is_empty() {
-            let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
-            let line = &rest[..end];
-            rest = &rest[end..];
-            rest = rest
-                .strip_prefix("\r\n")
-                .or_else(|| rest.strip_prefix('\r'))
-                .or_else(|| rest.strip_prefix('\n'))
-                .unwrap_or(rest);
-            if line.is_empty() {
-                if has_data {
-                    out.push((id.clone(), std::mem::take(&mut data)));
-                }
-                has_data = false;
-                continue;
-            }
-            if line.starts_with(':') {
-                continue;
-            }
-            let (field, value) = match line.split_once(':') {
-                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-                None => (line, ""),
-            };
-            match field {
-                "data" => {
-                    if has_data {
-                        data.push('\n');
-                    }
-                    data.push_str(value);
-                    has_data = true;
-                }
-                "id" if !value.contains('\0') => id = value.to_owned(),
-                _ => {}
-            }
-        }
-        out
-    }
-
-    fn json_value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(Value::from),
-            // Quarters are exact in binary, so text and value round-trip.
-            (-4_000_000i32..4_000_000).prop_map(|n| Value::from(f64::from(n) / 4.0)),
-            ".*".prop_map(Value::String),
-        ];
-        leaf.prop_recursive(6, 48, 6, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                prop::collection::btree_map(".*", inner, 0..6)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
-    }
-
-    /// The JSON text of `v` with the whitespace between tokens drawn from
-    /// `ws` in turn: how differently formatted publishers send it.
-    fn formatted(v: &Value, ws: &[&str], i: &mut usize) -> String {
-        fn pad(ws: &[&str], i: &mut usize) -> String {
-            *i += 1;
-            ws[*i % ws.len()].to_owned()
-        }
-        match v {
-            Value::Array(a) => {
-                let mut s = format!("[{}", pad(ws, i));
-                for (n, x) in a.iter().enumerate() {
-                    if n > 0 {
-                        s += &format!(",{}", pad(ws, i));
-                    }
-                    s += &formatted(x, ws, i);
-                }
-                s + &pad(ws, i) + "]"
-            }
-            Value::Object(m) => {
-                let mut s = format!("{{{}", pad(ws, i));
-                for (n, (k, x)) in m.iter().enumerate() {
-                    if n > 0 {
-                        s += &format!(",{}", pad(ws, i));
-                    }
-                    s += &format!("{}{}:{}", Value::String(k.clone()), pad(ws, i), pad(ws, i));
-                    s += &formatted(x, ws, i);
-                }
-                s + &pad(ws, i) + "}"
-            }
-            scalar => scalar.to_string(),
-        }
-    }
-
-    proptest! {
-        /// Any JSON value, however it is formatted, comes out of a
-        /// spec-compliant SSE parser as the same value, with the event's seq
-        /// as its id.
-        #[test]
-        fn any_json_survives_sse(
-            v in json_value(),
-            ws in prop::collection::vec(prop::sample::select(vec!["", " ", "\n", "\r\n", "\r", "\t", "\n  ", "\r\n\t"]), 1..8),
-            seq in 1u64..u64::MAX,
-        ) {
-            let text = formatted(&v, &ws, &mut 0);
-            prop_assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), v.clone());
-            let ev = Event {
-                run: runcast_core::RunId::parse("r").unwrap(),
-                seq,
-                kind: EventKind::Progress,
-                data: serde_json::value::RawValue::from_string(text).unwrap(),
-                ts: 1,
-                stored_us: 1,
-                traceparent: None,
-            };
-            let bytes = encode(Some(seq), &frame::encode_event(&ev));
-            let got = parse_stream(std::str::from_utf8(&bytes).unwrap());
-            prop_assert_eq!(got.len(), 1);
-            prop_assert_eq!(&got[0].0, &seq.to_string());
-            let frame: Value = serde_json::from_str(&got[0].1).unwrap();
-            prop_assert_eq!(&frame["data"], &v);
-            prop_assert_eq!(&frame["seq"], &Value::from(seq));
-        }
-    }
-
-    #[test]
-    fn pretty_printed_data_is_split_into_data_lines() {
-        let got = encode(Some(3), "{\"a\":\r\n [1,\r2]\n}");
-        assert_eq!(
-            std::str::from_utf8(&got).unwrap(),
-            "id: 3\ndata: {\"a\":\ndata:  [1,\ndata: 2]\ndata: }\n\n"
-        );
-    }
 }

@@ -1,7 +1,14 @@
-//! The WebSocket transport: `GET /v1/ws`.
+//! The WebSocket transport: `GET /v1/ws`, its handshake (HTTP/1.1 upgrade,
+//! or an RFC 8441 extended CONNECT over HTTP/2) and the session loop on the
+//! upgraded socket.
 
 use std::sync::Arc;
 
+use axum::{
+    extract::{Request, State},
+    http::{HeaderValue, Method, StatusCode, Version, header},
+    response::{IntoResponse, Response},
+};
 use futures_util::{SinkExt, StreamExt, stream::SplitSink};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -15,17 +22,166 @@ use tokio_tungstenite::{
     tungstenite::{
         Message,
         error::{CapacityError, Error as WsError},
+        handshake::derive_accept_key,
+        protocol::Role,
         protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode as WsCloseCode},
     },
 };
 
 use crate::{
-    Gateway,
-    hub::OutFrame,
+    error::{ApiError, truncate},
+    extract::{admit, conn_info, header_has, header_tokens},
+    frame::OutFrame,
+    gateway::Gateway,
     session::{Closed, Output, Session, SessionError},
 };
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// `/v1/ws`: checks the handshake, admits the session, answers `101` (HTTP/1.1)
+/// or `200` (HTTP/2 extended CONNECT), and serves the session on the upgraded
+/// stream. Everything that can be refused is refused before the upgrade, so
+/// the client sees a status it can act on.
+pub async fn upgrade(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    match handshake(gw, req).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn handshake(gw: Arc<Gateway>, req: Request) -> Result<Response, Response> {
+    let (mut parts, _body) = req.into_parts();
+    // Cross-site WebSocket hijacking: a page on another site must not open
+    // a WebSocket with the user's credentials. Checked before anything else.
+    if let Some(o) = parts.headers.get(header::ORIGIN) {
+        let o = o.to_str().unwrap_or("");
+        if !gw.origin_allowed(o) {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("origin {:?} is not allowed (--allowed-origin)", truncate(o)),
+            )
+            .into_response());
+        }
+    }
+    // RFC 8441: over HTTP/2 a WebSocket is a CONNECT with `:protocol`.
+    let h2 = parts.version == Version::HTTP_2;
+    if h2 {
+        let is_ws = parts.method == Method::CONNECT
+            && parts
+                .extensions
+                .get::<hyper::ext::Protocol>()
+                .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        if !is_ws {
+            return Err(upgrade_required());
+        }
+    } else if parts.method != Method::GET
+        || !header_has(&parts.headers, header::UPGRADE, "websocket")
+        || !header_has(&parts.headers, header::CONNECTION, "upgrade")
+    {
+        return Err(upgrade_required());
+    }
+    if parts
+        .headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        let mut r = ApiError::new(ErrorCode::InvalidFrame, "Sec-WebSocket-Version must be 13")
+            .into_response();
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(r);
+    }
+    let accept = if h2 {
+        None
+    } else {
+        let key = parts
+            .headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .ok_or_else(|| {
+                ApiError::new(ErrorCode::InvalidFrame, "missing Sec-WebSocket-Key").into_response()
+            })?;
+        Some(derive_accept_key(key.as_bytes()))
+    };
+    let conn = conn_info(&parts).map_err(IntoResponse::into_response)?;
+    let admitted = admit(&gw, &mut parts)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    // Browsers that send their token as a subprotocol also offer
+    // `runcast.v1`; selecting it keeps the token out of the response.
+    let offers_v1 =
+        header_tokens(&parts.headers, header::SEC_WEBSOCKET_PROTOCOL).any(|p| p == "runcast.v1");
+    let on_upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidFrame, "this connection cannot upgrade").into_response()
+        })?;
+    let task = async move {
+        // A client that gets its 101 but never lets the upgrade finish
+        // must not hold the session's slot.
+        let limit = gw.config.handshake_timeout;
+        let Ok(upgraded) = tokio::time::timeout(limit, on_upgrade).await else {
+            gw.metrics.timeouts.with_label_values(&["upgrade"]).inc();
+            tracing::debug!(?limit, "websocket upgrade timed out");
+            return;
+        };
+        match upgraded {
+            Ok(up) => {
+                let tokens = conn.detach(admitted.ip);
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(up),
+                    Role::Server,
+                    Some(ws_config(&gw)),
+                )
+                .await;
+                serve(gw, ws, admitted.grant).await;
+                drop(tokens);
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    };
+    tokio::spawn(tracing::Instrument::instrument(
+        task,
+        tracing::debug_span!("ws", h2),
+    ));
+    let mut r = Response::new(axum::body::Body::empty());
+    match accept {
+        // HTTP/2: a 200 to the CONNECT opens the stream.
+        None => *r.status_mut() = StatusCode::OK,
+        Some(accept) => {
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = r.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            if let Ok(v) = HeaderValue::from_str(&accept) {
+                h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+            }
+        }
+    }
+    if offers_v1 {
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("runcast.v1"),
+        );
+    }
+    Ok(r)
+}
+
+/// 426: a plain request on the WebSocket endpoint, often because a proxy
+/// stripped the upgrade.
+fn upgrade_required() -> Response {
+    let mut r = ApiError::new(
+        ErrorCode::InvalidFrame,
+        "this endpoint speaks WebSocket: send Upgrade: websocket (a proxy may have stripped it; use /v1/runs/<run>/stream for SSE)",
+    )
+    .into_response();
+    *r.status_mut() = StatusCode::UPGRADE_REQUIRED;
+    r.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    r
+}
 
 /// tungstenite settings for many mostly-idle, write-heavy connections.
 ///
@@ -36,7 +192,7 @@ type Ws = WebSocketStream<TokioIo<Upgraded>>;
 /// (subscribe/unsubscribe), so 512 bytes, not the default 128 KiB; larger
 /// frames still work, the buffer grows for them. Writes are batched up to
 /// 16 KiB per flush.
-pub fn ws_config(gw: &Gateway) -> WebSocketConfig {
+fn ws_config(gw: &Gateway) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(512)
         .write_buffer_size(16 << 10)
@@ -96,8 +252,8 @@ impl TokenClock {
 }
 
 /// Serves one upgraded WebSocket until the client leaves, misbehaves, falls
-/// behind, or the server drains (shutdown closes every session's `Conn`).
-pub async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
+/// behind, or the server drains (shutdown closes every session's `Subscriber`).
+async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
     let (sink, mut stream) = ws.split();
     let mut clock = grant.expires.map(|exp| TokenClock { exp, asked: false });
     // One timer, reset when the token changes; none for anonymous clients.
@@ -136,7 +292,7 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
     while close.is_none() {
         let step = tokio::select! {
             biased;
-            code = s.conn.closed() => { close = Some(Some(code)); break; }
+            code = s.sub.closed() => { close = Some(Some(code)); break; }
             msg = stream.next() => Step::Inbound(msg),
             Some(f) = s.rx.recv() => Step::Frame(f),
             _ = heartbeat.tick() => Step::Heartbeat,
@@ -160,7 +316,7 @@ pub async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
             continue;
         }
         // A step may block on a slow socket; a close request must still win.
-        let conn = s.conn.clone();
+        let conn = s.sub.clone();
         let outcome = tokio::select! {
             biased;
             code = conn.closed() => Err(Some(code)),

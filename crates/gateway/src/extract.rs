@@ -1,0 +1,296 @@
+//! What handlers take from a request, each checked once, here: the client's
+//! address, its grant (token), the run in the path, query parameters, a
+//! bounded body, and admission of a long-lived session. Failures are
+//! [`ApiError`]s, answered and counted like every other error.
+
+use std::{net::IpAddr, sync::Arc};
+
+use axum::{
+    extract::{FromRequestParts, Path, Request},
+    http::{HeaderMap, header, request::Parts},
+};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use runcast_core::{ErrorCode, ProtocolError, RunId, frame};
+
+use crate::{
+    auth::Grant,
+    error::{ApiError, truncate},
+    gateway::{ConnInfo, Gateway},
+    limits::{IpGuard, Refusal},
+};
+
+/// The client's address: the TCP peer, or what a trusted proxy says in
+/// `X-Forwarded-For` (`--trusted-proxy`).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub IpAddr);
+
+impl FromRequestParts<Arc<Gateway>> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &Arc<Gateway>) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnInfo>()
+            .map(|c| c.peer)
+            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "request without a connection"))?;
+        let xff = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        Ok(Self(gw.ip_limits.client_ip(peer, xff)))
+    }
+}
+
+/// A subscriber's grant: who is asking, from its bearer token. A failure is
+/// a 401, counted by reason; the token itself is never logged.
+impl FromRequestParts<Arc<Gateway>> for Grant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &Arc<Gateway>) -> Result<Self, ApiError> {
+        authenticate(gw, parts)
+    }
+}
+
+fn authenticate(gw: &Gateway, parts: &Parts) -> Result<Grant, ApiError> {
+    gw.config
+        .auth
+        .authenticate(bearer(parts).as_deref())
+        .map_err(|e| {
+            gw.metrics
+                .auth_failures
+                .with_label_values(&[e.kind.as_str()])
+                .inc();
+            ApiError::new(ErrorCode::Unauthorized, e.message)
+        })
+}
+
+/// The subscriber's bearer token: the `Authorization` header, a
+/// `runcast.bearer.<token>` WebSocket subprotocol entry (browsers), or an
+/// `access_token` query parameter (`EventSource`), in that order.
+fn bearer(parts: &Parts) -> Option<String> {
+    if let Some(t) = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_credentials)
+    {
+        return Some(t.to_owned());
+    }
+    if let Some(t) = header_tokens(&parts.headers, header::SEC_WEBSOCKET_PROTOCOL)
+        .find_map(|p| p.strip_prefix("runcast.bearer."))
+    {
+        return Some(t.to_owned());
+    }
+    parts
+        .uri
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("access_token="))
+        .map(str::to_owned)
+}
+
+/// The credentials of an `Authorization: Bearer <credentials>` value. The
+/// scheme is case-insensitive (RFC 7235 §2.1), so `bearer` and `BEARER` work.
+pub fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The comma-separated tokens of every `name` header, trimmed.
+pub fn header_tokens(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// Whether a `name` header lists `token` (case-insensitive).
+pub fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The run in a route's `{run}` segment, checked.
+pub struct Run(pub RunId);
+
+impl<S: Send + Sync> FromRequestParts<S> for Run {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::InvalidRunId, e.body_text()))?;
+        RunId::parse(&raw)
+            .map(Run)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidRunId, e.to_string()))
+    }
+}
+
+/// The raw query string (empty when there is none).
+pub struct RawQuery(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for RawQuery {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.uri.query().unwrap_or("").to_owned()))
+    }
+}
+
+/// `?key=N`: a non-negative integer, when given.
+pub fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError> {
+    for pair in q.split('&') {
+        if let Some((k, v)) = pair.split_once('=')
+            && k == key
+        {
+            return frame::parse_since(v)
+                .map(Some)
+                .map_err(|e| ProtocolError::new(e.code, format!("{key}: {}", e.message)));
+        }
+    }
+    Ok(None)
+}
+
+/// `?limit=N`: a positive integer, when given.
+pub fn query_limit(q: &str) -> Result<Option<u64>, ProtocolError> {
+    match query_u64(q, "limit") {
+        Ok(Some(0)) | Err(_) => Err(ProtocolError::new(
+            ErrorCode::InvalidQuery,
+            format!(
+                "limit must be a positive integer, not {:?}",
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("limit="))
+                    .unwrap_or("")
+                    .chars()
+                    .take(32)
+                    .collect::<String>()
+            ),
+        )),
+        ok => ok,
+    }
+}
+
+/// A long-lived session (WebSocket or SSE) admitted: its slot under the
+/// client address's limits, and its grant.
+pub struct Admitted {
+    pub ip: IpGuard,
+    pub grant: Grant,
+}
+
+/// Whether a new WebSocket or SSE session may start, cheapest checks
+/// first: not draining, the client address's limits, then its token.
+pub async fn admit(gw: &Arc<Gateway>, parts: &mut Parts) -> Result<Admitted, ApiError> {
+    if gw.is_draining() {
+        return Err(ApiError::new(
+            ErrorCode::Draining,
+            "gateway is draining; connect to another",
+        ));
+    }
+    let ClientAddr(ip) = ClientAddr::from_request_parts(parts, gw).await?;
+    let guard = gw.ip_limits.acquire(ip).map_err(|why| {
+        gw.metrics
+            .refused_sessions
+            .with_label_values(&[why.as_str()])
+            .inc();
+        let msg = match why {
+            Refusal::PerIp => format!(
+                "{ip} already holds {} sessions on this gateway",
+                gw.config.max_sessions_per_ip
+            ),
+            Refusal::Rate => format!("{ip} opens sessions too fast; slow down"),
+        };
+        ApiError::new(ErrorCode::RateLimited, msg)
+    })?;
+    Ok(Admitted {
+        ip: guard,
+        grant: authenticate(gw, parts)?,
+    })
+}
+
+/// The per-connection handle a session holds (see [`ConnInfo::detach`]).
+pub fn conn_info(parts: &Parts) -> Result<ConnInfo, ApiError> {
+    parts
+        .extensions
+        .get::<ConnInfo>()
+        .cloned()
+        .ok_or_else(|| ApiError::new(ErrorCode::Internal, "request without a connection"))
+}
+
+/// A request body of at most `limit` bytes, arriving within the request
+/// timeout: a client that trickles its body (slow loris) gets 408 and the
+/// connection is closed, instead of holding a task and a buffer.
+pub async fn read_body(gw: &Gateway, req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    // A body that says up front it is too large is refused from its header:
+    // nothing of it is read, and a client that sent `Expect: 100-continue`
+    // never gets the 100 (hyper sends it only once the body is polled).
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = declared
+        && n > limit as u64
+    {
+        // A client that asked `Expect: 100-continue` sends nothing more and
+        // reads the 413. Any other is sending the body right now; closing
+        // with it unread would reset the connection before the client reads
+        // the answer. So the body is discarded in the background (bounded in
+        // bytes and time) while the 413 goes out, as nginx's lingering close
+        // does; reading it never grows a buffer.
+        if !header_has(req.headers(), header::EXPECT, "100-continue") {
+            let deadline = gw.config.request_timeout;
+            let cap = n.min(MAX_DISCARD);
+            tokio::spawn(async move {
+                let mut body = req.into_body();
+                let mut seen = 0u64;
+                let drain = async {
+                    while let Some(Ok(frame)) = body.frame().await {
+                        seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        if seen >= cap {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(deadline, drain).await;
+            });
+        }
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("body of {n} bytes (Content-Length) is over the limit of {limit} bytes"),
+        ));
+    }
+    let read = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(gw.config.request_timeout, read).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("body is over the limit of {limit} bytes"),
+        )),
+        Ok(Err(e)) => Err(ApiError::new(
+            ErrorCode::InvalidEvent,
+            format!("could not read body: {}", truncate(&e.to_string())),
+        )),
+        Err(_) => {
+            gw.metrics
+                .timeouts
+                .with_label_values(&["request_body"])
+                .inc();
+            Err(ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the body did not arrive within {:?} (--request-timeout)",
+                    gw.config.request_timeout
+                ),
+            ))
+        }
+    }
+}
+
+/// The most of a refused oversized body discarded before the connection is
+/// closed anyway.
+const MAX_DISCARD: u64 = 64 << 20;
