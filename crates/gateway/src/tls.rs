@@ -108,8 +108,10 @@ impl Tls {
             .map_err(|e| format!("TLS setup: {e}"))?
             .with_no_client_auth()
             .with_cert_resolver(current.clone());
-        // The gateway speaks HTTP/1.1 only (WebSocket upgrades need it).
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // HTTP/2 first: a browser's SSE streams then share one connection
+        // instead of hitting its six-per-origin HTTP/1.1 limit. WebSockets
+        // work on either (RFC 8441 over HTTP/2).
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             current,

@@ -74,9 +74,16 @@ pub struct Browser {
 impl Browser {
     /// Starts Chromium and opens `url` in a new tab.
     pub async fn open(url: &str) -> Self {
+        Self::open_with(url, &[]).await
+    }
+
+    /// [`open`](Self::open), with more Chromium flags (for example
+    /// `--ignore-certificate-errors` for a gateway with a test certificate).
+    pub async fn open_with(url: &str, extra: &[&str]) -> Self {
         let profile = tempdir("chromium");
         let child = Command::new(chromium())
             .args(chromium_args(&profile))
+            .args(extra)
             // Port 0: Chromium picks a free port and writes it, with the
             // browser's WebSocket path, to DevToolsActivePort.
             .args(["--remote-debugging-port=0", "about:blank"])
