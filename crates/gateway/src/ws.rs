@@ -222,6 +222,29 @@ impl Output for WsOut {
     }
 }
 
+/// Why a connection's loop ended.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// Close with this code: a close frame is sent.
+    Close(CloseCode),
+    /// The socket is already gone; there is no one to tell.
+    Gone,
+}
+
+impl From<Closed> for End {
+    fn from(_: Closed) -> Self {
+        End::Gone
+    }
+}
+
+/// What handling one step did, when it did not end the connection.
+enum Handled {
+    Done,
+    /// A fresh token, expiring at this time (seconds since the epoch), was
+    /// accepted: its clock starts over.
+    Renewed(u64),
+}
+
 enum Step {
     Inbound(Option<Result<Message, WsError>>),
     Frame(Arc<OutFrame>),
@@ -278,10 +301,7 @@ async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
         Ok(()) => s.out.flush().await,
         Err(c) => Err(c),
     };
-    let mut close = match greeted {
-        Ok(()) => None,
-        Err(Closed) => Some(None),
-    };
+    let mut end = greeted.err().map(End::from);
     let mut heartbeat = tokio::time::interval_at(
         Instant::now() + cfg.heartbeat_interval,
         cfg.heartbeat_interval,
@@ -289,10 +309,10 @@ async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
 
-    while close.is_none() {
+    while end.is_none() {
         let step = tokio::select! {
             biased;
-            code = s.sub.closed() => { close = Some(Some(code)); break; }
+            code = s.sub.closed() => { end = Some(End::Close(code)); break; }
             msg = stream.next() => Step::Inbound(msg),
             Some(f) = s.rx.recv() => Step::Frame(f),
             _ = heartbeat.tick() => Step::Heartbeat,
@@ -301,13 +321,13 @@ async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
         if let Step::TokenTimer = step {
             let Some(c) = clock.as_mut() else { continue };
             if c.asked {
-                close = Some(Some(CloseCode::TokenExpired));
+                end = Some(End::Close(CloseCode::TokenExpired));
                 break;
             }
             c.asked = true;
             let refresh = frame::encode_refresh(c.exp);
             if s.out.send_text(refresh, None).await.is_err() || s.out.flush().await.is_err() {
-                close = Some(None);
+                end = Some(End::Gone);
                 break;
             }
             if let Some(t) = token_timer.as_mut() {
@@ -319,13 +339,12 @@ async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
         let conn = s.sub.clone();
         let outcome = tokio::select! {
             biased;
-            code = conn.closed() => Err(Some(code)),
+            code = conn.closed() => Err(End::Close(code)),
             r = handle(&mut s, step, &mut last_seen) => r,
         };
         match outcome {
-            Err(code) => close = Some(code),
-            // A fresh token: start its clock over.
-            Ok(Some(exp)) => {
+            Err(e) => end = Some(e),
+            Ok(Handled::Renewed(exp)) => {
                 clock = Some(TokenClock { exp, asked: false });
                 let at = clock.as_ref().expect("set").deadline();
                 match token_timer.as_mut() {
@@ -333,11 +352,11 @@ async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
                     None => token_timer = Some(Box::pin(tokio::time::sleep_until(at))),
                 }
             }
-            Ok(None) => {}
+            Ok(Handled::Done) => {}
         }
     }
 
-    if let Some(Some(code)) = close {
+    if let Some(End::Close(code)) = end {
         metrics
             .closes
             .with_label_values(&[&code.code().to_string()])
@@ -359,38 +378,36 @@ async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
     transport.dec();
 }
 
-/// Handles one step. `Err(Some(code))` closes with `code`; `Err(None)` means
-/// the socket is already gone; `Ok(Some(exp))` means a fresh token expiring
-/// at `exp` was accepted.
+/// Handles one step.
 async fn handle(
     s: &mut Session<WsOut>,
     step: Step,
     last_seen: &mut Instant,
-) -> Result<Option<u64>, Option<CloseCode>> {
+) -> Result<Handled, End> {
     let cfg = &s.gw.config;
     match step {
-        Step::TokenTimer => Ok(None),
-        Step::Frame(f) => s.deliver_batch(f).await.map(|()| None).map_err(|_| None),
+        Step::TokenTimer => Ok(Handled::Done),
+        Step::Frame(f) => Ok(s.deliver_batch(f).await.map(|()| Handled::Done)?),
         Step::Heartbeat => {
             if last_seen.elapsed() > cfg.heartbeat_interval + cfg.heartbeat_timeout {
-                return Err(Some(CloseCode::HeartbeatTimeout));
+                return Err(End::Close(CloseCode::HeartbeatTimeout));
             }
             s.out
                 .0
                 .send(Message::Ping(Default::default()))
                 .await
-                .map(|()| None)
-                .map_err(|_| None)
+                .map(|()| Handled::Done)
+                .map_err(|_| End::Gone)
         }
-        Step::Inbound(None) => Err(None),
+        Step::Inbound(None) => Err(End::Gone),
         Step::Inbound(Some(Err(WsError::Capacity(CapacityError::MessageTooLong {
             size,
             max_size,
         })))) => {
             tracing::debug!(conn = s.id(), size, max_size, "frame over the hard limit");
-            Err(Some(CloseCode::MessageTooBig))
+            Err(End::Close(CloseCode::MessageTooBig))
         }
-        Step::Inbound(Some(Err(_))) => Err(None),
+        Step::Inbound(Some(Err(_))) => Err(End::Gone),
         Step::Inbound(Some(Ok(msg))) => {
             *last_seen = Instant::now();
             let mut renewed = None;
@@ -432,17 +449,18 @@ async fn handle(
                     ErrorCode::BinaryNotSupported,
                     "binary frames are not part of the protocol; send JSON text frames",
                 ))),
-                Message::Close(_) => return Err(None),
+                Message::Close(_) => return Err(End::Gone),
                 // tungstenite answers pings itself; any frame proves liveness.
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
             };
             match result {
-                Ok(()) => Ok(renewed),
+                Ok(()) => Ok(renewed.map_or(Handled::Done, Handled::Renewed)),
                 Err(SessionError::Protocol(e)) => {
                     tracing::debug!(conn = s.id(), code = %e.code, "protocol error");
-                    s.send_error(&e).await.map(|()| None).map_err(|_| None)
+                    s.send_error(&e).await?;
+                    Ok(Handled::Done)
                 }
-                Err(SessionError::Closed) => Err(None),
+                Err(SessionError::Closed) => Err(End::Gone),
             }
         }
     }
