@@ -490,3 +490,73 @@ async fn an_oversized_publish_is_refused_from_its_content_length() {
     let text = String::from_utf8_lossy(&resp);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
 }
+
+/// Every error response, whichever route or layer answers it (router
+/// fallbacks, extractors, handlers, the WebSocket handshake), has the JSON
+/// error body with the status its code maps to and is counted once by code.
+#[tokio::test]
+async fn every_error_response_is_json_and_counted_by_code() {
+    let gw = TestGateway::with(
+        Config {
+            auth: std::sync::Arc::new({
+                let mut a = runcast_gateway::auth::Auth::default();
+                a.add_hs256_secret(None, b"a-secret-that-is-long-enough-for-hs256")
+                    .unwrap();
+                a
+            }),
+            ..Config::default()
+        },
+        runcast_bus::Retention::default(),
+    )
+    .await;
+    let cases: &[(&str, &str, &[(&str, &str)], u16, &str)] = &[
+        ("GET", "/nowhere", &[], 404, "not_found"),
+        ("DELETE", "/v1/runs", &[], 405, "method_not_allowed"),
+        ("PUT", "/v1/admin/drain", &[], 405, "method_not_allowed"),
+        ("GET", "/v1/runs", &[], 401, "unauthorized"),
+        ("GET", "/v1/runs/a%20b/stream", &[], 400, "invalid_run_id"),
+        ("GET", "/v1/ws", &[], 426, "invalid_frame"),
+        ("GET", "/v1/admin/stats", &[], 401, "unauthorized"),
+        ("POST", "/v1/runs/r/events", &[], 400, "invalid_json"),
+        (
+            "GET",
+            "/v1/runs/r/stream",
+            &[("last-event-id", "x")],
+            400,
+            "invalid_since",
+        ),
+    ];
+    let before = gw.gw.metrics.render();
+    for (method, path, headers, status, code) in cases {
+        let (got, h, body) = http(gw.addr, method, path, headers, "").await;
+        assert_eq!(got, *status, "{method} {path}: {body}");
+        assert_eq!(h["content-type"], "application/json", "{method} {path}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["code"], *code, "{method} {path}: {body}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let after = gw.gw.metrics.render();
+    let count = |m: &str, code: &str| {
+        runcast_test_support::metric(
+            m,
+            &format!(r#"runcast_protocol_errors_total{{code="{code}"}}"#),
+        )
+        .unwrap_or(0.0)
+    };
+    for code in [
+        "not_found",
+        "method_not_allowed",
+        "unauthorized",
+        "invalid_run_id",
+        "invalid_frame",
+        "invalid_since",
+        "invalid_json",
+    ] {
+        let want = cases.iter().filter(|c| c.4 == code).count() as f64;
+        assert_eq!(
+            count(&after, code) - count(&before, code),
+            want,
+            "{code} counted once per response"
+        );
+    }
+}
