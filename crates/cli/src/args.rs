@@ -101,7 +101,31 @@ pub struct ClientTlsArgs {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// The subscriber token a client command shows a gateway that requires one
+/// (`tail`, `doctor`). Commands word its help for what they do with it.
 #[derive(Debug, Args)]
+pub struct SubscriberArgs {
+    /// Bearer token for gateways that require one (sent as Authorization: Bearer).
+    #[arg(long, env = "RUNCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// The publish API key a client command shows a gateway that requires one
+/// (`publish`, `doctor`).
+#[derive(Debug, Args)]
+pub struct PublisherArgs {
+    /// API key, for gateways that require one.
+    #[arg(long, env = "RUNCAST_PUBLISH_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    mut_arg("token", |a| a.help("Subscriber token, for gateways that require one")),
+    mut_arg("key", |a| a.help(
+        "Publish API key, for gateways that require one (the probe is published with it)"
+    )),
+)]
 pub struct DoctorArgs {
     /// The gateway's URL as clients reach it (through any proxy or ingress):
     /// http(s)://host[:port][/prefix]; ws(s):// and .../v1/ws name the same gateway.
@@ -121,12 +145,10 @@ pub struct DoctorArgs {
     /// How long each check may take.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub timeout: Duration,
-    /// Subscriber token, for gateways that require one.
-    #[arg(long, env = "RUNCAST_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Publish API key, for gateways that require one (the probe is published with it).
-    #[arg(long, env = "RUNCAST_PUBLISH_KEY", hide_env_values = true)]
-    pub key: Option<String>,
+    #[command(flatten)]
+    pub subscriber: SubscriberArgs,
+    #[command(flatten)]
+    pub publisher: PublisherArgs,
 }
 
 #[derive(Debug, Args)]
@@ -619,9 +641,8 @@ pub struct TailArgs {
     pub url: String,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
-    /// Bearer token for gateways that require one (sent as Authorization: Bearer).
-    #[arg(long, env = "RUNCAST_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub subscriber: SubscriberArgs,
     /// Print raw JSON frames instead of lines.
     #[arg(long)]
     pub json: bool,
@@ -656,9 +677,8 @@ pub struct PublishArgs {
     pub url: String,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
-    /// API key, for gateways that require one.
-    #[arg(long, env = "RUNCAST_PUBLISH_KEY", hide_env_values = true)]
-    pub key: Option<String>,
+    #[command(flatten)]
+    pub publisher: PublisherArgs,
 }
 
 #[derive(Debug, Args)]
