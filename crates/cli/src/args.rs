@@ -323,7 +323,7 @@ static RETENTION: std::sync::LazyLock<Retention> = std::sync::LazyLock::new(Rete
 /// (`64KiB`, `4MiB`), so [`size`] reads it back to the same number.
 pub fn show_size(n: usize) -> String {
     for (unit, mult) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if n >= mult && n % mult == 0 {
+        if n >= mult && n.is_multiple_of(mult) {
             return format!("{}{unit}", n / mult);
         }
     }
@@ -340,7 +340,7 @@ pub fn show_duration(d: Duration) -> String {
         ("s", 1_000_000),
         ("ms", 1_000),
     ] {
-        if us >= mult && us % mult == 0 {
+        if us >= mult && us.is_multiple_of(mult) {
             return format!("{}{unit}", us / mult);
         }
     }

@@ -209,7 +209,7 @@ impl Pass<'_> {
         Api::namespaced(self.ctx.client.clone(), &self.ns)
     }
 
-    /// 1. The admin token the gateways and this operator share: read from
+    /// Step 1: the admin token the gateways and this operator share: read from
     /// its Secret, or made and stored there for a new cluster.
     async fn admin_token(&self) -> Result<String, Error> {
         let rc = self.rc;
@@ -231,7 +231,7 @@ impl Pass<'_> {
         }
     }
 
-    /// 2a. The gateways' configuration; returns its hash, which goes into
+    /// Step 2a: the gateways' configuration; returns its hash, which goes into
     /// the pod template so a change rolls the pods.
     async fn apply_config(&self) -> Result<String, Error> {
         let cm = resources::config_map(self.rc);
@@ -246,7 +246,7 @@ impl Pass<'_> {
         Ok(config_hash)
     }
 
-    /// 2b. What exists now: the Deployment's size, and each live pod's
+    /// Step 2b: what exists now: the Deployment's size, and each live pod's
     /// readiness and load.
     async fn observe(&self, token: &str) -> Result<Fleet, Error> {
         let rc = self.rc;
@@ -298,7 +298,7 @@ impl Pass<'_> {
         })
     }
 
-    /// 3. Decide, against this cluster's stabilization history.
+    /// Step 3: decide, against this cluster's stabilization history.
     fn decide(&self, fleet: &Fleet) -> policy::Plan {
         let (rc, ctx) = (self.rc, self.ctx);
         let scaling = &rc.spec.scaling;
@@ -329,7 +329,7 @@ impl Pass<'_> {
         plan
     }
 
-    /// 4. Apply: the Deployment at the planned size, and the rest.
+    /// Step 4: apply the Deployment at the planned size, and the rest.
     async fn apply_objects(&self, replicas: i32, config_hash: &str) -> Result<(), Error> {
         let (rc, apply) = (self.rc, &self.apply);
         self.api::<Deployment>()
@@ -376,7 +376,7 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// 5. Move clients: drain before removal, shed to rebalance.
+    /// Step 5: move clients: drain before removal, shed to rebalance.
     async fn move_clients(
         &self,
         token: &str,
@@ -422,7 +422,7 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// 6. Status, and the per-cluster metrics.
+    /// Step 6: status, and the per-cluster metrics.
     async fn report(&self, fleet: &Fleet, plan: &policy::Plan) -> Result<(), Error> {
         let rc = self.rc;
         let status = status(rc, &fleet.loads, plan, fleet.current);
