@@ -101,7 +101,31 @@ pub struct ClientTlsArgs {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// The subscriber token a client command shows a gateway that requires one
+/// (`tail`, `doctor`). Commands word its help for what they do with it.
 #[derive(Debug, Args)]
+pub struct SubscriberArgs {
+    /// Bearer token for gateways that require one (sent as Authorization: Bearer).
+    #[arg(long, env = "RUNCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// The publish API key a client command shows a gateway that requires one
+/// (`publish`, `doctor`).
+#[derive(Debug, Args)]
+pub struct PublisherArgs {
+    /// API key, for gateways that require one.
+    #[arg(long, env = "RUNCAST_PUBLISH_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    mut_arg("token", |a| a.help("Subscriber token, for gateways that require one")),
+    mut_arg("key", |a| a.help(
+        "Publish API key, for gateways that require one (the probe is published with it)"
+    )),
+)]
 pub struct DoctorArgs {
     /// The gateway's URL as clients reach it (through any proxy or ingress):
     /// http(s)://host[:port][/prefix]; ws(s):// and .../v1/ws name the same gateway.
@@ -121,12 +145,10 @@ pub struct DoctorArgs {
     /// How long each check may take.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub timeout: Duration,
-    /// Subscriber token, for gateways that require one.
-    #[arg(long, env = "RUNCAST_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Publish API key, for gateways that require one (the probe is published with it).
-    #[arg(long, env = "RUNCAST_PUBLISH_KEY", hide_env_values = true)]
-    pub key: Option<String>,
+    #[command(flatten)]
+    pub subscriber: SubscriberArgs,
+    #[command(flatten)]
+    pub publisher: PublisherArgs,
 }
 
 #[derive(Debug, Args)]
@@ -290,48 +312,87 @@ pub fn size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+// The gateway's and the embedded bus's flag defaults are the libraries' own
+// (`Config::default()`, `Retention::default()`), shown in `--help` in the
+// units the parsers above read: one source of truth, so a library user and
+// a `runcast` user get the same gateway and the help cannot drift from it.
+static GATEWAY: std::sync::LazyLock<Config> = std::sync::LazyLock::new(Config::default);
+static RETENTION: std::sync::LazyLock<Retention> = std::sync::LazyLock::new(Retention::default);
+
+/// A size as `--help` shows it: in the largest unit that divides it
+/// (`64KiB`, `4MiB`), so [`size`] reads it back to the same number.
+pub fn show_size(n: usize) -> String {
+    for (unit, mult) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= mult && n.is_multiple_of(mult) {
+            return format!("{}{unit}", n / mult);
+        }
+    }
+    n.to_string()
+}
+
+/// A duration as `--help` shows it: in the largest unit that divides it
+/// (`1h`, `20s`, `500ms`), so [`duration`] reads it back to the same value.
+pub fn show_duration(d: Duration) -> String {
+    let us = d.as_micros();
+    for (unit, mult) in [
+        ("h", 3_600_000_000),
+        ("m", 60_000_000),
+        ("s", 1_000_000),
+        ("ms", 1_000),
+    ] {
+        if us >= mult && us.is_multiple_of(mult) {
+            return format!("{}{unit}", us / mult);
+        }
+    }
+    if us == 0 {
+        "0s".into()
+    } else {
+        format!("{us}us")
+    }
+}
+
 /// Gateway limits and timings.
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
     /// Largest client frame accepted; larger ones get a too_large error frame.
-    #[arg(long, env = "RUNCAST_MAX_FRAME", default_value = "64KiB", value_parser = size)]
+    #[arg(long, env = "RUNCAST_MAX_FRAME", default_value = show_size(GATEWAY.max_frame_bytes), value_parser = size)]
     pub max_frame: usize,
     /// Subscriptions allowed per connection.
-    #[arg(long, env = "RUNCAST_MAX_SUBSCRIPTIONS", default_value_t = 256)]
+    #[arg(long, env = "RUNCAST_MAX_SUBSCRIPTIONS", default_value_t = GATEWAY.max_subscriptions)]
     pub max_subscriptions: usize,
     /// Live frames queued per connection before it is disconnected as a slow consumer.
-    #[arg(long, env = "RUNCAST_QUEUE_MESSAGES", default_value_t = 1024)]
+    #[arg(long, env = "RUNCAST_QUEUE_MESSAGES", default_value_t = GATEWAY.queue_messages)]
     pub queue_messages: usize,
     /// Live bytes queued per connection before it is disconnected as a slow consumer.
-    #[arg(long, env = "RUNCAST_QUEUE_BYTES", default_value = "4MiB", value_parser = size)]
+    #[arg(long, env = "RUNCAST_QUEUE_BYTES", default_value = show_size(GATEWAY.queue_bytes), value_parser = size)]
     pub queue_bytes: usize,
     /// Interval between server pings.
-    #[arg(long, env = "RUNCAST_HEARTBEAT_INTERVAL", default_value = "20s", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_HEARTBEAT_INTERVAL", default_value = show_duration(GATEWAY.heartbeat_interval), value_parser = duration)]
     pub heartbeat_interval: Duration,
     /// Time a client has after a ping before it counts as dead.
-    #[arg(long, env = "RUNCAST_HEARTBEAT_TIMEOUT", default_value = "20s", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_HEARTBEAT_TIMEOUT", default_value = show_duration(GATEWAY.heartbeat_timeout), value_parser = duration)]
     pub heartbeat_timeout: Duration,
     /// Largest publish request body.
-    #[arg(long, env = "RUNCAST_MAX_PUBLISH", default_value = "1MiB", value_parser = size)]
+    #[arg(long, env = "RUNCAST_MAX_PUBLISH", default_value = show_size(GATEWAY.max_publish_bytes), value_parser = size)]
     pub max_publish: usize,
     /// Most events in one publish request.
-    #[arg(long, env = "RUNCAST_MAX_BATCH", default_value_t = 1000)]
+    #[arg(long, env = "RUNCAST_MAX_BATCH", default_value_t = GATEWAY.max_batch)]
     pub max_batch: usize,
     /// On SIGTERM, how long readiness fails before clients are told to leave.
-    #[arg(long, env = "RUNCAST_DRAIN_DELAY", default_value = "0s", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_DRAIN_DELAY", default_value = show_duration(GATEWAY.drain_delay), value_parser = duration)]
     pub drain_delay: Duration,
     /// How long shutdown waits for connections to close.
-    #[arg(long, env = "RUNCAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_DRAIN_TIMEOUT", default_value = show_duration(GATEWAY.drain_timeout), value_parser = duration)]
     pub drain_timeout: Duration,
     /// Time a client has to send each request's headers, from their first byte.
-    #[arg(long, env = "RUNCAST_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_HEADER_READ_TIMEOUT", default_value = show_duration(GATEWAY.header_read_timeout), value_parser = duration)]
     pub header_read_timeout: Duration,
     /// Time from connecting until the first request's headers are in (TLS handshake
     /// included), and for a WebSocket upgrade to complete; silent connections are closed.
-    #[arg(long, env = "RUNCAST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_HANDSHAKE_TIMEOUT", default_value = show_duration(GATEWAY.handshake_timeout), value_parser = duration)]
     pub handshake_timeout: Duration,
     /// Time a client has to send a request body (publish, admin); slower gets 408.
-    #[arg(long, env = "RUNCAST_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_REQUEST_TIMEOUT", default_value = show_duration(GATEWAY.request_timeout), value_parser = duration)]
     pub request_timeout: Duration,
     /// Serve HTTPS/WSS with this PEM certificate chain (with --tls-key); re-read when the
     /// file changes. Unset: plain HTTP, for use behind an ingress that terminates TLS.
@@ -344,10 +405,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "RUNCAST_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = duration)]
     pub tls_reload_interval: Duration,
     /// Connections served at once; more get 503.
-    #[arg(long, env = "RUNCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
+    #[arg(long, env = "RUNCAST_MAX_CONNECTIONS", default_value_t = GATEWAY.max_connections)]
     pub max_connections: usize,
     /// When exporting traces: at most this many per-client `runcast.deliver` spans a second.
-    #[arg(long, env = "RUNCAST_TRACE_DELIVERIES", default_value_t = 100)]
+    #[arg(long, env = "RUNCAST_TRACE_DELIVERIES", default_value_t = GATEWAY.trace_deliveries_per_sec)]
     pub trace_deliveries: u32,
     /// Subscriber tokens: an HS256 shared secret (32+ bytes).
     #[arg(long, env = "RUNCAST_AUTH_HS256_SECRET", hide_env_values = true)]
@@ -387,14 +448,14 @@ pub struct GatewayArgs {
     pub allowed_origin: Vec<String>,
     /// WebSocket/SSE sessions one client address may hold (0: no cap). Set --trusted-proxy
     /// first if clients come through a load balancer.
-    #[arg(long, env = "RUNCAST_MAX_SESSIONS_PER_IP", default_value_t = 0)]
+    #[arg(long, env = "RUNCAST_MAX_SESSIONS_PER_IP", default_value_t = GATEWAY.max_sessions_per_ip)]
     pub max_sessions_per_ip: usize,
     /// New WebSocket/SSE sessions per second one client address may open, burst twice that
     /// (0: no limit).
-    #[arg(long, env = "RUNCAST_SESSION_RATE_PER_IP", default_value_t = 0.0)]
+    #[arg(long, env = "RUNCAST_SESSION_RATE_PER_IP", default_value_t = GATEWAY.session_rate_per_ip)]
     pub session_rate_per_ip: f64,
     /// Publish requests per second per API key, burst twice that (0: no limit).
-    #[arg(long, env = "RUNCAST_PUBLISH_RATE_PER_KEY", default_value_t = 0.0)]
+    #[arg(long, env = "RUNCAST_PUBLISH_RATE_PER_KEY", default_value_t = GATEWAY.publish_rate_per_key)]
     pub publish_rate_per_key: f64,
     /// Proxies (CIDRs) whose X-Forwarded-For names the client, e.g. 10.0.0.0/8; repeatable.
     #[arg(long, env = "RUNCAST_TRUSTED_PROXIES", value_delimiter = ',')]
@@ -411,13 +472,13 @@ pub struct GatewayArgs {
     pub admin_token: Option<String>,
     /// On SIGTERM, ask this many clients per second to reconnect elsewhere (faster if needed
     /// to finish within half of --drain-timeout).
-    #[arg(long, env = "RUNCAST_DRAIN_RATE", default_value = "500", value_parser = rate)]
+    #[arg(long, env = "RUNCAST_DRAIN_RATE", default_value_t = GATEWAY.drain_rate, value_parser = rate)]
     pub drain_rate: f64,
     /// Random extra delay of up to this much for each SIGTERM reconnect hint.
-    #[arg(long, env = "RUNCAST_DRAIN_JITTER", default_value = "0s", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_DRAIN_JITTER", default_value = show_duration(GATEWAY.drain_jitter), value_parser = duration)]
     pub drain_jitter: Duration,
     /// Log events slower than this from publish to socket write, with their trace ID (0 = off).
-    #[arg(long, env = "RUNCAST_SLOW_EVENT_LOG", default_value = "500ms", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_SLOW_EVENT_LOG", default_value = show_duration(GATEWAY.slow_event_log), value_parser = duration)]
     pub slow_event_log: Duration,
 }
 
@@ -490,7 +551,9 @@ impl GatewayArgs {
             publish_keys: self.publish_keys(open_by_default)?,
             tls: self.tls()?,
             max_frame_bytes: self.max_frame,
-            hard_frame_bytes: self.max_frame.max(1 << 20),
+            // Never below the library's hard cap: a small --max-frame still
+            // answers larger frames with a too_large error frame, not a close.
+            hard_frame_bytes: self.max_frame.max(GATEWAY.hard_frame_bytes),
             max_subscriptions: self.max_subscriptions,
             queue_messages: self.queue_messages,
             queue_bytes: self.queue_bytes,
@@ -528,25 +591,25 @@ impl GatewayArgs {
 #[derive(Debug, Args)]
 pub struct RetentionArgs {
     /// Events kept per run.
-    #[arg(long, env = "RUNCAST_HISTORY_EVENTS", default_value_t = 10_000)]
+    #[arg(long, env = "RUNCAST_HISTORY_EVENTS", default_value_t = RETENTION.max_events_per_run)]
     pub history_events: usize,
     /// Bytes of history kept per run.
-    #[arg(long, env = "RUNCAST_HISTORY_RUN_BYTES", default_value = "16MiB", value_parser = size)]
+    #[arg(long, env = "RUNCAST_HISTORY_RUN_BYTES", default_value = show_size(RETENTION.max_bytes_per_run), value_parser = size)]
     pub history_run_bytes: usize,
     /// Bytes of history kept in total; publishes beyond it get 507.
-    #[arg(long, env = "RUNCAST_HISTORY_TOTAL_BYTES", default_value = "1GiB", value_parser = size)]
+    #[arg(long, env = "RUNCAST_HISTORY_TOTAL_BYTES", default_value = show_size(RETENTION.max_total_bytes), value_parser = size)]
     pub history_total_bytes: usize,
     /// Age after which events are dropped from history.
-    #[arg(long, env = "RUNCAST_HISTORY_AGE", default_value = "1h", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_HISTORY_AGE", default_value = show_duration(RETENTION.max_age), value_parser = duration)]
     pub history_age: Duration,
     /// Runs kept at once; new runs beyond it get 507.
-    #[arg(long, env = "RUNCAST_MAX_RUNS", default_value_t = 10_000)]
+    #[arg(long, env = "RUNCAST_MAX_RUNS", default_value_t = RETENTION.max_runs)]
     pub max_runs: usize,
     /// How long a finished run stays visible.
-    #[arg(long, env = "RUNCAST_FINISHED_TTL", default_value = "1h", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_FINISHED_TTL", default_value = show_duration(RETENTION.finished_ttl), value_parser = duration)]
     pub finished_ttl: Duration,
     /// How long a run with no events stays visible.
-    #[arg(long, env = "RUNCAST_IDLE_TTL", default_value = "24h", value_parser = duration)]
+    #[arg(long, env = "RUNCAST_IDLE_TTL", default_value = show_duration(RETENTION.idle_ttl), value_parser = duration)]
     pub idle_ttl: Duration,
 }
 
@@ -578,9 +641,8 @@ pub struct TailArgs {
     pub url: String,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
-    /// Bearer token for gateways that require one (sent as Authorization: Bearer).
-    #[arg(long, env = "RUNCAST_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub subscriber: SubscriberArgs,
     /// Print raw JSON frames instead of lines.
     #[arg(long)]
     pub json: bool,
@@ -615,9 +677,8 @@ pub struct PublishArgs {
     pub url: String,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
-    /// API key, for gateways that require one.
-    #[arg(long, env = "RUNCAST_PUBLISH_KEY", hide_env_values = true)]
-    pub key: Option<String>,
+    #[command(flatten)]
+    pub publisher: PublisherArgs,
 }
 
 #[derive(Debug, Args)]
@@ -676,6 +737,168 @@ mod tests {
         assert_eq!(rate("2.5").unwrap(), 2.5);
         for bad in ["0", "-1", "inf", "NaN", "x"] {
             assert!(rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shown_defaults_read_back_to_themselves() {
+        for n in [
+            1,
+            512,
+            1000,
+            64 << 10,
+            3 << 19,
+            1 << 20,
+            16 << 20,
+            1 << 30,
+            5 << 30,
+        ] {
+            assert_eq!(size(&show_size(n)), Ok(n), "{n} shown as {}", show_size(n));
+        }
+        for d in [
+            Duration::ZERO,
+            Duration::from_micros(7),
+            Duration::from_millis(500),
+            Duration::from_millis(1500),
+            Duration::from_secs(20),
+            Duration::from_secs(90),
+            Duration::from_secs(3600),
+            Duration::from_secs(24 * 3600),
+        ] {
+            assert_eq!(
+                duration(&show_duration(d)),
+                Ok(d),
+                "{d:?} shown as {}",
+                show_duration(d)
+            );
+        }
+        assert_eq!(
+            [
+                show_size(64 << 10),
+                show_duration(Duration::from_millis(500))
+            ],
+            ["64KiB", "500ms"]
+        );
+    }
+
+    /// Parses `argv` as if no `RUNCAST_*` (or other) variable were set,
+    /// whatever this test process's environment holds.
+    fn parse_without_env(argv: &[&str]) -> Cli {
+        use clap::{CommandFactory, FromArgMatches};
+        fn no_env(cmd: clap::Command) -> clap::Command {
+            cmd.mut_args(|a| a.env(None)).mut_subcommands(no_env)
+        }
+        let matches = no_env(Cli::command())
+            .try_get_matches_from(argv)
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+    }
+
+    /// Asserts that `got` and `want` agree on each field, naming the one that does not.
+    macro_rules! same {
+        ($role:expr, $got:expr, $want:expr, $source:literal: $($field:ident),* $(,)?) => {$(
+            assert_eq!(
+                $got.$field, $want.$field,
+                "runcast {} with no flags: {} differs from {}",
+                $role, stringify!($field), $source
+            );
+        )*};
+    }
+
+    #[test]
+    fn no_flags_give_the_library_defaults() {
+        for role in ["up", "gateway"] {
+            let (gateway, retention) = match parse_without_env(&["runcast", role]).cmd {
+                Command::Up(a) => (a.gateway, a.retention),
+                Command::Gateway(a) => (a.gateway, a.retention),
+                other => panic!("{role} parsed as {other:?}"),
+            };
+            // `open_by_default` only decides auth and publish keys, which
+            // have no single default to compare (see below).
+            let got = gateway.to_config(true).expect("a config");
+            let want = Config::default();
+            // Every field by name, so a new one must be placed: compared
+            // here because a flag sets it, or listed as set by none.
+            let Config {
+                max_frame_bytes: _,
+                hard_frame_bytes: _,
+                max_subscriptions: _,
+                queue_messages: _,
+                queue_bytes: _,
+                heartbeat_interval: _,
+                heartbeat_timeout: _,
+                max_publish_bytes: _,
+                max_batch: _,
+                drain_delay: _,
+                drain_timeout: _,
+                max_connections: _,
+                header_read_timeout: _,
+                handshake_timeout: _,
+                request_timeout: _,
+                trace_deliveries_per_sec: _,
+                slow_event_log: _,
+                admin_token: _,
+                drain_rate: _,
+                drain_jitter: _,
+                allowed_origins: _,
+                max_sessions_per_ip: _,
+                session_rate_per_ip: _,
+                trusted_proxies: _,
+                publish_rate_per_key: _,
+                tls: _,
+                // No flag: library-only tuning.
+                close_timeout: _,
+                replay_page: _,
+                sse_retry: _,
+                // Built from several flags and the role (`up` is open
+                // without keys, `gateway` refuses to start without auth).
+                auth: _,
+                publish_keys: _,
+            } = &want;
+            same!(role, got, want, "Config::default()":
+                max_frame_bytes,
+                hard_frame_bytes,
+                max_subscriptions,
+                queue_messages,
+                queue_bytes,
+                heartbeat_interval,
+                heartbeat_timeout,
+                max_publish_bytes,
+                max_batch,
+                drain_delay,
+                drain_timeout,
+                max_connections,
+                header_read_timeout,
+                handshake_timeout,
+                request_timeout,
+                trace_deliveries_per_sec,
+                slow_event_log,
+                admin_token,
+                drain_rate,
+                drain_jitter,
+                allowed_origins,
+                max_sessions_per_ip,
+                session_rate_per_ip,
+                trusted_proxies,
+                publish_rate_per_key,
+            );
+            assert!(
+                got.tls.is_none() && want.tls.is_none(),
+                "{role}: TLS is off"
+            );
+
+            let got = retention.to_retention();
+            let want = Retention::default();
+            // Every field of Retention with a flag (max_event_bytes has none).
+            same!(role, got, want, "Retention::default()":
+                max_events_per_run,
+                max_bytes_per_run,
+                max_total_bytes,
+                max_age,
+                max_runs,
+                finished_ttl,
+                idle_ttl,
+            );
         }
     }
 

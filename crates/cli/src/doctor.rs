@@ -216,8 +216,8 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("{} resolves to no address", url.host()))?;
     let t = Target {
         dialer,
-        token: a.token.clone(),
-        key: a.key.clone(),
+        token: a.subscriber.token.clone(),
+        key: a.publisher.key.clone(),
     };
     let within = a.timeout;
     let mut r = Report { checks: Vec::new() };

@@ -272,7 +272,7 @@ async fn publish(a: args::PublishArgs) -> anyhow::Result<()> {
     if let Some(ca) = &a.tls.ca_file {
         target = target.with_ca_file(ca).context("--ca-file")?;
     }
-    if let Some(k) = &a.key {
+    if let Some(k) = &a.publisher.key {
         target = target.with_key(k);
     }
     let p = runcast_worker::Publisher::new(Arc::new(target), &a.run)?;

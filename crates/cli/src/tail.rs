@@ -31,7 +31,7 @@ enum Outcome {
 pub async fn run(a: TailArgs) -> anyhow::Result<ExitCode> {
     RunId::parse(&a.run).with_context(|| format!("invalid run ID {:?}", a.run))?;
     let dialer = connect::dialer(&a.url, a.tls.ca_file.as_deref())?;
-    let authorization = connect::bearer(a.token.as_deref())?;
+    let authorization = connect::bearer(a.subscriber.token.as_deref())?;
     let mut since = a.since;
     let mut failures = 0u32;
     loop {

@@ -1,9 +1,9 @@
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 
 use runcast_core::{CloseCode, ErrorCode, LATENCY_BUCKETS};
+use runcast_telemetry::metrics::Registrar;
 
 /// The `transport` label values of `runcast_connections`.
 pub const TRANSPORTS: [&str; 2] = ["websocket", "sse"];
@@ -57,203 +57,144 @@ impl Metrics {
     /// Creates and registers every metric. `source` labels where received
     /// events come from (`embedded`, `nats`).
     pub fn new(source: &str) -> Self {
-        let registry = Registry::new();
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let received = IntCounterVec::new(
-            Opts::new(
-                "runcast_events_received_total",
-                "Events the gateway received from the bus, by source.",
-            ),
-            &["source"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(received.clone()))
-            .expect("unique metric");
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let vec = |name: &str, help: &str, label: &str| {
-            let v = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry
-                .register(Box::new(v.clone()))
-                .expect("unique metric");
-            v
-        };
-        // A counter whose every label value is exported (at 0) from the start,
-        // so rate() and alerts see the series before the first event.
-        let seeded = |name: &str, help: &str, label: &str, values: &[&str]| {
-            let v = vec(name, help, label);
-            for value in values {
-                v.with_label_values(&[value]);
-            }
-            v
-        };
-        let connections = IntGaugeVec::new(
-            Opts::new(
-                "runcast_connections",
-                "Open client connections, by transport.",
-            ),
-            &["transport"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(connections.clone()))
-            .expect("unique metric");
+        let m = Registrar::new();
+        // Labelled counters export every label value known in advance (at 0)
+        // from the start, so rate() and alerts see the series before the
+        // first event.
+        let received = m.counter_vec(
+            "runcast_events_received_total",
+            "Events the gateway received from the bus, by source.",
+            "source",
+            &[source],
+        );
         // An idle pod shows 0, not "no data", on dashboards and alerts.
-        for transport in TRANSPORTS {
-            connections.with_label_values(&[transport]);
-        }
+        let connections = m.gauge_vec(
+            "runcast_connections",
+            "Open client connections, by transport.",
+            "transport",
+            &TRANSPORTS,
+        );
         let close_codes = CloseCode::ALL.map(|c| c.code().to_string());
-        let latency = HistogramVec::new(
-            HistogramOpts::new(
-                "runcast_event_latency_seconds",
-                "Event latency by hop: publish_to_receive (bus stored it -> gateway got it live), \
-                 receive_to_write (-> frame written to a client socket), publish_to_write (both).",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["hop"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(latency.clone()))
-            .expect("unique metric");
-        // CPU seconds, resident memory, open and max fds, start time (Linux).
-        #[cfg(target_os = "linux")]
-        registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
-            .expect("unique metric");
-        let queue_depth = Histogram::with_opts(
-            HistogramOpts::new(
-                "runcast_queue_depth",
-                "Frames waiting in a connection's queue when it starts writing a batch.",
-            )
-            .buckets(vec![
+        let latency = m.histogram_vec(
+            "runcast_event_latency_seconds",
+            "Event latency by hop: publish_to_receive (bus stored it -> gateway got it live), \
+             receive_to_write (-> frame written to a client socket), publish_to_write (both).",
+            "hop",
+            LATENCY_BUCKETS,
+        );
+        let queue_depth = m.histogram(
+            "runcast_queue_depth",
+            "Frames waiting in a connection's queue when it starts writing a batch.",
+            &[
                 0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(queue_depth.clone()))
-            .expect("unique metric");
+            ],
+        );
         Self {
             queue_depth,
-            bus_reconnects: counter(
+            bus_reconnects: m.counter(
                 "runcast_bus_reconnects_total",
                 "Reconnections to the bus (NATS) after the first connection.",
             ),
-            bus_watch_rebuilds: counter(
+            bus_watch_rebuilds: m.counter(
                 "runcast_bus_watch_rebuilds_total",
                 "Rebuilds of the live feed (NATS: the watch consumer, when the watched runs change or it fails).",
             ),
-            feed_repairs: counter(
+            feed_repairs: m.counter(
                 "runcast_feed_repairs_total",
                 "Times a run's live feed fell behind and was repaired from history.",
             ),
             publish_to_receive: latency.with_label_values(&["publish_to_receive"]),
             receive_to_write: latency.with_label_values(&["receive_to_write"]),
             publish_to_write: latency.with_label_values(&["publish_to_write"]),
-            ready: gauge(
+            ready: m.gauge(
                 "runcast_ready",
                 "1 while the gateway is ready (bus up and not draining), as /readyz reports it.",
             ),
-            bus_up: gauge(
+            bus_up: m.gauge(
                 "runcast_bus_up",
                 "1 while the bus answers (for NATS: connected and the stream reachable).",
             ),
-            events_published: counter(
+            events_published: m.counter(
                 "runcast_events_published_total",
                 "Events accepted through the HTTP publish API.",
             ),
             events_received: received.with_label_values(&[source]),
-            events_delivered: counter(
+            events_delivered: m.counter(
                 "runcast_events_delivered_total",
                 "Live event frames written to client connections.",
             ),
-            replayed_events: counter(
+            replayed_events: m.counter(
                 "runcast_replayed_events_total",
                 "Event frames replayed from history to resuming or catching-up clients.",
             ),
-            gap_notices: counter(
+            gap_notices: m.counter(
                 "runcast_gap_notices_total",
                 "Gap notices sent because retention had dropped events.",
             ),
             connections,
-            subscriptions: gauge(
+            subscriptions: m.gauge(
                 "runcast_subscriptions",
                 "Run subscriptions across all connections.",
             ),
-            watched_runs: gauge(
+            watched_runs: m.gauge(
                 "runcast_watched_runs",
                 "Distinct runs this gateway watches on the bus.",
             ),
-            slow_consumer_disconnects: counter(
+            slow_consumer_disconnects: m.counter(
                 "runcast_slow_consumer_disconnects_total",
                 "Connections closed because their outgoing queue overflowed.",
             ),
-            protocol_errors: seeded(
+            protocol_errors: m.counter_vec(
                 "runcast_protocol_errors_total",
                 "Error frames and error responses, by code.",
                 "code",
                 &ErrorCode::ALL.map(ErrorCode::as_str),
             ),
-            closes: seeded(
+            closes: m.counter_vec(
                 "runcast_closes_total",
                 "WebSocket closes sent by the server, by close code.",
                 "code",
                 &close_codes.each_ref().map(String::as_str),
             ),
-            refused_connections: counter(
+            refused_connections: m.counter(
                 "runcast_refused_connections_total",
                 "Connections refused because max_connections was reached.",
             ),
-            tls_reloads: seeded(
+            tls_reloads: m.counter_vec(
                 "runcast_tls_reloads_total",
                 "Certificate file changes seen, by result: ok (now served) or error (refused; the previous certificate stays).",
                 "result",
                 &["ok", "error"],
             ),
-            tls_handshake_failures: counter(
+            tls_handshake_failures: m.counter(
                 "runcast_tls_handshake_failures_total",
                 "TLS handshakes that failed (not TLS, no shared protocol or cipher, client refused the certificate).",
             ),
-            timeouts: seeded(
+            timeouts: m.counter_vec(
                 "runcast_timeouts_total",
                 "Connections or requests cut off for being too slow, by stage (handshake, upgrade, request_body).",
                 "stage",
                 &["handshake", "upgrade", "request_body"],
             ),
-            reconnect_hints: seeded(
+            reconnect_hints: m.counter_vec(
                 "runcast_reconnect_hints_total",
                 "Clients asked to reconnect elsewhere (close 1001), by reason: shutdown, drain, rebalance.",
                 "reason",
                 &["shutdown", "drain", "rebalance"],
             ),
-            refused_sessions: seeded(
+            refused_sessions: m.counter_vec(
                 "runcast_refused_sessions_total",
                 "WebSocket and SSE sessions refused by per-address limits, by reason (per_ip, rate).",
                 "reason",
                 &["per_ip", "rate"],
             ),
-            auth_failures: seeded(
+            auth_failures: m.counter_vec(
                 "runcast_auth_failures_total",
                 "Subscriber tokens refused, by reason (missing, malformed, unknown_key, bad_signature, algorithm, expired, not_yet_valid, audience, issuer).",
                 "reason",
                 &crate::auth::AuthErrorKind::ALL.map(|k| k.as_str()),
             ),
-            registry,
+            registry: m.into_registry(),
         }
     }
 

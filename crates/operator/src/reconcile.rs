@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
@@ -138,189 +139,303 @@ pub async fn reconcile(rc: Arc<RuncastCluster>, ctx: Arc<Context>) -> Result<Act
 
 async fn reconcile_inner(rc: &RuncastCluster, ctx: &Context) -> Result<Action, Error> {
     let ns = rc.namespace().ok_or(Error::NoNamespace)?;
-    let spec = &rc.spec;
-    if spec.replicas.min < 1 || spec.replicas.max < spec.replicas.min {
-        return Err(Error::Spec(format!(
-            "replicas.min ({}) must be at least 1 and at most replicas.max ({})",
-            spec.replicas.min, spec.replicas.max
-        )));
-    }
-    let client = ctx.client.clone();
-    let apply = PatchParams::apply(MANAGER).force();
-
-    // 1. The admin token the gateways and this operator share.
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let token = match secrets.get_opt(&resources::admin_secret_name(rc)).await? {
-        Some(s) => read_token(&s).ok_or_else(|| {
-            Error::Spec(format!(
-                "Secret {} has no {ADMIN_TOKEN_KEY:?} key",
-                resources::admin_secret_name(rc)
-            ))
-        })?,
-        None => {
-            let token = new_token();
-            let body: Secret = serde_json::from_value(resources::admin_secret(rc, &token))
-                .map_err(|e| Error::Spec(e.to_string()))?;
-            secrets.create(&PostParams::default(), &body).await?;
-            token
-        }
+    check_spec(rc)?;
+    let pass = Pass {
+        rc,
+        ctx,
+        ns,
+        apply: PatchParams::apply(MANAGER).force(),
     };
-
-    // 2. Configuration, then what exists now.
-    let cm = resources::config_map(rc);
-    let config_hash = resources::hash(&cm["data"]);
-    Api::<ConfigMap>::namespaced(client.clone(), &ns)
-        .patch(&resources::gateway_name(rc), &apply, &Patch::Apply(&cm))
-        .await?;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let current = deployments
-        .get_opt(&resources::gateway_name(rc))
-        .await?
-        .and_then(|d| d.spec.and_then(|s| s.replicas))
-        .unwrap_or(spec.replicas.min);
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pods = pods_api
-        .list(&ListParams::default().labels(&resources::selector(rc)))
-        .await?;
-    let mut loads = Vec::new();
-    let mut addrs = HashMap::new();
-    for p in pods
-        .items
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-    {
-        let ready = p
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
-        let stats = match &ip {
-            Some(ip) => ctx.pods.stats(ip, &token).await,
-            None => None,
-        };
-        if let Some(ip) = ip {
-            addrs.insert(p.name_any(), ip);
-        }
-        loads.push(PodLoad {
-            name: p.name_any(),
-            ready,
-            stats,
-        });
-    }
-
-    // 3. Decide.
-    let targets = Targets {
-        min: spec.replicas.min,
-        max: spec.replicas.max,
-        connections_per_pod: spec.scaling.connections_per_pod,
-        messages_per_second_per_pod: spec.scaling.messages_per_second_per_pod,
-        up_window: Duration::from_secs(spec.scaling.scale_up_stabilization_seconds),
-        down_window: Duration::from_secs(spec.scaling.scale_down_stabilization_seconds),
-        rebalance: spec.scaling.rebalance,
-    };
-    let plan = {
-        let mut h = ctx.history.lock().unwrap_or_else(|p| p.into_inner());
-        let history = h.entry(key(rc)).or_default();
-        policy::plan(&loads, current, &targets, history, ctx.started.elapsed())
-    };
-    if plan.replicas != current || !plan.drain.is_empty() || !plan.shed.is_empty() {
-        tracing::info!(cluster = %key(rc), current, replicas = plan.replicas, desired = plan.desired, reason = %plan.reason, "scaling");
-    }
-
-    // 4. Apply: the Deployment at the planned size, and the rest.
-    deployments
-        .patch(
-            &resources::gateway_name(rc),
-            &apply,
-            &Patch::Apply(&resources::deployment(rc, plan.replicas, &config_hash)),
-        )
-        .await?;
-    Api::<Service>::namespaced(client.clone(), &ns)
-        .patch(
-            &rc.name_any(),
-            &apply,
-            &Patch::Apply(&resources::service(rc)),
-        )
-        .await?;
-    Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns)
-        .patch(
-            &resources::gateway_name(rc),
-            &apply,
-            &Patch::Apply(&resources::pdb(rc)),
-        )
-        .await?;
-    if let Some(i) = resources::ingress(rc) {
-        Api::<Ingress>::namespaced(client.clone(), &ns)
-            .patch(&rc.name_any(), &apply, &Patch::Apply(&i))
-            .await?;
-    }
-    for (obj, kind) in [
-        (resources::service_monitor(rc), "ServiceMonitor"),
-        (resources::prometheus_rule(rc), "PrometheusRule"),
-    ] {
-        if let Some(obj) = obj {
-            let ar =
-                ApiResource::from_gvk(&GroupVersionKind::gvk("monitoring.coreos.com", "v1", kind));
-            Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ar)
-                .patch(&rc.name_any(), &apply, &Patch::Apply(&obj))
-                .await?;
-        }
-    }
-
-    // 5. Move clients: drain before removal, shed to rebalance.
-    let grace_ms = ((spec.drain.grace_period_seconds - 10).max(1) as u64) * 1000;
-    for name in &plan.drain {
-        // Marked first: should the operator stop here, the ReplicaSet
-        // still removes this pod (and no other) when replicas drop.
-        pods_api
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(resources::deletion_cost_patch()),
-            )
-            .await?;
-        if let Some(ip) = addrs.get(name) {
-            let d = Drain {
-                rate: spec.drain.rate,
-                jitter_ms: spec.drain.jitter_ms,
-                grace_ms: Some(grace_ms),
-            };
-            if !ctx.pods.post(ip, &token, "drain", &d).await {
-                tracing::warn!(pod = %name, "drain request failed; retrying next sync");
-            }
-        }
-    }
-    for (name, count) in &plan.shed {
-        if let Some(ip) = addrs.get(name) {
-            let s = Shed {
-                count: *count,
-                rate: spec.drain.rate,
-                jitter_ms: spec.drain.jitter_ms,
-            };
-            if !ctx.pods.post(ip, &token, "shed", &s).await {
-                tracing::warn!(pod = %name, "shed request failed; retrying next sync");
-            }
-        }
-    }
-
-    // 6. Status.
-    let status = status(rc, &loads, &plan, current);
-    ctx.metrics.record(&key(rc), &status);
-    Api::<RuncastCluster>::namespaced(client, &ns)
-        .patch_status(
-            &rc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": status})),
-        )
-        .await?;
-    let busy = !plan.drain.is_empty() || !plan.shed.is_empty() || plan.replicas != current;
+    let token = pass.admin_token().await?;
+    let config_hash = pass.apply_config().await?;
+    let fleet = pass.observe(&token).await?;
+    let plan = pass.decide(&fleet);
+    pass.apply_objects(plan.replicas, &config_hash).await?;
+    pass.move_clients(&token, &plan, &fleet.addrs).await?;
+    pass.report(&fleet, &plan).await?;
+    let busy = !plan.drain.is_empty() || !plan.shed.is_empty() || plan.replicas != fleet.current;
     Ok(Action::requeue(if busy {
         // Follow a drain or rebalance closely.
         Duration::from_secs(2)
     } else {
         ctx.sync_period
     }))
+}
+
+fn check_spec(rc: &RuncastCluster) -> Result<(), Error> {
+    let r = &rc.spec.replicas;
+    if r.min < 1 || r.max < r.min {
+        return Err(Error::Spec(format!(
+            "replicas.min ({}) must be at least 1 and at most replicas.max ({})",
+            r.min, r.max
+        )));
+    }
+    Ok(())
+}
+
+/// Stats requests in flight at once. Each waits at most the
+/// [`PodClient`]'s timeout (2 s), so a reconcile of a fleet of up to 64 pods
+/// waits for its slowest pod rather than the sum of all, and a larger
+/// fleet for one timeout per 64 pods at worst, while the operator holds a
+/// bounded number of connections.
+const STATS_IN_FLIGHT: usize = 64;
+
+/// The gateway fleet as this reconcile found it.
+struct Fleet {
+    /// The Deployment's replicas (`replicas.min` for a new cluster).
+    current: i32,
+    /// Every pod not being deleted, in the API server's order, with its load.
+    loads: Vec<PodLoad>,
+    /// Pod name to IP, for the admin requests.
+    addrs: HashMap<String, String>,
+}
+
+/// One reconcile of one cluster: what each of its steps needs.
+struct Pass<'a> {
+    rc: &'a RuncastCluster,
+    ctx: &'a Context,
+    ns: String,
+    /// Server-side apply with the operator's field manager, taking over
+    /// fields others changed.
+    apply: PatchParams,
+}
+
+impl Pass<'_> {
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.ctx.client.clone(), &self.ns)
+    }
+
+    /// Step 1: the admin token the gateways and this operator share: read from
+    /// its Secret, or made and stored there for a new cluster.
+    async fn admin_token(&self) -> Result<String, Error> {
+        let rc = self.rc;
+        let secrets: Api<Secret> = self.api();
+        match secrets.get_opt(&resources::admin_secret_name(rc)).await? {
+            Some(s) => read_token(&s).ok_or_else(|| {
+                Error::Spec(format!(
+                    "Secret {} has no {ADMIN_TOKEN_KEY:?} key",
+                    resources::admin_secret_name(rc)
+                ))
+            }),
+            None => {
+                let token = new_token();
+                let body: Secret = serde_json::from_value(resources::admin_secret(rc, &token))
+                    .map_err(|e| Error::Spec(e.to_string()))?;
+                secrets.create(&PostParams::default(), &body).await?;
+                Ok(token)
+            }
+        }
+    }
+
+    /// Step 2a: the gateways' configuration; returns its hash, which goes into
+    /// the pod template so a change rolls the pods.
+    async fn apply_config(&self) -> Result<String, Error> {
+        let cm = resources::config_map(self.rc);
+        let config_hash = resources::hash(&cm["data"]);
+        self.api::<ConfigMap>()
+            .patch(
+                &resources::gateway_name(self.rc),
+                &self.apply,
+                &Patch::Apply(&cm),
+            )
+            .await?;
+        Ok(config_hash)
+    }
+
+    /// Step 2b: what exists now: the Deployment's size, and each live pod's
+    /// readiness and load.
+    async fn observe(&self, token: &str) -> Result<Fleet, Error> {
+        let rc = self.rc;
+        let current = self
+            .api::<Deployment>()
+            .get_opt(&resources::gateway_name(rc))
+            .await?
+            .and_then(|d| d.spec.and_then(|s| s.replicas))
+            .unwrap_or(rc.spec.replicas.min);
+        let pods = self
+            .api::<Pod>()
+            .list(&ListParams::default().labels(&resources::selector(rc)))
+            .await?;
+        // (name, ready, IP) of every pod not being deleted.
+        let live: Vec<(String, bool, Option<String>)> = pods
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| {
+                let status = p.status.as_ref();
+                let ready = status
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                (p.name_any(), ready, status.and_then(|s| s.pod_ip.clone()))
+            })
+            .collect();
+        let addrs: HashMap<String, String> = live
+            .iter()
+            .filter_map(|(name, _, ip)| Some((name.clone(), ip.clone()?)))
+            .collect();
+        // All pods are asked at once (up to STATS_IN_FLIGHT); `buffered`
+        // keeps the list's order, which the policy's tie-breaks follow.
+        let pods = &self.ctx.pods;
+        let loads = futures_util::stream::iter(live)
+            .map(|(name, ready, ip)| async move {
+                let stats = match ip {
+                    Some(ip) => pods.stats(&ip, token).await,
+                    None => None,
+                };
+                PodLoad { name, ready, stats }
+            })
+            .buffered(STATS_IN_FLIGHT)
+            .collect()
+            .await;
+        Ok(Fleet {
+            current,
+            loads,
+            addrs,
+        })
+    }
+
+    /// Step 3: decide, against this cluster's stabilization history.
+    fn decide(&self, fleet: &Fleet) -> policy::Plan {
+        let (rc, ctx) = (self.rc, self.ctx);
+        let scaling = &rc.spec.scaling;
+        let targets = Targets {
+            min: rc.spec.replicas.min,
+            max: rc.spec.replicas.max,
+            connections_per_pod: scaling.connections_per_pod,
+            messages_per_second_per_pod: scaling.messages_per_second_per_pod,
+            up_window: Duration::from_secs(scaling.scale_up_stabilization_seconds),
+            down_window: Duration::from_secs(scaling.scale_down_stabilization_seconds),
+            rebalance: scaling.rebalance,
+        };
+        let current = fleet.current;
+        let plan = {
+            let mut h = ctx.history.lock().unwrap_or_else(|p| p.into_inner());
+            let history = h.entry(key(rc)).or_default();
+            policy::plan(
+                &fleet.loads,
+                current,
+                &targets,
+                history,
+                ctx.started.elapsed(),
+            )
+        };
+        if plan.replicas != current || !plan.drain.is_empty() || !plan.shed.is_empty() {
+            tracing::info!(cluster = %key(rc), current, replicas = plan.replicas, desired = plan.desired, reason = %plan.reason, "scaling");
+        }
+        plan
+    }
+
+    /// Step 4: apply the Deployment at the planned size, and the rest.
+    async fn apply_objects(&self, replicas: i32, config_hash: &str) -> Result<(), Error> {
+        let (rc, apply) = (self.rc, &self.apply);
+        self.api::<Deployment>()
+            .patch(
+                &resources::gateway_name(rc),
+                apply,
+                &Patch::Apply(&resources::deployment(rc, replicas, config_hash)),
+            )
+            .await?;
+        self.api::<Service>()
+            .patch(
+                &rc.name_any(),
+                apply,
+                &Patch::Apply(&resources::service(rc)),
+            )
+            .await?;
+        self.api::<PodDisruptionBudget>()
+            .patch(
+                &resources::gateway_name(rc),
+                apply,
+                &Patch::Apply(&resources::pdb(rc)),
+            )
+            .await?;
+        if let Some(i) = resources::ingress(rc) {
+            self.api::<Ingress>()
+                .patch(&rc.name_any(), apply, &Patch::Apply(&i))
+                .await?;
+        }
+        for (obj, kind) in [
+            (resources::service_monitor(rc), "ServiceMonitor"),
+            (resources::prometheus_rule(rc), "PrometheusRule"),
+        ] {
+            if let Some(obj) = obj {
+                let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+                    "monitoring.coreos.com",
+                    "v1",
+                    kind,
+                ));
+                Api::<DynamicObject>::namespaced_with(self.ctx.client.clone(), &self.ns, &ar)
+                    .patch(&rc.name_any(), apply, &Patch::Apply(&obj))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 5: move clients: drain before removal, shed to rebalance.
+    async fn move_clients(
+        &self,
+        token: &str,
+        plan: &policy::Plan,
+        addrs: &HashMap<String, String>,
+    ) -> Result<(), Error> {
+        let drain = &self.rc.spec.drain;
+        let grace_ms = ((drain.grace_period_seconds - 10).max(1) as u64) * 1000;
+        let pods_api: Api<Pod> = self.api();
+        for name in &plan.drain {
+            // Marked first: should the operator stop here, the ReplicaSet
+            // still removes this pod (and no other) when replicas drop.
+            pods_api
+                .patch(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(resources::deletion_cost_patch()),
+                )
+                .await?;
+            if let Some(ip) = addrs.get(name) {
+                let d = Drain {
+                    rate: drain.rate,
+                    jitter_ms: drain.jitter_ms,
+                    grace_ms: Some(grace_ms),
+                };
+                if !self.ctx.pods.post(ip, token, "drain", &d).await {
+                    tracing::warn!(pod = %name, "drain request failed; retrying next sync");
+                }
+            }
+        }
+        for (name, count) in &plan.shed {
+            if let Some(ip) = addrs.get(name) {
+                let s = Shed {
+                    count: *count,
+                    rate: drain.rate,
+                    jitter_ms: drain.jitter_ms,
+                };
+                if !self.ctx.pods.post(ip, token, "shed", &s).await {
+                    tracing::warn!(pod = %name, "shed request failed; retrying next sync");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 6: status, and the per-cluster metrics.
+    async fn report(&self, fleet: &Fleet, plan: &policy::Plan) -> Result<(), Error> {
+        let rc = self.rc;
+        let status = status(rc, &fleet.loads, plan, fleet.current);
+        self.ctx.metrics.record(&key(rc), &status);
+        self.api::<RuncastCluster>()
+            .patch_status(
+                &rc.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await?;
+        Ok(())
+    }
 }
 
 fn read_token(s: &Secret) -> Option<String> {

@@ -640,6 +640,126 @@ async fn scale_down_drains_first_then_removes_exactly_the_drained_pods() {
     assert_eq!(st.pods.iter().filter(|p| p.draining).count(), 2);
 }
 
+/// Fake gateway pods on 127.0.0.1..=n sharing one port: each answers its
+/// admin stats (`connections` open) only `delay` after the request, and
+/// notes when the request arrived.
+struct SlowPods {
+    port: u16,
+    arrivals: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    _tasks: tokio::task::JoinSet<()>,
+}
+
+impl SlowPods {
+    async fn start(n: u8, delay: Duration, connections: u64) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let body = serde_json::to_string(&runcast_core::admin::PodStats {
+            connections,
+            ..Default::default()
+        })
+        .unwrap();
+        'retry: for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut listeners = Vec::new();
+            for i in 1..=n {
+                match tokio::net::TcpListener::bind(format!("127.0.0.{i}:{port}")).await {
+                    Ok(l) => listeners.push(l),
+                    Err(_) => continue 'retry,
+                }
+            }
+            let mut tasks = tokio::task::JoinSet::new();
+            for l in listeners {
+                let (arrivals, body) = (arrivals.clone(), body.clone());
+                tasks.spawn(async move {
+                    while let Ok((mut sock, _)) = l.accept().await {
+                        let (arrivals, body) = (arrivals.clone(), body.clone());
+                        tokio::spawn(async move {
+                            let mut req = Vec::new();
+                            let mut buf = [0u8; 1024];
+                            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                                match sock.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(k) => req.extend_from_slice(&buf[..k]),
+                                }
+                            }
+                            arrivals.lock().unwrap().push(std::time::Instant::now());
+                            let req = String::from_utf8_lossy(&req).to_lowercase();
+                            let ok = req.starts_with("get /v1/admin/stats ")
+                                && req.contains(&format!("authorization: bearer {TOKEN}"));
+                            tokio::time::sleep(delay).await;
+                            let head = if ok { "200 OK" } else { "401 Unauthorized" };
+                            let resp = format!(
+                                "HTTP/1.1 {head}\r\ncontent-type: application/json\r\n\
+                                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            );
+                            let _ = sock.write_all(resp.as_bytes()).await;
+                        });
+                    }
+                });
+            }
+            return Self {
+                port,
+                arrivals,
+                _tasks: tasks,
+            };
+        }
+        panic!("no free port on 127.0.0.1-{n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_stats_are_fetched_concurrently() {
+    // Five pods whose stats take 400 ms each: 2 s one after another, about
+    // 400 ms together (the per-request timeout is 2 s).
+    const N: u32 = 5;
+    let delay = Duration::from_millis(400);
+    let fake = SlowPods::start(N as u8, delay, 20).await;
+    let names: Vec<(String, String)> = (1..=N)
+        .map(|i| (format!("gw-{i}"), format!("127.0.0.{i}")))
+        .collect();
+    let list: Vec<(&str, &str, bool)> = names
+        .iter()
+        .map(|(name, ip)| (name.as_str(), ip.as_str(), true))
+        .collect();
+    let rc = cluster(spec(json!({})), 1);
+    let (mut api, task, _) = start(rc.clone(), fake.port);
+    reads(&mut api, N as i32, pods(&list)).await;
+    let listed = std::time::Instant::now();
+    // The next API call comes once every pod has answered.
+    let (dep, _) = applies(&mut api).await;
+    let waited = listed.elapsed();
+    let status = status_patch(&mut api, &rc).await;
+    task.await.unwrap().unwrap();
+    api.nothing_more().await;
+
+    let st = status_of(&status).unwrap();
+    assert_eq!(
+        st.connections,
+        20 * u64::from(N),
+        "every pod's stats were read: {st:?}"
+    );
+    assert_eq!(dep["spec"]["replicas"], N, "a full, balanced fleet stays");
+    let arrivals = fake.arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), N as usize, "one stats request per pod");
+    let spread = *arrivals.iter().max().unwrap() - *arrivals.iter().min().unwrap();
+    assert!(
+        spread < delay,
+        "all {N} stats requests should be in flight together, but they arrived over {spread:?} \
+         while each takes {delay:?} to answer"
+    );
+    assert!(
+        waited >= delay && waited < delay * N / 2,
+        "reading {N} pods that take {delay:?} each took {waited:?}: expected about {delay:?}, \
+         well under the {:?} of one at a time",
+        delay * N
+    );
+}
+
 #[tokio::test]
 async fn a_bad_spec_is_an_error_without_api_calls() {
     let mut s = spec(json!({}));

@@ -1,4 +1,4 @@
-//! Distributed tracing for every runcast role.
+//! Distributed tracing, and the Prometheus registration, for every runcast role.
 //!
 //! runcast's spans are ordinary `tracing` spans with the target [`TARGET`]:
 //! `runcast.publish` in the worker, `runcast.receive`, `runcast.fanout` and
@@ -11,7 +11,11 @@
 //! Traces cross processes as W3C `traceparent` strings: in NATS headers, in
 //! the HTTP publish API and in the event frames clients receive. This module
 //! holds the conversions between those strings and OpenTelemetry contexts.
+//!
+//! Metrics: every role keeps one Prometheus registry, built with
+//! [`metrics::Registrar`].
 
+pub mod metrics;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 

@@ -5,8 +5,9 @@
 use std::{sync::Arc, time::Instant};
 
 use async_trait::async_trait;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, Registry};
 use runcast_core::{NewEvent, RunId};
+use runcast_telemetry::metrics::Registrar;
 
 use crate::{PublishError, PublishErrorKind, PublishTarget};
 
@@ -26,51 +27,24 @@ impl Default for PublishMetrics {
 
 impl PublishMetrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let published = IntCounter::new(
-            "runcast_events_published_total",
-            "Events this worker published and the bus acknowledged.",
-        )
-        .expect("valid metric");
-        let errors = IntCounterVec::new(
-            Opts::new(
+        let m = Registrar::new();
+        Self {
+            published: m.counter(
+                "runcast_events_published_total",
+                "Events this worker published and the bus acknowledged.",
+            ),
+            errors: m.counter_vec(
                 "runcast_publish_errors_total",
                 "Publish calls that failed, by reason (invalid_input, rejected, unavailable, tls).",
+                "reason",
+                &["invalid_input", "rejected", "unavailable", "tls"],
             ),
-            &["reason"],
-        )
-        .expect("valid metric");
-        let ack = Histogram::with_opts(
-            HistogramOpts::new(
+            ack: m.histogram(
                 "runcast_publish_ack_seconds",
                 "From a publish call to the bus's acknowledgement of all its events.",
-            )
-            .buckets(runcast_core::LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        for reason in ["invalid_input", "rejected", "unavailable", "tls"] {
-            errors.with_label_values(&[reason]); // present at 0 from the start
-        }
-        registry
-            .register(Box::new(published.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(errors.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(ack.clone()))
-            .expect("unique metric");
-        #[cfg(target_os = "linux")]
-        registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
-            .expect("unique metric");
-        Self {
-            registry,
-            published,
-            errors,
-            ack,
+                runcast_core::LATENCY_BUCKETS,
+            ),
+            registry: m.into_registry(),
         }
     }
 
@@ -80,9 +54,7 @@ impl PublishMetrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        prometheus::TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_default()
+        runcast_telemetry::metrics::render(&self.registry)
     }
 }
 
