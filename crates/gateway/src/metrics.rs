@@ -1,6 +1,4 @@
-use prometheus::{
-    Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
-};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 use runcast_core::{CloseCode, ErrorCode, LATENCY_BUCKETS};
 use runcast_telemetry::metrics::Registrar;
@@ -207,9 +205,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_default()
+        runcast_telemetry::metrics::render(&self.registry)
     }
 
     pub fn registry(&self) -> &Registry {
