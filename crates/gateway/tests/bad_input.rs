@@ -491,6 +491,9 @@ async fn an_oversized_publish_is_refused_from_its_content_length() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
 }
 
+/// method, path, headers, expected status, expected code
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], u16, &'a str);
+
 /// Every error response, whichever route or layer answers it (router
 /// fallbacks, extractors, handlers, the WebSocket handshake), has the JSON
 /// error body with the status its code maps to and is counted once by code.
@@ -509,7 +512,7 @@ async fn every_error_response_is_json_and_counted_by_code() {
         runcast_bus::Retention::default(),
     )
     .await;
-    let cases: &[(&str, &str, &[(&str, &str)], u16, &str)] = &[
+    let cases: &[Case] = &[
         ("GET", "/nowhere", &[], 404, "not_found"),
         ("DELETE", "/v1/runs", &[], 405, "method_not_allowed"),
         ("PUT", "/v1/admin/drain", &[], 405, "method_not_allowed"),
