@@ -13,12 +13,14 @@
 //! - run state is folded from events and survives as long as the run is retained.
 
 mod embedded;
+mod publish;
 
 use async_trait::async_trait;
 use runcast_core::{Event, NewEvent, RunId, RunState, RunStatus};
 use std::sync::Arc;
 
 pub use embedded::{EmbeddedBus, Retention};
+pub use publish::{BusTarget, PublishError, PublishErrorKind, PublishTarget};
 
 /// Why a bus operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -17,8 +17,8 @@ use async_nats::jetstream::{
 };
 use async_trait::async_trait;
 use runcast_bus::{Bus, BusError, BusStats, Page, RunFilter, Watch};
+use runcast_bus::{PublishErrorKind, PublishTarget};
 use runcast_core::{Event, NewEvent, RunId, RunState, subject};
-use runcast_worker::{PublishErrorKind, PublishTarget};
 use tokio::task::JoinHandle;
 
 use crate::{

@@ -6,7 +6,7 @@
 //! - [`ensure_stream`]: creates the `RUNCAST_EVENTS` stream that keeps every
 //!   run's recent history on `<prefix>.runs.<run>.<kind>`, or verifies an
 //!   existing one and refuses, with a clear error, one it cannot use;
-//! - [`NatsTarget`]: a [`runcast_worker::PublishTarget`] that publishes with
+//! - [`NatsTarget`]: a [`runcast_bus::PublishTarget`] (the worker SDK's publish port) that publishes with
 //!   JetStream acknowledgements, bounded retries and a `Nats-Msg-Id` per
 //!   event, so a retried publish is stored once.
 //!

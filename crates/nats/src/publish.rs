@@ -5,8 +5,8 @@ use std::{
 
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
+use runcast_bus::{PublishError, PublishErrorKind, PublishTarget};
 use runcast_core::{NewEvent, RunId, subject};
-use runcast_worker::{PublishError, PublishErrorKind, PublishTarget};
 
 /// Publishes events to JetStream and waits for each acknowledgement.
 ///
