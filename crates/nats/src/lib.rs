@@ -17,6 +17,8 @@
 
 mod bus;
 mod config;
+mod error;
+mod message;
 mod publish;
 mod state;
 mod stream;
@@ -26,20 +28,7 @@ mod watch;
 pub use async_nats;
 pub use bus::NatsBus;
 pub use config::{NatsConfig, connect};
+pub use error::NatsError;
 pub use publish::NatsTarget;
 pub use state::ensure_bucket;
 pub use stream::{StreamSettings, ensure_stream};
-
-/// What went wrong talking to NATS.
-#[derive(Debug, thiserror::Error)]
-pub enum NatsError {
-    /// The servers could not be reached or the connection options are unusable.
-    #[error("cannot connect to NATS at {urls}: {reason}")]
-    Connect { urls: String, reason: String },
-    /// An existing stream cannot be used as it is configured.
-    #[error("stream {stream} is incompatible: {reason}")]
-    IncompatibleStream { stream: String, reason: String },
-    /// A JetStream API call failed.
-    #[error("JetStream {op} failed: {reason}")]
-    JetStream { op: &'static str, reason: String },
-}
