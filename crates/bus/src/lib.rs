@@ -31,10 +31,22 @@ pub enum BusError {
     /// The bus holds as many bytes of history as it may.
     #[error("the bus history is full ({0} bytes); retry after older runs expire")]
     Full(usize),
-    /// A single event larger than the bus accepts.
-    #[error("event of {size} bytes is over the limit of {limit} bytes")]
-    EventTooLarge { size: usize, limit: usize },
-    /// The bus is unreachable or shutting down.
+    /// A single event larger than the bus accepts: `size` bytes as the bus
+    /// counts them, over `limit` (`None` when the bus refused it without
+    /// saying its limit).
+    #[error(
+        "event of {size} bytes is over the {}",
+        .limit.map_or("bus's limit".to_owned(), |l| format!("limit of {l} bytes"))
+    )]
+    EventTooLarge { size: usize, limit: Option<usize> },
+    /// The bus's storage has no room for new events and will not make room
+    /// by dropping old ones (NATS: the account's or server's JetStream
+    /// storage is used up, or the stream is at a limit that refuses new
+    /// messages). The reason is the bus's own.
+    #[error("the bus has no room for the event: {0}")]
+    NoSpace(String),
+    /// The bus is unreachable, shutting down, or failed to answer; retrying
+    /// may work.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
 }

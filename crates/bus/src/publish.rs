@@ -71,9 +71,10 @@ impl From<BusError> for PublishError {
     fn from(e: BusError) -> Self {
         let kind = match e {
             BusError::Unavailable(_) => PublishErrorKind::Unavailable,
-            BusError::TooManyRuns(_) | BusError::Full(_) | BusError::EventTooLarge { .. } => {
-                PublishErrorKind::Rejected
-            }
+            BusError::TooManyRuns(_)
+            | BusError::Full(_)
+            | BusError::EventTooLarge { .. }
+            | BusError::NoSpace(_) => PublishErrorKind::Rejected,
         };
         Self::new(kind, e.to_string())
     }

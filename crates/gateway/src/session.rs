@@ -376,7 +376,7 @@ fn log_slow(f: &OutFrame, publish_to_write_us: u64, receive_to_write: std::time:
 /// Maps a bus failure to the protocol error a client sees.
 pub fn bus_error(e: BusError, run: &RunId) -> SessionError {
     let code = match e {
-        BusError::TooManyRuns(_) | BusError::Full(_) => ErrorCode::Capacity,
+        BusError::TooManyRuns(_) | BusError::Full(_) | BusError::NoSpace(_) => ErrorCode::Capacity,
         BusError::EventTooLarge { .. } => ErrorCode::TooLarge,
         BusError::Unavailable(_) => ErrorCode::Unavailable,
     };
