@@ -14,6 +14,12 @@ use bytes::Bytes;
 use runcast_bus::{PublishError, PublishErrorKind, PublishTarget};
 use runcast_core::{NewEvent, RunId, subject};
 
+use crate::{
+    config::{NatsConfig, connect},
+    error::NatsError,
+    stream::{StreamSettings, ensure_stream},
+};
+
 /// Publishes events to JetStream and waits for each acknowledgement.
 ///
 /// Every event gets a `Nats-Msg-Id` before its first attempt and keeps it
@@ -124,6 +130,34 @@ impl NatsTarget {
             id_prefix: format!("{start:x}-{}", std::process::id()),
             counter: AtomicU64::new(0),
         }
+    }
+
+    /// A publish-only connection, what a worker needs: connects (retrying
+    /// in the background, so a worker may start before NATS), creates or
+    /// checks the events stream, since publishing needs it to store
+    /// anything (retrying every second, and saying why, until it answers),
+    /// and returns a target on it that refuses events over the stream's
+    /// limit up front.
+    ///
+    /// Nothing else: no state bucket, no run state folder, no watch
+    /// consumer. Workers never write run state; gateways fold it from the
+    /// stream (see [`crate::NatsBus`]). Fails only on a connection that
+    /// cannot be configured (a bad URL, unreadable credentials).
+    pub async fn connect(cfg: &NatsConfig, settings: &StreamSettings) -> Result<Self, NatsError> {
+        let client = connect(cfg, true).await?;
+        let js = jetstream::new(client.clone());
+        loop {
+            match ensure_stream(&js, &cfg.prefix, settings).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(reason = %e, "events stream not ready; waiting before publishing");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        tracing::info!(stream = %settings.name, "events stream ready; publishing");
+        Ok(Self::new(client, &cfg.prefix)
+            .with_max_message_size(settings.max_message_size.max(0) as usize))
     }
 
     /// Sets how many times each event is tried and how long each ack may take.
