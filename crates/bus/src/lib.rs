@@ -6,7 +6,12 @@
 //! trait, so the embedded in-process bus ([`EmbeddedBus`], for `runcast up`)
 //! and the NATS JetStream bus give the same guarantees behind one interface:
 //!
-//! - `seq` starts at 1 and strictly increases per run, without holes;
+//! - `seq` is at least 1 and strictly increases per run, but need not be
+//!   consecutive: the embedded bus numbers each run 1, 2, 3, …, while on
+//!   NATS it is the stream's sequence, shared by all runs, so a run's seqs
+//!   skip the numbers other runs (and stray messages) took. A missing seq is
+//!   not a lost event: what retention dropped is told by [`Page::first`]
+//!   and [`Bus::gone_before`], and readers announce it as a gap;
 //! - history is ordered and kept within configured bounds (events, bytes, age);
 //! - a watch delivers every event published after it was opened, in order,
 //!   or says that it lagged so the reader can fill in from history;
