@@ -285,23 +285,18 @@ impl NatsTarget {
                 .js
                 .publish_with_headers(subj.clone(), m.headers.clone(), m.payload.clone())
                 .await;
-            let failed = match sent {
+            let (why, failed) = match sent {
                 Ok(fut) => match tokio::time::timeout(self.ack_timeout, fut).await {
                     Ok(Ok(ack)) => return Ok(ack.sequence),
-                    Ok(Err(e)) => e,
-                    Err(_) => JsPublishError::new(JsKind::TimedOut),
+                    Ok(Err(e)) => (describe(&e, subj), e),
+                    Err(_) => (
+                        format!("no acknowledgement within {:?}", self.ack_timeout),
+                        JsPublishError::new(JsKind::TimedOut),
+                    ),
                 },
-                Err(e) => e,
+                Err(e) => (describe(&e, subj), e),
             };
-            last = match failed.kind() {
-                JsKind::TimedOut => {
-                    format!("no acknowledgement within {:?}", self.ack_timeout)
-                }
-                JsKind::StreamNotFound => format!(
-                    "no JetStream stream captures {subj} (gateways and `runcast worker` create it at start-up)"
-                ),
-                _ => failed.to_string(),
-            };
+            last = why;
             match classify(&failed, m.size(), self.client.max_payload()) {
                 Attempt::GiveUp(StoreErrorKind::TooLarge { size, limit: None }) => {
                     let limit = self.stream_limit(subj).await;
@@ -354,6 +349,16 @@ impl NatsTarget {
             .await
             .ok()
             .flatten()
+    }
+}
+
+/// What a failed attempt to publish on `subj` says, for the error.
+fn describe(e: &JsPublishError, subj: &str) -> String {
+    match e.kind() {
+        JsKind::StreamNotFound => format!(
+            "no JetStream stream captures {subj} (gateways and `runcast worker` create it at start-up)"
+        ),
+        _ => e.to_string(),
     }
 }
 
