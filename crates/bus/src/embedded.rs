@@ -216,7 +216,7 @@ impl Bus for EmbeddedBus {
             if size > r.max_event_bytes {
                 return Err(BusError::EventTooLarge {
                     size,
-                    limit: r.max_event_bytes,
+                    limit: Some(r.max_event_bytes),
                 });
             }
             batch_bytes += size;

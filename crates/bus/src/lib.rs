@@ -6,19 +6,26 @@
 //! trait, so the embedded in-process bus ([`EmbeddedBus`], for `runcast up`)
 //! and the NATS JetStream bus give the same guarantees behind one interface:
 //!
-//! - `seq` starts at 1 and strictly increases per run, without holes;
+//! - `seq` is at least 1 and strictly increases per run, but need not be
+//!   consecutive: the embedded bus numbers each run 1, 2, 3, …, while on
+//!   NATS it is the stream's sequence, shared by all runs, so a run's seqs
+//!   skip the numbers other runs (and stray messages) took. A missing seq is
+//!   not a lost event: what retention dropped is told by [`Page::first`]
+//!   and [`Bus::gone_before`], and readers announce it as a gap;
 //! - history is ordered and kept within configured bounds (events, bytes, age);
 //! - a watch delivers every event published after it was opened, in order,
 //!   or says that it lagged so the reader can fill in from history;
 //! - run state is folded from events and survives as long as the run is retained.
 
 mod embedded;
+mod publish;
 
 use async_trait::async_trait;
 use runcast_core::{Event, NewEvent, RunId, RunState, RunStatus};
 use std::sync::Arc;
 
 pub use embedded::{EmbeddedBus, Retention};
+pub use publish::{BusTarget, PublishError, PublishErrorKind, PublishTarget};
 
 /// Why a bus operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,10 +36,22 @@ pub enum BusError {
     /// The bus holds as many bytes of history as it may.
     #[error("the bus history is full ({0} bytes); retry after older runs expire")]
     Full(usize),
-    /// A single event larger than the bus accepts.
-    #[error("event of {size} bytes is over the limit of {limit} bytes")]
-    EventTooLarge { size: usize, limit: usize },
-    /// The bus is unreachable or shutting down.
+    /// A single event larger than the bus accepts: `size` bytes as the bus
+    /// counts them, over `limit` (`None` when the bus refused it without
+    /// saying its limit).
+    #[error(
+        "event of {size} bytes is over the {}",
+        .limit.map_or("bus's limit".to_owned(), |l| format!("limit of {l} bytes"))
+    )]
+    EventTooLarge { size: usize, limit: Option<usize> },
+    /// The bus's storage has no room for new events and will not make room
+    /// by dropping old ones (NATS: the account's or server's JetStream
+    /// storage is used up, or the stream is at a limit that refuses new
+    /// messages). The reason is the bus's own.
+    #[error("the bus has no room for the event: {0}")]
+    NoSpace(String),
+    /// The bus is unreachable, shutting down, or failed to answer; retrying
+    /// may work.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
 }

@@ -38,7 +38,8 @@ pub enum Command {
     Up(UpArgs),
     /// Run a gateway pod on NATS: stateless, any number of them side by side.
     Gateway(GatewayRoleArgs),
-    /// Run simulated jobs that publish to NATS (the demo workload, for worker pods).
+    /// Run simulated jobs that publish to NATS (the demo workload, for worker
+    /// pods). Publish only: it creates or checks the events stream, never run state.
     Worker(WorkerArgs),
     /// Follow a run's events, reconnecting and resuming without loss.
     Tail(TailArgs),

@@ -170,14 +170,19 @@ async fn worker(a: args::WorkerArgs) -> anyhow::Result<()> {
     let Some(url) = &a.nats.url else {
         anyhow::bail!("runcast worker needs --nats (or RUNCAST_NATS_URL)");
     };
-    let (bus, setup) = start_nats(&a.nats, url, &a.retention, "runcast-worker").await?;
-    // Jobs start once NATS and the stream answer; until then, say why.
-    loop {
-        match bus.ready(Duration::from_secs(5)).await {
-            Ok(()) => break,
-            Err(why) => tracing::warn!(reason = %why, "waiting for NATS before starting jobs"),
-        }
-    }
+    // Publish only: a worker pod creates or checks the events stream (its
+    // events need it) and nothing else. Run state is folded by the gateways;
+    // jobs start once NATS and the stream answer, and until then the log
+    // says why.
+    let (cfg, stream) = (
+        a.nats.config(url, "runcast-worker"),
+        a.nats.stream(&a.retention),
+    );
+    let connecting = runcast_nats::NatsTarget::connect(&cfg, &stream);
+    let target = tokio::select! {
+        target = connecting => target?,
+        () = shutdown_signal() => return Ok(()),
+    };
     // Several workers share one NATS: each names its runs after itself.
     let prefix = format!("w{}-", std::process::id());
     let metrics = Arc::new(runcast_worker::PublishMetrics::new());
@@ -191,13 +196,12 @@ async fn worker(a: args::WorkerArgs) -> anyhow::Result<()> {
             Arc::new(move || metrics.render()),
         ))
     };
-    let target = runcast_worker::Metered::new(runcast_worker::BusTarget(Arc::new(bus)), metrics);
+    let target = runcast_worker::Metered::new(target, metrics);
     let jobs = demo::spawn(Arc::new(target), a.jobs, prefix);
     tracing::info!(jobs = a.jobs, metrics = %format!("http://{metrics_addr}/metrics"), "worker publishing demo jobs to NATS");
     shutdown_signal().await;
     jobs.abort();
     served.abort();
-    setup.abort();
     Ok(())
 }
 

@@ -73,7 +73,7 @@ pub fn json(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
 /// Maps a bus failure to the protocol error a client sees.
 pub fn bus_error(e: BusError, run: &RunId) -> ProtocolError {
     let code = match e {
-        BusError::TooManyRuns(_) | BusError::Full(_) => ErrorCode::Capacity,
+        BusError::TooManyRuns(_) | BusError::Full(_) | BusError::NoSpace(_) => ErrorCode::Capacity,
         BusError::EventTooLarge { .. } => ErrorCode::TooLarge,
         BusError::Unavailable(_) => ErrorCode::Unavailable,
     };

@@ -17,13 +17,16 @@ use async_nats::jetstream::{
 };
 use async_trait::async_trait;
 use runcast_bus::{Bus, BusError, BusStats, Page, RunFilter, Watch};
-use runcast_core::{Event, NewEvent, RunId, RunState, subject};
-use runcast_worker::{PublishErrorKind, PublishTarget};
+use runcast_core::{NewEvent, RunId, RunState, subject};
 use tokio::task::JoinHandle;
 
 use crate::{
-    NatsConfig, NatsError, NatsTarget, StreamSettings, connect, ensure_stream,
+    config::{NatsConfig, connect},
+    error::NatsError,
+    message::patiently,
+    publish::{NatsTarget, StoreErrorKind},
     state::{self, Mirror},
+    stream::{StreamSettings, ensure_stream},
     watch::Watches,
 };
 
@@ -43,12 +46,14 @@ const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Clone)]
 pub struct NatsBus {
     inner: Arc<Inner>,
+    /// Publishes for [`Bus::publish`]; outside `inner` so that
+    /// [`NatsBus::with_publish_retries`] can replace it.
+    target: Arc<NatsTarget>,
 }
 
 struct Inner {
     client: async_nats::Client,
     prefix: String,
-    max_event_bytes: usize,
     /// Set once the stream exists and is verified.
     stream: OnceLock<Stream>,
     /// Why the stream is not ready (for readiness and errors); empty when it is.
@@ -61,7 +66,14 @@ struct Inner {
     mirror: Arc<Mirror>,
     /// Recently read run states (see `Inner::cached_state`).
     states: Mutex<std::collections::HashMap<RunId, (std::time::Instant, RunState)>>,
-    target: NatsTarget,
+    /// The stream's largest message, as set up.
+    max_message_size: usize,
+}
+
+/// The bus's publisher: on its prefix, refusing events over the stream's limit.
+fn publisher(inner: &Inner) -> NatsTarget {
+    NatsTarget::new(inner.client.clone(), &inner.prefix)
+        .with_max_message_size(inner.max_message_size)
 }
 
 impl Inner {
@@ -93,10 +105,9 @@ impl NatsBus {
     ) -> Result<(Self, JoinHandle<()>), NatsError> {
         let client = connect(cfg, true).await?;
         let inner = Arc::new(Inner {
-            target: NatsTarget::new(client.clone(), &cfg.prefix),
+            max_message_size: settings.max_message_size.max(0) as usize,
             client: client.clone(),
             prefix: cfg.prefix.clone(),
-            max_event_bytes: settings.max_message_size.max(0) as usize,
             stream: OnceLock::new(),
             kv: OnceLock::new(),
             mirror: Arc::new(Mirror::default()),
@@ -171,7 +182,16 @@ impl NatsBus {
                 tokio::join!(probe, folder, mirror, live);
             })
         };
-        Ok((Self { inner }, setup))
+        let target = Arc::new(publisher(&inner));
+        Ok((Self { inner, target }, setup))
+    }
+
+    /// Sets how many times [`Bus::publish`] tries each event and how long
+    /// each acknowledgement may take (default: 5 attempts, 5 s), for this
+    /// handle and the clones made from it afterwards.
+    pub fn with_publish_retries(mut self, attempts: u32, ack_timeout: std::time::Duration) -> Self {
+        self.target = Arc::new(publisher(&self.inner).with_retries(attempts, ack_timeout));
+        self
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -289,69 +309,6 @@ impl Inner {
     }
 }
 
-/// Turns a stored message into an event; `None` for subjects that are not
-/// runcast events (the stream only captures `<prefix>.runs.>`, so only a
-/// malformed run or kind token gets here, and is logged).
-pub(crate) fn to_event(prefix: &str, m: jetstream::message::StreamMessage) -> Option<Event> {
-    let Some((run, kind)) = subject::parse_event_subject(prefix, m.subject.as_str()) else {
-        tracing::warn!(subject = %m.subject, seq = m.sequence, "skipping a message on a subject that is not a runcast event");
-        return None;
-    };
-    Some(Event {
-        run,
-        seq: m.sequence,
-        kind,
-        data: runcast_core::data_from_payload(&m.payload),
-        ts: (m.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
-        stored_us: (m.time.unix_timestamp_nanos() / 1_000).max(0) as u64,
-        traceparent: m.headers.get("traceparent").map(|v| v.to_string()),
-    })
-}
-
-/// How long a failed read is retried before it reaches a client as
-/// `unavailable`.
-const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Runs a read again when it fails, for up to `RETRY_FOR`: when a NATS node
-/// dies, requests get "no responders" or time out until the client has
-/// reconnected and the cluster has moved its leaders, which usually takes
-/// less than a second. Only for reads: they are safe to repeat.
-pub(crate) async fn patiently<T, Fut>(mut read: impl FnMut() -> Fut) -> Result<T, BusError>
-where
-    Fut: std::future::Future<Output = Result<T, BusError>>,
-{
-    let started = std::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(50);
-    loop {
-        match read().await {
-            Err(e) if started.elapsed() < RETRY_FOR => {
-                tracing::debug!(error = %e, "NATS read failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-            }
-            done => return done,
-        }
-    }
-}
-
-/// A consumer's delivery as an event, the same as a direct read of it.
-pub(crate) fn delivered_event(
-    prefix: &str,
-    msg: &jetstream::Message,
-    info: &jetstream::message::Info<'_>,
-) -> Option<Event> {
-    to_event(
-        prefix,
-        jetstream::message::StreamMessage {
-            subject: msg.subject.clone(),
-            sequence: info.stream_sequence,
-            headers: msg.headers.clone().unwrap_or_default(),
-            payload: msg.payload.clone(),
-            time: info.published,
-        },
-    )
-}
-
 impl NatsBus {
     async fn open_watch(&self, run: &RunId) -> Result<Watch, BusError> {
         let filter = self.filter(run);
@@ -384,30 +341,21 @@ impl NatsBus {
 impl Bus for NatsBus {
     async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, BusError> {
         self.stream()?;
-        // NATS counts the headers in a message's size (against the stream's
-        // limit and the server's max_payload): check the whole message, so
-        // an event just under the limit gets a 413 here instead of failing
-        // at the server, where retrying could never help.
-        let limit = self
-            .inner
-            .max_event_bytes
-            .min(self.inner.client.server_info().max_payload);
-        for ev in &events {
-            let size = ev.data.get().len() + crate::publish::header_bytes(ev);
-            if size > limit {
-                return Err(BusError::EventTooLarge { size, limit });
-            }
-        }
-        self.inner
-            .target
-            .publish(run, events)
+        // The target checks each whole message (NATS counts the headers in
+        // its size) against the stream's limit and the server's
+        // max_payload before sending any, so a too-large event gets a 413
+        // here instead of failing at the server, where retrying never helps.
+        self.target
+            .store_all(run, &events)
             .await
             .map_err(|e| match e.kind {
-                PublishErrorKind::Unavailable => BusError::Unavailable(e.message),
-                _ => BusError::EventTooLarge {
-                    size: 0,
-                    limit: self.inner.max_event_bytes,
-                },
+                StoreErrorKind::TooLarge { size, limit } => BusError::EventTooLarge { size, limit },
+                StoreErrorKind::NoSpace => BusError::NoSpace(e.message),
+                // The stream was set up on this prefix, so it makes valid
+                // subjects; were it not, nothing could be published.
+                StoreErrorKind::InvalidSubject | StoreErrorKind::Unavailable => {
+                    BusError::Unavailable(e.message)
+                }
             })
     }
 

@@ -1,6 +1,6 @@
 use std::{path::PathBuf, time::Duration};
 
-use crate::NatsError;
+use crate::error::NatsError;
 
 /// How to reach NATS. Every role (gateway, worker, CLI) builds one from its
 /// `--nats*` flags.

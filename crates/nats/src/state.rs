@@ -39,8 +39,9 @@ use runcast_bus::BusError;
 use runcast_core::{Event, RunId, RunState, subject};
 
 use crate::{
-    NatsError, StreamSettings,
-    bus::{delivered_event, patiently, to_event},
+    error::NatsError,
+    message::{delivered_event, patiently, to_event},
+    stream::StreamSettings,
 };
 
 /// How long the pin stays with a folder that stopped pulling.

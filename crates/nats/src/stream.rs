@@ -5,7 +5,7 @@ use async_nats::jetstream::{
     stream::{Config, DiscardPolicy, RetentionPolicy, StorageType},
 };
 
-use crate::NatsError;
+use crate::error::NatsError;
 
 /// How the events stream keeps history.
 #[derive(Debug, Clone)]

@@ -36,7 +36,7 @@ use runcast_bus::{Feed, Live};
 use runcast_core::{Event, RunId, subject};
 use tokio::sync::{Notify, mpsc};
 
-use crate::bus::delivered_event;
+use crate::message::delivered_event;
 
 /// Events buffered per watched run before its feed is declared lagged.
 const FEED_BUFFER: usize = 4096;
