@@ -75,6 +75,9 @@ kubectl version --client
 step "protocol schema"
 python3 scripts/check_proto.py
 
+step "layers: crates depend downward, no module import cycles"
+python3 scripts/check_layers.py
+
 step "format"
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check
