@@ -13,6 +13,7 @@ use std::{
     },
 };
 
+use futures_util::TryFutureExt;
 use hyper::{Request, body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -26,7 +27,33 @@ use tokio::{
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use crate::gateway::{ConnInfo, Gateway};
+use crate::gateway::{Activity, Busy, ConnInfo, Gateway};
+
+/// A response body that keeps its connection busy until it is done.
+struct Guarded {
+    body: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// Serves the gateway on `listener` until `shutdown` completes, then drains:
 /// readiness fails at once, new connections are still accepted for
@@ -125,6 +152,10 @@ async fn serve_tcp(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
             body.len()
         );
+        gw.metrics
+            .protocol_errors
+            .with_label_values(&["capacity"])
+            .inc();
         let _ = tcp.write_all(resp.as_bytes()).await;
         let _ = tcp.shutdown().await;
         return;
@@ -138,6 +169,7 @@ async fn serve_tcp(
         done,
         permit: Arc::new(permit),
         peer,
+        activity: Activity::default(),
     };
     let Some(tls) = gw.config.tls.clone() else {
         serve_http(TokioIo::new(tcp), &gw, conn, router, &mut stop, deadline).await;
@@ -173,15 +205,22 @@ async fn serve_http<I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let started = Arc::new(AtomicBool::new(false));
+    let activity = conn.activity.clone();
     let svc = {
         let started = started.clone();
         service_fn(move |mut req: Request<Incoming>| {
             // The headers are in: the connection's handshake deadline no
             // longer applies.
             started.store(true, Ordering::Relaxed);
+            let busy = conn.activity.busy();
             req.extensions_mut().insert(conn.clone());
             crate::router::normalize_path(&mut req);
-            router.clone().oneshot(req)
+            // Busy until the response body is done (an SSE stream: until
+            // it ends).
+            router
+                .clone()
+                .oneshot(req)
+                .map_ok(move |resp| resp.map(|body| Guarded { body, _busy: busy }))
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -201,8 +240,23 @@ async fn serve_http<I>(
     let handshake = tokio::time::sleep_until(deadline);
     tokio::pin!(handshake);
     let mut waiting = true;
+    // A connection with nothing in flight for a whole `idle` period (no
+    // request started, none open) is closed gracefully (GOAWAY over HTTP/2).
+    let idle = gw.config.header_read_timeout;
+    let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
+    let mut seen = 0u64;
     loop {
         tokio::select! {
+            _ = idle_check.tick() => {
+                let now = activity.started();
+                if activity.idle() && now == seen {
+                    tracing::debug!(?idle, "idle connection; closing");
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                    return;
+                }
+                seen = now;
+            }
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "http connection ended with an error");

@@ -3,7 +3,7 @@
 //! bounded body, and admission of a long-lived session. Failures are
 //! [`ApiError`]s, answered and counted like every other error.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
 use axum::{
     extract::{FromRequestParts, Path, Request},
@@ -82,12 +82,7 @@ fn bearer(parts: &Parts) -> Option<String> {
     {
         return Some(t.to_owned());
     }
-    parts
-        .uri
-        .query()?
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("access_token="))
-        .map(str::to_owned)
+    query_param(parts.uri.query()?, "access_token").map(|t| t.into_owned())
 }
 
 /// The credentials of an `Authorization: Bearer <credentials>` value. The
@@ -142,18 +137,49 @@ impl<S: Send + Sync> FromRequestParts<S> for RawQuery {
     }
 }
 
-/// `?key=N`: a non-negative integer, when given.
-pub fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError> {
-    for pair in q.split('&') {
-        if let Some((k, v)) = pair.split_once('=')
-            && k == key
+/// The first value of `key` in a query string, percent-decoded (RFC 3986:
+/// `%2E` is `.`; `+` stays `+`, as it does in a token). A `%` not followed by
+/// two hex digits is kept as it is.
+pub fn query_param<'a>(q: &'a str, key: &str) -> Option<Cow<'a, str>> {
+    q.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k) == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
         {
-            return frame::parse_since(v)
-                .map(Some)
-                .map_err(|e| ProtocolError::new(e.code, format!("{key}: {}", e.message)));
+            out.push(hi << 4 | lo);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
         }
     }
-    Ok(None)
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `?key=N`: a non-negative integer, when given.
+pub fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError> {
+    query_param(q, key)
+        .map(|v| {
+            frame::parse_since(&v)
+                .map_err(|e| ProtocolError::new(e.code, format!("{key}: {}", e.message)))
+        })
+        .transpose()
 }
 
 /// `?limit=N`: a positive integer, when given.
@@ -163,9 +189,8 @@ pub fn query_limit(q: &str) -> Result<Option<u64>, ProtocolError> {
             ErrorCode::InvalidQuery,
             format!(
                 "limit must be a positive integer, not {:?}",
-                q.split('&')
-                    .find_map(|kv| kv.strip_prefix("limit="))
-                    .unwrap_or("")
+                query_param(q, "limit")
+                    .unwrap_or_default()
                     .chars()
                     .take(32)
                     .collect::<String>()
@@ -294,3 +319,28 @@ pub async fn read_body(gw: &Gateway, req: Request, limit: usize) -> Result<Bytes
 /// The most of a refused oversized body discarded before the connection is
 /// closed anyway.
 const MAX_DISCARD: u64 = 64 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(query_param("since=%31&x=1", "since").as_deref(), Some("1"));
+        assert_eq!(
+            query_param("a=1&st%61tus=runn%69ng", "status").as_deref(),
+            Some("running")
+        );
+        assert_eq!(
+            query_param("access_token=a%2Eb.c+d", "access_token").as_deref(),
+            Some("a.b.c+d")
+        );
+        assert_eq!(query_param("x=%zz%4", "x").as_deref(), Some("%zz%4"));
+        assert_eq!(query_param("flag", "flag").as_deref(), Some(""));
+        assert_eq!(query_param("a=1", "b"), None);
+        assert_eq!(query_u64("limit=%35", "limit").unwrap(), Some(5));
+        assert!(query_u64("since=%2D1", "since").is_err());
+        // Not UTF-8 once decoded: replaced, never a panic.
+        assert_eq!(query_param("x=%ff", "x").as_deref(), Some("\u{fffd}"));
+    }
+}

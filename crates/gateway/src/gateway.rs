@@ -147,6 +147,48 @@ pub(crate) struct ConnInfo {
     pub permit: Arc<OwnedSemaphorePermit>,
     /// The TCP peer (a proxy, or the client itself).
     pub peer: std::net::IpAddr,
+    /// What is in flight on the connection, so an idle one can be closed.
+    pub activity: Activity,
+}
+
+/// Counts the requests and sessions in flight on one connection. Over
+/// HTTP/1.1 hyper closes an idle keep-alive connection itself; over HTTP/2
+/// a client that answers pings could otherwise hold a connection (and a
+/// slot under `max_connections`) with nothing on it for ever.
+#[derive(Clone, Default)]
+pub(crate) struct Activity(Arc<Counts>);
+
+#[derive(Default)]
+pub(crate) struct Counts {
+    in_flight: std::sync::atomic::AtomicUsize,
+    started: AtomicU64,
+}
+
+impl Activity {
+    /// Marks one more thing in flight until the guard is dropped.
+    pub fn busy(&self) -> Busy {
+        self.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.0.started.fetch_add(1, Ordering::Relaxed);
+        Busy(self.0.clone())
+    }
+
+    /// Nothing in flight right now.
+    pub fn idle(&self) -> bool {
+        self.0.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    /// How many things were ever started (changes whenever one starts).
+    pub fn started(&self) -> u64 {
+        self.0.started.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) struct Busy(Arc<Counts>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnInfo {
@@ -158,6 +200,7 @@ impl ConnInfo {
             _done: self.done.clone(),
             _permit: self.permit.clone(),
             _ip: ip,
+            _busy: self.activity.busy(),
         }
     }
 }
@@ -167,4 +210,6 @@ pub(crate) struct SessionTokens {
     _permit: Arc<OwnedSemaphorePermit>,
     /// The session's slot under its client address's limit.
     _ip: crate::limits::IpGuard,
+    /// Keeps the connection from counting as idle.
+    _busy: Busy,
 }

@@ -14,7 +14,7 @@ use runcast_core::{ErrorCode, RunId, RunStatus, frame};
 use crate::{
     auth::Grant,
     error::{ApiError, bus_error, json, truncate},
-    extract::{RawQuery, Run, query_limit, query_u64},
+    extract::{RawQuery, Run, query_limit, query_param, query_u64},
     gateway::Gateway,
 };
 
@@ -38,14 +38,14 @@ pub async fn list(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let limit = query_limit(&q)?.map_or(usize::MAX, |l| l as usize);
-    let status = match q.split('&').find_map(|kv| kv.strip_prefix("status=")) {
+    let status = match query_param(&q, "status") {
         None => None,
-        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
+        Some(s) => Some(RunStatus::parse(&s).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::InvalidQuery,
                 format!(
                     "status must be running, completed or failed, not {:?}",
-                    truncate(s)
+                    truncate(&s)
                 ),
             )
         })?),

@@ -13,8 +13,8 @@ use std::{
 
 use axum::{
     extract::{Request, State},
-    http::{HeaderValue, header},
-    response::Response,
+    http::{HeaderValue, Method, StatusCode, header},
+    response::{IntoResponse, Response},
 };
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
@@ -37,6 +37,19 @@ pub async fn stream(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (mut parts, _body) = req.into_parts();
+    if parts.method == Method::HEAD {
+        // axum answers HEAD with the GET handler; here that would open (and
+        // at once end) a session, using up the address's session rate.
+        let mut r = ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            "the SSE stream answers GET only",
+        )
+        .into_response();
+        *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return Ok(r);
+    }
     let since = match parts.headers.get("last-event-id") {
         Some(v) => Some(
             v.to_str()

@@ -71,13 +71,13 @@ async fn handshake(gw: Arc<Gateway>, req: Request) -> Result<Response, Response>
                 .get::<hyper::ext::Protocol>()
                 .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
         if !is_ws {
-            return Err(upgrade_required());
+            return Err(upgrade_required(h2));
         }
     } else if parts.method != Method::GET
         || !header_has(&parts.headers, header::UPGRADE, "websocket")
         || !header_has(&parts.headers, header::CONNECTION, "upgrade")
     {
-        return Err(upgrade_required());
+        return Err(upgrade_required(h2));
     }
     if parts
         .headers
@@ -171,10 +171,15 @@ async fn handshake(gw: Arc<Gateway>, req: Request) -> Result<Response, Response>
 
 /// 426: a plain request on the WebSocket endpoint, often because a proxy
 /// stripped the upgrade.
-fn upgrade_required() -> Response {
+fn upgrade_required(h2: bool) -> Response {
+    let how = if h2 {
+        "over HTTP/2, open it with an extended CONNECT (RFC 8441, :protocol websocket)"
+    } else {
+        "send Upgrade: websocket (a proxy may have stripped it; use /v1/runs/<run>/stream for SSE)"
+    };
     let mut r = ApiError::new(
         ErrorCode::InvalidFrame,
-        "this endpoint speaks WebSocket: send Upgrade: websocket (a proxy may have stripped it; use /v1/runs/<run>/stream for SSE)",
+        format!("this endpoint speaks WebSocket: {how}"),
     )
     .into_response();
     *r.status_mut() = StatusCode::UPGRADE_REQUIRED;
@@ -229,6 +234,9 @@ enum End {
     Close(CloseCode),
     /// The socket is already gone; there is no one to tell.
     Gone,
+    /// The client sent a close frame; tungstenite has queued the echo that
+    /// completes the closing handshake (RFC 6455 §5.5.1).
+    ByClient,
 }
 
 impl From<Closed> for End {
@@ -356,6 +364,10 @@ async fn serve(gw: Arc<Gateway>, ws: Ws, grant: crate::auth::Grant) {
         }
     }
 
+    if let Some(End::ByClient) = end {
+        // Bounded, like our own close: the client may stop reading.
+        let _ = tokio::time::timeout(cfg.close_timeout, s.out.0.flush()).await;
+    }
     if let Some(End::Close(code)) = end {
         metrics
             .closes
@@ -449,7 +461,7 @@ async fn handle(
                     ErrorCode::BinaryNotSupported,
                     "binary frames are not part of the protocol; send JSON text frames",
                 ))),
-                Message::Close(_) => return Err(End::Gone),
+                Message::Close(_) => return Err(End::ByClient),
                 // tungstenite answers pings itself; any frame proves liveness.
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
             };

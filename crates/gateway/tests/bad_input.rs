@@ -424,6 +424,13 @@ async fn connections_over_the_limit_are_refused_with_503() {
         (s, json(&text)["error"]["code"].as_str()),
         (503, Some("capacity"))
     );
+    // Counted like every other error response (found by an outside tester).
+    let m = gw.gw.metrics.render();
+    assert_eq!(
+        runcast_test_support::metric(&m, r#"runcast_protocol_errors_total{code="capacity"}"#),
+        Some(1.0),
+        "{m}"
+    );
     drop(_a);
     // The slot frees once the first socket is gone.
     let mut ok = false;
@@ -562,4 +569,56 @@ async fn every_error_response_is_json_and_counted_by_code() {
             "{code} counted once per response"
         );
     }
+}
+
+/// Query values are percent-decoded like path segments (found by an outside
+/// tester: `?since=%31` was a 400 while `/v1/runs/r%31` worked).
+#[tokio::test]
+async fn query_values_are_percent_decoded() {
+    let gw = TestGateway::start().await;
+    let run = RunId::parse("pct").unwrap();
+    for i in 0..3 {
+        gw.bus()
+            .publish(
+                &run,
+                vec![NewEvent::json(EventKind::Log, &json!(i)).unwrap()],
+            )
+            .await
+            .unwrap();
+    }
+    let (s, _, text) = http(
+        gw.addr,
+        "GET",
+        "/v1/runs/pct/events?since=%31&limit=%31",
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
+    let page = runcast_test_support::json(&text);
+    assert_eq!(seqs(page["events"].as_array().unwrap(), "pct"), [2]);
+    let (s, _, text) = http(gw.addr, "GET", "/v1/runs?st%61tus=runn%69ng", &[], "").await;
+    assert_eq!(s, 200, "{text}");
+    let (s, _, text) = http(gw.addr, "GET", "/v1/runs?status=nope%20at%20all", &[], "").await;
+    assert_eq!(s, 400);
+    assert!(text.contains("nope at all"), "{text}");
+    let (status, mut sse) =
+        runcast_test_support::SseReader::open(gw.addr, "/v1/runs/pct/stream?since=%32", None).await;
+    assert_eq!(status, 200);
+    let (_, state) = sse.next().await.unwrap();
+    assert_eq!(state["type"], "state");
+    let (id, ev) = sse.next().await.unwrap();
+    assert_eq!((id, ev["seq"].as_u64()), (Some(3), Some(3)));
+}
+
+/// HEAD is answered on the read routes, but not on the SSE route, where it
+/// would open a session for nothing (found by an outside tester).
+#[tokio::test]
+async fn head_is_not_a_session() {
+    let gw = TestGateway::start().await;
+    let (s, h, _) = http(gw.addr, "HEAD", "/v1/runs/r/stream", &[], "").await;
+    assert_eq!(s, 405);
+    assert_eq!(h["allow"], "GET");
+    let (s, _, _) = http(gw.addr, "HEAD", "/healthz", &[], "").await;
+    assert_eq!(s, 200);
 }

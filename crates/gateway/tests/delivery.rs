@@ -628,3 +628,35 @@ async fn sse_cut_after_any_message_resumes_exactly_once_in_order() {
         }
     }
 }
+
+/// A client's close frame is answered with a close frame, which completes
+/// the closing handshake (RFC 6455 §5.5.1) instead of dropping the socket
+/// (found by an outside tester).
+#[tokio::test]
+async fn a_client_close_is_echoed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{
+        Message,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    };
+    let gw = TestGateway::start().await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(gw.ws_url()).await.unwrap();
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    let mut echoed = None;
+    while let Ok(Some(msg)) = tokio::time::timeout(WAIT, ws.next()).await {
+        match msg {
+            Ok(Message::Close(f)) => {
+                echoed = Some(f.map(|f| u16::from(f.code)));
+                break;
+            }
+            Ok(_) => continue,
+            Err(e) => panic!("the socket failed instead of closing: {e}"),
+        }
+    }
+    assert_eq!(echoed, Some(Some(1000)), "the server echoes the close");
+}

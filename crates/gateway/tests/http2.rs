@@ -294,6 +294,11 @@ async fn websocket_over_http2_extended_connect() {
         .await
         .unwrap();
     assert_eq!(plain.status(), StatusCode::UPGRADE_REQUIRED);
+    let body = plain.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("extended CONNECT"),
+        "the advice fits HTTP/2: {body:?}"
+    );
 
     let mut req = Request::builder()
         .method(Method::CONNECT)
@@ -394,4 +399,39 @@ async fn chromium_over_tls_shares_one_connection_between_many_streams() {
     .await;
     page.wait_for("the WebSocket's hello", "window.wsFrames.includes('hello')")
         .await;
+}
+
+/// An HTTP/2 connection with nothing in flight is closed after the idle
+/// period (GOAWAY), as an idle HTTP/1.1 keep-alive connection is; one with
+/// an open stream is not. (Found by an outside tester: idle HTTP/2
+/// connections that answer pings held `--max-connections` slots for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_busy_ones_are_not() {
+    let gw = TestGateway::with(
+        Config {
+            header_read_timeout: Duration::from_millis(300),
+            heartbeat_interval: Duration::from_millis(100),
+            ..Config::default()
+        },
+        Retention::default(),
+    )
+    .await;
+    let mut idle = h2c(&gw).await;
+    let resp = idle.send_request(get("/healthz")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut busy = h2c(&gw).await;
+    let resp = busy
+        .send_request(get("/v1/runs/idle/stream"))
+        .await
+        .unwrap();
+    let mut stream = Stream {
+        body: resp.into_body(),
+        text: String::new(),
+    };
+    assert_eq!(stream.frames(1).await[0]["type"], "state");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(idle.is_closed(), "an idle HTTP/2 connection is closed");
+    assert!(!busy.is_closed(), "a connection with an open stream stays");
+    publish(&gw, "idle", 1).await;
+    assert_eq!(stream.frames(2).await[1]["seq"], 1);
 }
