@@ -13,14 +13,9 @@ use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_runcast");
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_publishes_demo_jobs_and_serves_its_metrics() {
-    let nats = NatsServer::start().await;
-    let metrics: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let _worker = Command::new(BIN)
+/// `runcast worker` running two demo jobs on `nats`, metrics on `metrics`.
+fn worker(nats: &NatsServer, metrics: SocketAddr) -> tokio::process::Child {
+    Command::new(BIN)
         .args([
             "worker",
             "--nats",
@@ -34,7 +29,17 @@ async fn a_worker_publishes_demo_jobs_and_serves_its_metrics() {
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("runcast worker starts");
+        .expect("runcast worker starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_publishes_demo_jobs_and_serves_its_metrics() {
+    let nats = NatsServer::start().await;
+    let metrics: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _worker = worker(&nats, metrics);
 
     // Its jobs publish within a few seconds; the metrics say so.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -118,21 +123,7 @@ fn consumer_names(stream: &serde_json::Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_only_publishes_and_a_gateway_started_later_folds_and_delivers_its_runs() {
     let nats = NatsServer::start().await;
-    let worker = Command::new(BIN)
-        .args([
-            "worker",
-            "--nats",
-            &nats.url(),
-            "--jobs",
-            "2",
-            "--log",
-            "warn",
-        ])
-        .args(["--metrics-listen", &free_addr().to_string()])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("runcast worker starts");
+    let worker = worker(&nats, free_addr());
     let runs_prefix = format!("w{}-", worker.id().expect("the worker runs"));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

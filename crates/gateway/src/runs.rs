@@ -123,19 +123,32 @@ pub async fn history(
     allowed(&grant, &run)?;
     let since = query_u64(&q, "since")?.unwrap_or(0);
     let limit = query_limit(&q)?.unwrap_or(100).min(1000) as usize;
+    let page = page_after(&gw, &run, since, limit).await?;
+    Ok(json(StatusCode::OK, encode_history(&run, &page, since)).into_response())
+}
+
+/// Up to `limit` events after `since` (none for 0, just the head), or
+/// `since_out_of_range` when `since` is past the run's head: the one check
+/// of a cursor before history or a stream is served.
+pub async fn page_after(
+    gw: &Gateway,
+    run: &RunId,
+    since: u64,
+    limit: usize,
+) -> Result<runcast_bus::Page, ApiError> {
     let page = gw
         .bus
-        .read(&run, since.saturating_add(1), limit)
+        .read(run, since.saturating_add(1), limit)
         .await
-        .map_err(|e| bus_error(e, &run))?;
+        .map_err(|e| bus_error(e, run))?;
     if since > page.head {
         return Err(ApiError::for_run(
             ErrorCode::SinceOutOfRange,
-            &run,
+            run,
             format!("since {since} is past the run's last seq {}", page.head),
         ));
     }
-    Ok(json(StatusCode::OK, encode_history(&run, &page, since)).into_response())
+    Ok(page)
 }
 
 /// A history page's body: `{"run","events":[event frames],"first","head","next_since","gap"}`.

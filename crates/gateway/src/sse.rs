@@ -22,11 +22,11 @@ use runcast_core::{ErrorCode, ProtocolError, RunId, frame};
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
-    error::{ApiError, bus_error},
+    error::ApiError,
     extract::{Run, admit, conn_info, query_u64},
     frame::{OutFrame, sse_message},
     gateway::Gateway,
-    runs::allowed,
+    runs::{allowed, page_after},
     session::{Closed, Output, Session, SessionError},
 };
 
@@ -71,18 +71,7 @@ pub async fn stream(
     // bad cursor's syntax is: EventSource gives up on an HTTP error, while
     // an error inside a 200 stream would only make it reconnect in a loop.
     if let Some(since) = since {
-        let page = gw
-            .bus
-            .read(&run, since.saturating_add(1), 0)
-            .await
-            .map_err(|e| bus_error(e, &run))?;
-        if since > page.head {
-            return Err(ApiError::for_run(
-                ErrorCode::SinceOutOfRange,
-                &run,
-                format!("since {since} is past the run's last seq {}", page.head),
-            ));
-        }
+        page_after(&gw, &run, since, 0).await?;
     }
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let tokens = conn.detach(admitted.ip);
