@@ -27,7 +27,7 @@ use tokio::{
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use crate::gateway::{Activity, Busy, ConnInfo, Gateway};
+use crate::gateway::{Activity, Busy, ConnInfo, Gateway, Slot};
 
 /// A response body that keeps its connection busy until it is done.
 struct Guarded {
@@ -167,7 +167,7 @@ async fn serve_tcp(
     let deadline = tokio::time::Instant::now() + gw.config.handshake_timeout;
     let conn = ConnInfo {
         done,
-        permit: Arc::new(permit),
+        permit: Arc::new(Slot::new(permit, gw.metrics.tcp_connections.clone())),
         peer,
         activity: Activity::default(),
     };

@@ -144,7 +144,7 @@ pub(crate) struct ConnInfo {
     pub done: mpsc::Sender<()>,
     /// The connection's slot under `max_connections`, held by upgraded
     /// WebSockets and SSE streams too.
-    pub permit: Arc<OwnedSemaphorePermit>,
+    pub permit: Arc<Slot>,
     /// The TCP peer (a proxy, or the client itself).
     pub peer: std::net::IpAddr,
     /// What is in flight on the connection, so an idle one can be closed.
@@ -205,9 +205,33 @@ impl ConnInfo {
     }
 }
 
+/// A TCP connection's slot under `max_connections`, counted in
+/// `runcast_tcp_connections` for as long as anything holds it (the
+/// connection's tasks, or an upgraded WebSocket that outlives them).
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: prometheus::IntGauge,
+}
+
+impl Slot {
+    pub fn new(permit: OwnedSemaphorePermit, open: prometheus::IntGauge) -> Self {
+        open.inc();
+        Self {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
 pub(crate) struct SessionTokens {
     _done: mpsc::Sender<()>,
-    _permit: Arc<OwnedSemaphorePermit>,
+    _permit: Arc<Slot>,
     /// The session's slot under its client address's limit.
     _ip: crate::limits::IpGuard,
     /// Keeps the connection from counting as idle.

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub protocol_errors: IntCounterVec,
     pub closes: IntCounterVec,
     pub refused_connections: IntCounter,
+    /// TCP connections open: over HTTP/2 one carries many sessions, so
+    /// this is not `connections` summed.
+    pub tcp_connections: prometheus::IntGauge,
     pub timeouts: IntCounterVec,
     pub tls_reloads: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
@@ -153,6 +156,10 @@ impl Metrics {
                 "WebSocket closes sent by the server, by close code.",
                 "code",
                 &close_codes.each_ref().map(String::as_str),
+            ),
+            tcp_connections: m.gauge(
+                "runcast_tcp_connections",
+                "Open TCP connections (over HTTP/2 one carries many WebSocket and SSE sessions).",
             ),
             refused_connections: m.counter(
                 "runcast_refused_connections_total",

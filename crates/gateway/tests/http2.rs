@@ -235,6 +235,14 @@ async fn sse_streams_multiplexed_over_h2c_get_live_events() {
         assert_eq!(stream.frames(1).await[0]["type"], "state");
         bodies.push(stream);
     }
+    // One TCP connection, twelve sessions.
+    let m = gw.gw.metrics.render();
+    let sample = |name: &str| runcast_test_support::metric(&m, name);
+    assert_eq!(sample("runcast_tcp_connections"), Some(1.0), "{m}");
+    assert_eq!(
+        sample(r#"runcast_connections{transport="sse"}"#),
+        Some(RUNS as f64)
+    );
     // Published over the same connection, delivered live on every stream.
     for r in 0..RUNS {
         let req = Request::post(format!("http://127.0.0.1/v1/runs/live-{r}/events"))
