@@ -313,7 +313,7 @@ fn run_names(n: usize) -> Vec<String> {
 
 async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
     let runs = run_names(a.runs);
-    eprintln!(
+    crate::say!(
         "connecting {} clients over {} runs to {:?} ...",
         a.clients,
         runs.len(),
@@ -489,7 +489,7 @@ async fn idle(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = fleet.rss_mib();
-    eprintln!(
+    crate::say!(
         "opening {} idle connections over {} runs ...",
         a.clients,
         runs.len()
@@ -547,12 +547,16 @@ async fn idle(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
 }
 
 fn print_report(r: &Report) {
-    eprintln!("--- runcast bench: {} ---", r.scenario);
-    eprintln!(
+    crate::say!("--- runcast bench: {} ---", r.scenario);
+    crate::say!(
         "clients {} over {} runs, {} events/s for {:.1}s, payload {} B",
-        r.clients, r.runs, r.rate, r.duration_s, r.payload
+        r.clients,
+        r.runs,
+        r.rate,
+        r.duration_s,
+        r.payload
     );
-    eprintln!(
+    crate::say!(
         "published {} (errors {}), delivered {}/{} ({:.0} msg/s), lost {}, duplicated {}",
         r.published,
         r.publish_errors,
@@ -562,22 +566,25 @@ fn print_report(r: &Report) {
         r.lost,
         r.duplicated
     );
-    eprintln!(
+    crate::say!(
         "latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-        r.latency_ms_p50, r.latency_ms_p99, r.latency_ms_p999, r.latency_ms_max
+        r.latency_ms_p50,
+        r.latency_ms_p99,
+        r.latency_ms_p999,
+        r.latency_ms_max
     );
     if let Some(c) = r.server_cpu_cores {
-        eprintln!(
+        crate::say!(
             "server CPU {:.2} cores (bench clients {:.2})",
             c,
             r.bench_cpu_cores.unwrap_or(0.0)
         );
     }
     if let (Some(b), Some(a)) = (r.server_rss_mib_before, r.server_rss_mib_after) {
-        eprintln!("server RSS {b:.1} MiB -> {a:.1} MiB");
+        crate::say!("server RSS {b:.1} MiB -> {a:.1} MiB");
     }
     if let Some(b) = r.idle_bytes_per_connection {
-        eprintln!(
+        crate::say!(
             "memory per idle connection: {:.0} bytes ({:.1} KiB)",
             b,
             b / 1024.0

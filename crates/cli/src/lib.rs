@@ -2,6 +2,17 @@
 //! with demo jobs), `tail` (a resilient client), `publish` (one event over
 //! HTTP) and `bench` (load generator and measurements).
 
+/// `eprintln!` that never panics: a user who pipes stderr into a
+/// program that exits (`runcast tail r 2>&1 | head`) must not turn a
+/// message into a crash (exit 101).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod args;
 pub mod bench;
 mod connect;

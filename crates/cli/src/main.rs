@@ -8,14 +8,14 @@ async fn main() -> std::process::ExitCode {
     let telemetry = match runcast_cli::init_telemetry(&cli) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("runcast: {e}");
+            runcast_cli::say!("runcast: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
     let code = match runcast_cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("runcast: {e:#}");
+            runcast_cli::say!("runcast: {e:#}");
             std::process::ExitCode::FAILURE
         }
     };

@@ -52,7 +52,7 @@ pub async fn run(a: TailArgs) -> anyhow::Result<ExitCode> {
                 let jitter = u64::from(std::process::id()).wrapping_mul(u64::from(failures))
                     % (base / 2 + 1);
                 let wait = Duration::from_millis(base / 2 + jitter);
-                eprintln!(
+                crate::say!(
                     "runcast tail: {why}; resuming after seq {} in {wait:?}",
                     since.unwrap_or(0)
                 );
@@ -138,7 +138,7 @@ async fn session(
             Err(e) => {
                 // Not a frame this client understands: show it rather than
                 // lose it, and say so.
-                eprintln!("runcast tail: a frame that is not valid protocol JSON ({e}) follows");
+                crate::say!("runcast tail: a frame that is not valid protocol JSON ({e}) follows");
                 if !a.json && out(&format!("{:>6} {:<10} {text}", "?", "frame")).is_err() {
                     return Ok(Outcome::Finished(ExitCode::SUCCESS));
                 }
@@ -194,7 +194,7 @@ async fn session(
             }
             "gap" => {
                 *since = f.to.or(*since);
-                eprintln!(
+                crate::say!(
                     "runcast tail: {}",
                     f.message
                         .as_deref()

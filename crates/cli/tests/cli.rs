@@ -421,3 +421,33 @@ async fn tail_prints_every_event_even_data_a_json_value_cannot_hold() {
     );
     assert!(lines[3].contains("complete"), "{out}");
 }
+
+/// A closed stderr (its reader exited, as in `2>&1 | head`) is no reason to
+/// crash: the error exit stays 1, never a panic's 101 (found by an outside
+/// tester).
+#[tokio::test]
+async fn a_closed_stderr_is_not_a_panic() {
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "tail",
+            "r",
+            "--url",
+            "http://127.0.0.1:1",
+            "--log",
+            "off",
+            "--max-retries",
+            "0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("tail gives up on an unreachable gateway")
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}
