@@ -176,8 +176,17 @@ fn percent_decode(s: &str) -> Cow<'_, str> {
 pub fn query_u64(q: &str, key: &str) -> Result<Option<u64>, ProtocolError> {
     query_param(q, key)
         .map(|v| {
-            frame::parse_since(&v)
-                .map_err(|e| ProtocolError::new(e.code, format!("{key}: {}", e.message)))
+            // Digits only: a decoded `%20` around them is not a number
+            // (`parse_since` trims, for the `Last-Event-ID` header).
+            let parsed = if v.trim() == v {
+                frame::parse_since(&v)
+            } else {
+                Err(ProtocolError::new(
+                    ErrorCode::InvalidSince,
+                    format!("cursor {:?} must be a non-negative integer", truncate(&v)),
+                ))
+            };
+            parsed.map_err(|e| ProtocolError::new(e.code, format!("{key}: {}", e.message)))
         })
         .transpose()
 }
@@ -340,6 +349,8 @@ mod tests {
         assert_eq!(query_param("a=1", "b"), None);
         assert_eq!(query_u64("limit=%35", "limit").unwrap(), Some(5));
         assert!(query_u64("since=%2D1", "since").is_err());
+        assert!(query_u64("since=%201", "since").is_err());
+        assert!(query_u64("since=1%20", "since").is_err());
         // Not UTF-8 once decoded: replaced, never a panic.
         assert_eq!(query_param("x=%ff", "x").as_deref(), Some("\u{fffd}"));
     }
