@@ -29,10 +29,10 @@ use tracing::Instrument;
 
 use crate::gateway::{Activity, Busy, ConnInfo, Gateway, Slot};
 
-/// A response body that keeps its connection busy until it is done.
+/// A response body that keeps its connection busy while it streams.
 struct Guarded {
     body: axum::body::Body,
-    _busy: Busy,
+    _busy: Option<Busy>,
 }
 
 impl hyper::body::Body for Guarded {
@@ -215,12 +215,17 @@ async fn serve_http<I>(
             let busy = conn.activity.busy();
             req.extensions_mut().insert(conn.clone());
             crate::router::normalize_path(&mut req);
-            // Busy until the response body is done (an SSE stream: until
-            // it ends).
-            router
-                .clone()
-                .oneshot(req)
-                .map_ok(move |resp| resp.map(|body| Guarded { body, _busy: busy }))
+            // Busy while the handler runs, and after that while a streamed
+            // body (SSE) is open. A response of known length is done on our
+            // side: a client that stalls it behind a zero flow-control
+            // window must not keep the connection from counting as idle.
+            router.clone().oneshot(req).map_ok(move |resp| {
+                let streams = hyper::body::Body::size_hint(resp.body()).exact().is_none();
+                resp.map(|body| Guarded {
+                    body,
+                    _busy: streams.then_some(busy),
+                })
+            })
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -241,10 +246,16 @@ async fn serve_http<I>(
     tokio::pin!(handshake);
     let mut waiting = true;
     // A connection with nothing in flight for a whole `idle` period (no
-    // request started, none open) is closed gracefully (GOAWAY over HTTP/2).
+    // handler running, no stream open, no request started) is closed:
+    // gracefully (GOAWAY over HTTP/2), then, after one more period, for
+    // good, whatever responses a client left unread. Before its first
+    // request the handshake deadline rules instead.
     let idle = gw.config.header_read_timeout;
     let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
-    let mut seen = 0u64;
+    let mut seen = u64::MAX;
+    let closing = activity.clone();
+    let closing = closing.closing();
+    tokio::pin!(closing);
     loop {
         tokio::select! {
             _ = idle_check.tick() => {
@@ -252,10 +263,16 @@ async fn serve_http<I>(
                 if activity.idle() && now == seen {
                     tracing::debug!(?idle, "idle connection; closing");
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    let _ = tokio::time::timeout(idle, conn).await;
                     return;
                 }
                 seen = now;
+            }
+            () = &mut closing => {
+                tracing::debug!("closing the connection after a timed-out request");
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(idle, conn).await;
+                return;
             }
             r = conn.as_mut() => {
                 if let Err(e) = r {

@@ -298,6 +298,7 @@ pub async fn read_body(gw: &Gateway, req: Request, limit: usize) -> Result<Bytes
             format!("body of {n} bytes (Content-Length) is over the limit of {limit} bytes"),
         ));
     }
+    let conn = req.extensions().get::<ConnInfo>().cloned();
     let read = Limited::new(req.into_body(), limit).collect();
     match tokio::time::timeout(gw.config.request_timeout, read).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
@@ -314,6 +315,12 @@ pub async fn read_body(gw: &Gateway, req: Request, limit: usize) -> Result<Bytes
                 .timeouts
                 .with_label_values(&["request_body"])
                 .inc();
+            // The connection goes too, as over HTTP/1.1 (`Connection:
+            // close`): a slow-body client must not renew its hold on a
+            // connection slot one stream at a time.
+            if let Some(c) = conn {
+                c.activity.close_soon();
+            }
             Err(ApiError::new(
                 ErrorCode::RequestTimeout,
                 format!(

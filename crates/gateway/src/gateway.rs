@@ -162,6 +162,8 @@ pub(crate) struct Activity(Arc<Counts>);
 pub(crate) struct Counts {
     in_flight: std::sync::atomic::AtomicUsize,
     started: AtomicU64,
+    /// Asks the connection to close (gracefully, then for good).
+    close: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -180,6 +182,18 @@ impl Activity {
     /// How many things were ever started (changes whenever one starts).
     pub fn started(&self) -> u64 {
         self.0.started.load(Ordering::Relaxed)
+    }
+
+    /// Asks the connection to close: over HTTP/2 a timed-out request ends
+    /// only its stream, and a client could open the next one on the same
+    /// connection for ever.
+    pub fn close_soon(&self) {
+        self.0.close.notify_one();
+    }
+
+    /// Completes once [`close_soon`](Self::close_soon) was called.
+    pub async fn closing(&self) {
+        self.0.close.notified().await
     }
 }
 

@@ -182,9 +182,13 @@ fn upgrade_required(h2: bool) -> Response {
         format!("this endpoint speaks WebSocket: {how}"),
     )
     .into_response();
-    *r.status_mut() = StatusCode::UPGRADE_REQUIRED;
-    r.headers_mut()
-        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // 426 must name the protocol in `Upgrade`, which HTTP/2 forbids: there
+    // it stays the 400 of `invalid_frame`.
+    if !h2 {
+        *r.status_mut() = StatusCode::UPGRADE_REQUIRED;
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
     r
 }
 

@@ -301,7 +301,8 @@ async fn websocket_over_http2_extended_connect() {
         )
         .await
         .unwrap();
-    assert_eq!(plain.status(), StatusCode::UPGRADE_REQUIRED);
+    // 400, not 426: a 426 must carry `Upgrade`, which HTTP/2 forbids.
+    assert_eq!(plain.status(), StatusCode::BAD_REQUEST);
     let body = plain.into_body().collect().await.unwrap().to_bytes();
     assert!(
         String::from_utf8_lossy(&body).contains("extended CONNECT"),
@@ -442,4 +443,71 @@ async fn idle_http2_connections_are_closed_busy_ones_are_not() {
     assert!(!busy.is_closed(), "a connection with an open stream stays");
     publish(&gw, "idle", 1).await;
     assert_eq!(stream.frames(2).await[1]["seq"], 1);
+}
+
+/// Ways to keep an HTTP/2 connection from counting as idle, found by an
+/// outside tester, each of which held a `--max-connections` slot for ever:
+/// a response stalled behind a zero flow-control window, and a publish
+/// whose body never comes (each timed-out stream renewed by the next).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_responses_and_slow_bodies_do_not_hold_an_http2_connection() {
+    use http_body_util::StreamBody;
+    let gw = TestGateway::with(
+        Config {
+            header_read_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_millis(300),
+            ..Config::default()
+        },
+        Retention::default(),
+    )
+    .await;
+
+    // A client that never opens its receive window.
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut stalled, conn) = http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Its response's headers come (they need no window); its body cannot.
+    let stalled_resp = stalled
+        .send_request(
+            Request::get("http://127.0.0.1/metrics")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stalled_resp.status(), StatusCode::OK);
+
+    // A publish whose body never arrives.
+    type Never = StreamBody<
+        futures_util::stream::Pending<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+    >;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut slow, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Never>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("http://127.0.0.1/v1/runs/slow/events")
+        .body(StreamBody::new(futures_util::stream::pending()))
+        .unwrap();
+    let answered = slow.send_request(req).await.unwrap();
+    assert_eq!(answered.status(), StatusCode::REQUEST_TIMEOUT);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !slow.is_closed() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(slow.is_closed(), "a timed-out body closes the connection");
+    while !stalled.is_closed() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        stalled.is_closed(),
+        "a stalled response does not keep the connection"
+    );
+    drop(stalled_resp);
 }
