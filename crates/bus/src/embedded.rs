@@ -71,10 +71,48 @@ struct Inner {
     state: Mutex<Store>,
 }
 
+/// How long an event `id` is remembered, as JetStream's default duplicate
+/// window: a retry within it is not stored again.
+pub const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+/// Most ids remembered at once; beyond it the oldest are forgotten early,
+/// so the window is bounded in memory whatever the publish rate.
+pub const DEDUPE_MAX: usize = 100_000;
+
 #[derive(Default)]
 struct Store {
     runs: HashMap<RunId, RunLog>,
     total_bytes: usize,
+    seen: Seen,
+}
+
+/// The event ids stored within the duplicate window, with their seqs.
+#[derive(Default)]
+struct Seen {
+    seqs: HashMap<(RunId, String), u64>,
+    order: VecDeque<(std::time::Instant, RunId, String)>,
+}
+
+impl Seen {
+    fn forget_old(&mut self, now: std::time::Instant) {
+        while let Some((at, ..)) = self.order.front() {
+            if now.duration_since(*at) < DEDUPE_WINDOW && self.order.len() <= DEDUPE_MAX {
+                break;
+            }
+            if let Some((_, run, id)) = self.order.pop_front() {
+                self.seqs.remove(&(run, id));
+            }
+        }
+    }
+
+    fn get(&self, run: &RunId, id: &str) -> Option<u64> {
+        // A borrowed key would need a custom Borrow impl; ids are short.
+        self.seqs.get(&(run.clone(), id.to_owned())).copied()
+    }
+
+    fn insert(&mut self, now: std::time::Instant, run: &RunId, id: String, seq: u64) {
+        self.seqs.insert((run.clone(), id.clone()), seq);
+        self.order.push_back((now, run.clone(), id));
+    }
 }
 
 struct RunLog {
@@ -135,7 +173,9 @@ impl EmbeddedBus {
         let r = &self.inner.retention;
         let age_ms = r.max_age.as_millis() as u64;
         let mut store = self.lock();
-        let Store { runs, total_bytes } = &mut *store;
+        let Store {
+            runs, total_bytes, ..
+        } = &mut *store;
         for log in runs.values_mut() {
             while log
                 .events
@@ -205,11 +245,27 @@ impl Bus for EmbeddedBus {
         let stored_us = now_micros();
         let ts = stored_us / 1000;
         let mut store = self.lock();
-        let Store { runs, total_bytes } = &mut *store;
+        let Store {
+            runs,
+            total_bytes,
+            seen,
+        } = &mut *store;
+        let now = std::time::Instant::now();
+        seen.forget_old(now);
+        // An event whose id this run stored within the window is not stored
+        // again: its seq is the first one's. (A repeat inside the batch
+        // itself is found as it is stored, below.)
+        let dups: Vec<Option<u64>> = events
+            .iter()
+            .map(|ev| ev.id.as_deref().and_then(|id| seen.get(run, id)))
+            .collect();
+        if dups.iter().all(Option::is_some) {
+            return Ok(dups.into_iter().flatten().collect());
+        }
 
         // Check every limit before changing anything: a batch is all or nothing.
         let mut batch_bytes = 0;
-        for ev in &events {
+        for (ev, _) in events.iter().zip(&dups).filter(|(_, d)| d.is_none()) {
             let size = std::mem::size_of::<Event>()
                 + ev.data.get().len()
                 + ev.traceparent.as_ref().map_or(0, |t| t.len());
@@ -227,8 +283,16 @@ impl Bus for EmbeddedBus {
         let log = Self::log_mut(runs, run, r.max_runs)?;
 
         let mut seqs = Vec::with_capacity(events.len());
-        for ev in events {
+        for (ev, dup) in events.into_iter().zip(dups) {
+            let repeat = ev.id.as_deref().and_then(|id| seen.get(run, id));
+            if let Some(seq) = dup.or(repeat) {
+                seqs.push(seq);
+                continue;
+            }
             log.head += 1;
+            if let Some(id) = &ev.id {
+                seen.insert(now, run, id.clone(), log.head);
+            }
             let event = Arc::new(Event {
                 run: run.clone(),
                 seq: log.head,

@@ -97,6 +97,21 @@ pub struct NewEvent {
     /// W3C `traceparent` of the publishing span, carried to clients unchanged.
     #[serde(default)]
     pub traceparent: Option<String>,
+    /// Idempotency key: a publish of an event whose `id` the run already
+    /// stored within the bus's duplicate window is not stored again; the
+    /// publisher gets the first one's seq. Lets a publisher that lost a
+    /// response retry safely. Not sent to subscribers.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Longest event `id` (idempotency key), in bytes.
+pub const MAX_EVENT_ID: usize = 128;
+
+/// Whether `id` is a valid idempotency key: 1 to [`MAX_EVENT_ID`] visible
+/// ASCII characters (a UUID, a job's own `attempt-3/step-7`, ...).
+pub fn valid_event_id(id: &str) -> bool {
+    (1..=MAX_EVENT_ID).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl NewEvent {
@@ -105,7 +120,14 @@ impl NewEvent {
             kind,
             data,
             traceparent: None,
+            id: None,
         }
+    }
+
+    /// The same event with an idempotency key.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
     }
 
     /// Builds an event from any serializable value.

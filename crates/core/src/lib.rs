@@ -16,8 +16,8 @@ pub mod subject;
 
 pub use error::{CloseCode, ErrorCode, ProtocolError};
 pub use event::{
-    DataTooDeep, Event, EventKind, MAX_DATA_DEPTH, NewEvent, ParseKindError, check_depth,
-    data_from_payload, json_depth, now_micros, now_millis,
+    DataTooDeep, Event, EventKind, MAX_DATA_DEPTH, MAX_EVENT_ID, NewEvent, ParseKindError,
+    check_depth, data_from_payload, json_depth, now_micros, now_millis, valid_event_id,
 };
 pub use run_id::{ParseRunIdError, RunId};
 pub use state::{RunState, RunStatus};

@@ -46,6 +46,26 @@ pub async fn publish(
             format!("API key {name:?} publishes faster than --publish-rate-per-key; slow down"),
         ));
     }
+    let idempotency_key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            // Room for the `/<i>` a batch adds.
+            Ok(k)
+                if runcast_core::valid_event_id(k) && k.len() <= runcast_core::MAX_EVENT_ID - 8 =>
+            {
+                Some(k.to_owned())
+            }
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidEvent,
+                    format!(
+                        "Idempotency-Key must be 1 to {} visible ASCII characters",
+                        runcast_core::MAX_EVENT_ID - 8
+                    ),
+                ));
+            }
+        },
+    };
     let tp = req
         .headers()
         .get("traceparent")
@@ -54,6 +74,21 @@ pub async fn publish(
         .map(str::to_owned);
     let body = read_body(&gw, req, gw.config.max_publish_bytes).await?;
     let mut events = parse_publish(&body, gw.config.max_batch, tp.as_deref())?;
+    if let Some(key) = idempotency_key {
+        // One key for the request: event i of a batch is `<key>/<i>`, so a
+        // retried batch is recognised event by event. An event's own `id`
+        // wins.
+        let batch = events.len() > 1;
+        for (i, e) in events.iter_mut().enumerate() {
+            if e.id.is_none() {
+                e.id = Some(if batch {
+                    format!("{key}/{i}")
+                } else {
+                    key.clone()
+                });
+            }
+        }
+    }
     let n = events.len() as u64;
     // Continues the publisher's trace (the body's or the header's
     // traceparent) when this gateway exports traces; otherwise events keep
@@ -91,6 +126,7 @@ struct PublishItem {
     #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
     traceparent: Option<String>,
+    id: Option<serde_json::Value>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
@@ -181,10 +217,24 @@ pub fn parse_publish(
                 .traceparent
                 .or_else(|| header_tp.map(str::to_owned))
                 .filter(|tp| runcast_telemetry::trace_id(tp).is_some());
+            let id = match it.id {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(id)) if runcast_core::valid_event_id(&id) => Some(id),
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidEvent,
+                        format!(
+                            "event {i}: \"id\" must be a string of 1 to {} visible ASCII characters",
+                            runcast_core::MAX_EVENT_ID
+                        ),
+                    ));
+                }
+            };
             Ok(NewEvent {
                 kind,
                 data,
                 traceparent,
+                id,
             })
         })
         .collect()

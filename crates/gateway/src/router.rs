@@ -76,6 +76,7 @@ fn cors(gw: &Arc<Gateway>) -> Option<CorsLayer> {
                 HeaderName::from_static("x-runcast-key"),
                 HeaderName::from_static("last-event-id"),
                 HeaderName::from_static("traceparent"),
+                HeaderName::from_static("idempotency-key"),
             ])
             .max_age(Duration::from_secs(600)),
     )

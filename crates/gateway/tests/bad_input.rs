@@ -622,3 +622,50 @@ async fn head_is_not_a_session() {
     let (s, _, _) = http(gw.addr, "HEAD", "/healthz", &[], "").await;
     assert_eq!(s, 200);
 }
+
+/// `Idempotency-Key` (or an event's own `id`) makes a retried publish safe:
+/// the retry gets the first seqs back and history holds one copy. A bad
+/// key is a 400 before anything is stored.
+#[tokio::test]
+async fn a_retried_publish_with_an_idempotency_key_is_stored_once() {
+    let gw = TestGateway::start().await;
+    let post = |key: &'static str, body: &'static str| {
+        let addr = gw.addr;
+        async move {
+            let headers: &[(&str, &str)] = if key.is_empty() {
+                &[]
+            } else {
+                &[("idempotency-key", key)]
+            };
+            http(addr, "POST", "/v1/runs/idem/events", headers, body).await
+        }
+    };
+    let batch = r#"[{"kind":"log","data":"a"},{"kind":"log","data":"b"}]"#;
+    let (s, _, first) = post("req-1", batch).await;
+    assert_eq!(s, 200, "{first}");
+    let (_, _, again) = post("req-1", batch).await;
+    assert_eq!(json(&first)["seqs"], json(&again)["seqs"]);
+    assert_eq!(json(&first)["seqs"], json!([1, 2]));
+    // An event's own id, without the header.
+    let one = r#"{"kind":"log","data":"c","id":"evt-9"}"#;
+    let (_, _, a) = post("", one).await;
+    let (_, _, b) = post("", one).await;
+    assert_eq!(json(&a)["seqs"], json!([3]));
+    assert_eq!(json(&b)["seqs"], json!([3]));
+    let (_, _, hist) = http(gw.addr, "GET", "/v1/runs/idem/events", &[], "").await;
+    let hist = json(&hist);
+    assert_eq!(seqs(hist["events"].as_array().unwrap(), "idem"), [1, 2, 3]);
+    assert!(
+        hist["events"][2].get("id").is_none(),
+        "ids stay with the publisher"
+    );
+    for (key, body) in [
+        ("has space", one),
+        ("", r#"{"kind":"log","data":1,"id":""}"#),
+        ("", r#"{"kind":"log","data":1,"id":7}"#),
+    ] {
+        let (s, _, text) = post(key, body).await;
+        assert_eq!(s, 400, "{key:?} {body}: {text}");
+        assert_eq!(json(&text)["error"]["code"], "invalid_event");
+    }
+}

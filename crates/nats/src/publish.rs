@@ -241,9 +241,17 @@ impl NatsTarget {
         run: &RunId,
         events: &[NewEvent],
     ) -> Result<Vec<u64>, StoreError> {
+        // A publisher's own event id becomes the Nats-Msg-Id (scoped to
+        // its run), so JetStream's duplicate window makes its retries safe.
         let messages: Vec<Message> = events
             .iter()
-            .map(|ev| self.message(run, ev, self.next_id()))
+            .map(|ev| {
+                let msg_id = match &ev.id {
+                    Some(id) => format!("{run}/{id}"),
+                    None => self.next_id(),
+                };
+                self.message(run, ev, msg_id)
+            })
             .collect();
         for m in &messages {
             self.check_size(m)?;

@@ -145,3 +145,9 @@ async fn plain_nats_publishes_become_events_and_non_json_is_kept_as_a_string() {
     let state = bus.state(&run).await.unwrap().unwrap();
     assert_eq!(state.percent, Some(30.0));
 }
+
+#[tokio::test]
+async fn retried_ids_are_stored_once() {
+    let s = NatsServer::start().await;
+    c::retried_ids_are_stored_once(bus(&s).await).await;
+}

@@ -240,3 +240,48 @@ pub async fn all<F: Fn() -> Arc<dyn Bus>>(make: F) {
     state_and_runs(make()).await;
     concurrent_publishers_get_distinct_ordered_seqs(make()).await;
 }
+
+/// An event published again with the same `id` (a publisher retrying after
+/// a lost response) is stored once: the retry gets the first seq back, and
+/// history holds one copy. Ids are per run; events without one are never
+/// deduplicated; a batch mixing old and new ids stores only the new.
+pub async fn retried_ids_are_stored_once(bus: Arc<dyn Bus>) {
+    let (a, b) = (run("idem-a"), run("idem-b"));
+    let first = bus
+        .publish(&a, vec![progress(1).with_id("job-7/step-1")])
+        .await
+        .unwrap();
+    let again = bus
+        .publish(&a, vec![progress(1).with_id("job-7/step-1")])
+        .await
+        .unwrap();
+    assert_eq!(first, again, "the retry gets the first seq");
+    let other_run = bus
+        .publish(&b, vec![progress(1).with_id("job-7/step-1")])
+        .await
+        .unwrap();
+    let no_id = bus.publish(&a, vec![progress(2)]).await.unwrap();
+    let no_id_again = bus.publish(&a, vec![progress(2)]).await.unwrap();
+    assert_ne!(no_id, no_id_again, "events without an id are all stored");
+    let mixed = bus
+        .publish(
+            &a,
+            vec![
+                progress(1).with_id("job-7/step-1"),
+                progress(3).with_id("job-7/step-3"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(mixed[0], first[0]);
+    assert!(mixed[1] > no_id_again[0]);
+    let page = bus.read(&a, 0, 100).await.unwrap();
+    let got: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        got,
+        vec![first[0], no_id[0], no_id_again[0], mixed[1]],
+        "history holds each id once"
+    );
+    assert_eq!(bus.read(&b, 0, 100).await.unwrap().events.len(), 1);
+    assert_eq!(other_run.len(), 1);
+}

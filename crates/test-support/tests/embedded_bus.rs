@@ -45,3 +45,8 @@ async fn state_and_runs() {
 async fn concurrent_publishers_get_distinct_ordered_seqs() {
     c::concurrent_publishers_get_distinct_ordered_seqs(make()).await;
 }
+
+#[tokio::test]
+async fn retried_ids_are_stored_once() {
+    c::retried_ids_are_stored_once(make()).await;
+}
