@@ -44,6 +44,27 @@ pub struct HttpTarget {
     tls: Option<ClientTls>,
     /// Sent as `X-Runcast-Key` when the gateway requires an API key.
     key: Option<String>,
+    /// Attempts per publish: a lost answer or a gateway that is briefly away
+    /// is retried with the same `Idempotency-Key`, so nothing is stored twice.
+    attempts: u32,
+    /// Makes each publish's idempotency key unique: this target's prefix
+    /// and a counter.
+    keys: std::sync::Arc<(String, std::sync::atomic::AtomicU64)>,
+}
+
+/// This process's prefix for idempotency keys: unique enough that two
+/// publishers of one run do not share a key within the gateway's duplicate
+/// window (2 minutes).
+fn key_prefix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // RandomState is seeded from the OS's randomness once per process.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    format!("{:016x}{:08x}", h.finish(), std::process::id())
 }
 
 impl HttpTarget {
@@ -64,7 +85,17 @@ impl HttpTarget {
             url,
             tls,
             key: None,
+            attempts: 3,
+            keys: std::sync::Arc::new((key_prefix(), std::sync::atomic::AtomicU64::new(0))),
         })
+    }
+
+    /// How many times one publish is tried (at least 1; default 3) when the
+    /// gateway is unreachable, answers 5xx, or the answer is lost. Retries
+    /// carry the same `Idempotency-Key`, so a retried batch is stored once.
+    pub fn with_attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts.max(1);
+        self
     }
 
     /// Publishes with this API key (`runcast publish-key` makes one).
@@ -155,6 +186,8 @@ struct Wire<'a> {
     data: &'a serde_json::value::RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
 }
 
 #[async_trait::async_trait]
@@ -166,17 +199,46 @@ impl PublishTarget for HttpTarget {
                 kind: e.kind.as_str(),
                 data: &e.data,
                 traceparent: e.traceparent.as_deref(),
+                id: e.id.as_deref(),
             })
             .collect();
-        let body = serde_json::to_vec(&wire)?;
+        let body = Bytes::from(serde_json::to_vec(&wire)?);
+        let key = format!(
+            "{}-{}",
+            self.keys.0,
+            self.keys
+                .1
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut attempt = 1;
+        loop {
+            match self.attempt(run, body.clone(), &key).await {
+                Err(e) if e.kind == PublishErrorKind::Unavailable && attempt < self.attempts => {
+                    tracing::debug!(attempt, error = %e, "publish failed; retrying with the same idempotency key");
+                    tokio::time::sleep(std::time::Duration::from_millis(
+                        200 << (2 * (attempt - 1)).min(6),
+                    ))
+                    .await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl HttpTarget {
+    /// One request of a publish.
+    async fn attempt(&self, run: &RunId, body: Bytes, key: &str) -> Result<Vec<u64>, PublishError> {
         let base = self.url.http_base();
         let mut req = Request::post(format!("{base}/v1/runs/{run}/events"))
-            .header("content-type", "application/json");
+            .header("content-type", "application/json")
+            .header("idempotency-key", key);
         if let Some(k) = &self.key {
             req = req.header("x-runcast-key", k.as_str());
         }
         let req = req
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .map_err(|e| PublishError::new(PublishErrorKind::InvalidInput, e.to_string()))?;
         let unavailable = |e: String| PublishError::new(PublishErrorKind::Unavailable, e);
         let resp =
