@@ -507,3 +507,45 @@ def test_traceparent_header_and_field_reach_event_frames(dep):
     assert ev[0].get("traceparent", "").split("-")[1:2] == [TP.split("-")[1]], ev[0]
     assert ev[1].get("traceparent", "").split("-")[1:2] == [TP2.split("-")[1]], ev[1]
     assert "traceparent" not in ev[2], f"traceparent is only added when the publisher sent one: {ev[2]}"
+
+
+# ------------------------------------------------------------------------------ safe retries
+# docs/protocol.md "Safe retries": an Idempotency-Key header or an event `id`.
+
+
+def test_retry_with_idempotency_key_is_stored_once_even_on_another_gateway(dep):
+    run = uid("idem")
+    batch = [log("a"), log("b")]
+    key = {"Idempotency-Key": uid("key")}
+    first = publish_ok(dep.a, run, batch, headers=key)
+    # The retry reaches the other gateway, as it would behind a load balancer.
+    again = publish_ok(dep.b, run, batch, headers=key)
+    assert again == first
+    h = get_json(dep.a, f"/v1/runs/{run}/events")
+    assert [e["seq"] for e in h["events"]] == first
+    assert all("id" not in e for e in h["events"]), h
+
+
+def test_event_ids_dedupe_per_run_and_events_without_ids_do_not(dep):
+    run, other = uid("idem"), uid("idem")
+    ev = dict(log("x"), id="step-1")
+    s1 = publish_ok(dep.a, run, [ev])
+    assert publish_ok(dep.b, run, [ev]) == s1
+    publish_ok(dep.a, other, [ev])
+    plain = publish_ok(dep.a, run, [log("y")])
+    assert publish_ok(dep.a, run, [log("y")]) != plain
+    assert len(get_json(dep.b, f"/v1/runs/{other}/events")["events"]) == 1
+    assert len(get_json(dep.b, f"/v1/runs/{run}/events")["events"]) == 3
+
+
+@pytest.mark.parametrize("headers,event", [
+    ({"Idempotency-Key": "has space"}, log("x")),
+    ({"Idempotency-Key": "k" * 121}, log("x")),
+    ({}, dict(log("x"), id="")),
+    ({}, dict(log("x"), id=7)),
+    ({}, dict(log("x"), id="é")),
+])
+def test_bad_idempotency_keys_are_400_invalid_event(dep, headers, event):
+    run = uid("idem")
+    r = publish(dep.a, run, [event], headers=headers)
+    assert_error(r, 400, "invalid_event")
