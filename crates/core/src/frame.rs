@@ -125,7 +125,9 @@ fn truncate(s: &str) -> String {
 
 /// Parses a `since` cursor given as text (`Last-Event-ID`, `?since=`).
 pub fn parse_since(text: &str) -> Result<u64, ProtocolError> {
-    let text = text.trim();
+    // Spaces and tabs around it are a header's optional whitespace; any
+    // other character (a no-break space, say) makes it no cursor.
+    let text = text.trim_matches([' ', '\t']);
     // Rust's integer parser takes a leading `+`; a cursor is digits only.
     let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
     digits
@@ -386,6 +388,11 @@ mod tests {
     #[test]
     fn since_cursor_text() {
         assert_eq!(parse_since(" 12 ").unwrap(), 12);
+        assert_eq!(
+            parse_since("0\u{a0}").unwrap_err().code,
+            ErrorCode::InvalidSince,
+            "a no-break space is not whitespace a header may carry (found by proptest)"
+        );
         assert_eq!(parse_since("-1").unwrap_err().code, ErrorCode::InvalidSince);
         assert_eq!(parse_since("+1").unwrap_err().code, ErrorCode::InvalidSince);
         assert_eq!(parse_since("").unwrap_err().code, ErrorCode::InvalidSince);

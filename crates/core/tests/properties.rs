@@ -72,7 +72,9 @@ proptest! {
 
     #[test]
     fn cursors_are_non_negative_integers_only(s in "\\PC{0,30}") {
-        let ok = s.parse::<u64>().is_ok_and(|_| s.chars().all(|c| c.is_ascii_digit()));
+        // A header's optional whitespace (spaces, tabs) around it is allowed.
+        let t = s.trim_matches([' ', '\t']);
+        let ok = t.parse::<u64>().is_ok_and(|_| t.chars().all(|c| c.is_ascii_digit()));
         prop_assert_eq!(parse_since(&s).is_ok(), ok, "{:?}", s);
     }
 
