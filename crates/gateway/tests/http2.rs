@@ -175,8 +175,22 @@ async fn curl_with_prior_knowledge_speaks_h2c() {
 
 /// An HTTP/2 connection in plain text (prior knowledge) with hyper's client.
 async fn h2c(gw: &TestGateway) -> http2::SendRequest<Full<Bytes>> {
+    h2c_with(gw, &http2::Builder::new(TokioExecutor::new())).await
+}
+
+/// The same, with the client settings of `builder` and request bodies of
+/// type `B`.
+async fn h2c_with<B>(
+    gw: &TestGateway,
+    builder: &http2::Builder<TokioExecutor>,
+) -> http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (send, conn) = http2::Builder::new(TokioExecutor::new())
+    let (send, conn) = builder
         .handshake(TokioIo::new(tcp))
         .await
         .expect("h2c handshake");
@@ -286,12 +300,8 @@ async fn websocket_over_http2_extended_connect() {
     use tokio_tungstenite::{WebSocketStream, tungstenite::Message, tungstenite::protocol::Role};
 
     let gw = TestGateway::start().await;
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) = http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send: http2::SendRequest<Empty<Bytes>> =
+        h2c_with(&gw, &http2::Builder::new(TokioExecutor::new())).await;
     // A plain GET on /v1/ws over HTTP/2 is not a WebSocket.
     let plain = send
         .send_request(
@@ -463,13 +473,11 @@ async fn stalled_responses_and_slow_bodies_do_not_hold_an_http2_connection() {
     .await;
 
     // A client that never opens its receive window.
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut stalled, conn) = http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(0)
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut stalled: http2::SendRequest<Empty<Bytes>> = h2c_with(
+        &gw,
+        http2::Builder::new(TokioExecutor::new()).initial_stream_window_size(0),
+    )
+    .await;
     // Its response's headers come (they need no window); its body cannot.
     let stalled_resp = stalled
         .send_request(
@@ -485,12 +493,8 @@ async fn stalled_responses_and_slow_bodies_do_not_hold_an_http2_connection() {
     type Never = StreamBody<
         futures_util::stream::Pending<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
     >;
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut slow, conn) = http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, Never>(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut slow: http2::SendRequest<Never> =
+        h2c_with(&gw, &http2::Builder::new(TokioExecutor::new())).await;
     let req = Request::post("http://127.0.0.1/v1/runs/slow/events")
         .body(StreamBody::new(futures_util::stream::pending()))
         .unwrap();
