@@ -23,11 +23,15 @@ use crate::{
 };
 
 const PAGE: &str = include_str!("page.html");
+/// `@runcast/client`, the very file the npm package ships: the page imports
+/// it from here, and so can any page that wants no bundler and no CDN.
+const CLIENT_JS: &str = include_str!("../../../clients/js/runcast-client.js");
 
 /// The gateway's HTTP surface.
 pub fn router(gw: Arc<Gateway>) -> Router {
     let routes = Router::new()
         .route("/", get(page))
+        .route("/v1/client.js", get(client_js))
         .route("/healthz", get(|| async { text("text/plain", "ok\n") }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -127,6 +131,15 @@ fn text(ctype: &'static str, body: impl Into<axum::body::Body>) -> Response {
 
 async fn page() -> Response {
     text("text/html; charset=utf-8", PAGE)
+}
+
+async fn client_js() -> Response {
+    let mut r = text("text/javascript; charset=utf-8", CLIENT_JS);
+    // Revalidated on every load, so a page never runs a client older than
+    // the gateway it talks to.
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
 }
 
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Result<Response, ApiError> {
