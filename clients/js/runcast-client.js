@@ -198,8 +198,10 @@ export class Client {
 
   /**
    * Listens to `status` (connecting, live, reconnecting, unauthorized,
-   * closed), `error` (errors no subscription owns) or `hello`.
-   * @param {"status" | "error" | "hello"} name
+   * closed), `error` (errors no subscription owns), `hello`, `refresh` (the
+   * token expires soon) or `authenticated` (a token from an `auth` frame
+   * was accepted).
+   * @param {"status" | "error" | "hello" | "refresh" | "authenticated"} name
    * @param {(arg: any) => void} fn
    * @returns {() => void} removes the listener
    */
@@ -575,11 +577,13 @@ export class Client {
         }
         return;
       case "refresh":
+        this.emit("refresh", { expires: f.expires });
         this.refresh();
         return;
       case "authenticated":
         if (this.offered !== null) this.token = this.offered;
         this.offered = null;
+        this.emit("authenticated", { expires: f.expires });
         return;
       case "pong":
         return;
@@ -590,10 +594,9 @@ export class Client {
   }
 
   async refresh() {
-    if (!this.options.getToken) {
-      this.emit("error", new RuncastError("token_expiring", "the token expires soon and there is no getToken() to renew it"));
-      return;
-    }
+    // Without getToken() the application renews with setToken(), after
+    // the "refresh" event; at exp the gateway closes with 4003.
+    if (!this.options.getToken) return;
     const ws = this.ws;
     try {
       const t = await this.options.getToken();

@@ -150,6 +150,10 @@ export declare class Client {
   on(name: "status", fn: (info: StatusInfo) => void): () => void;
   on(name: "error", fn: (error: RuncastError) => void): () => void;
   on(name: "hello", fn: (hello: Record<string, unknown>) => void): () => void;
+  /** The gateway asks for a fresh token before `expires` (seconds since the epoch). */
+  on(name: "refresh", fn: (info: { expires: number }) => void): () => void;
+  /** A token given to setToken() on a live connection was accepted. */
+  on(name: "authenticated", fn: (info: { expires: number }) => void): () => void;
   subscribe(run: string, options?: SubscribeOptions): Subscription;
   /** A new token: sent in an `auth` frame when live, else used to start over. */
   setToken(token: string): void;
