@@ -24,6 +24,10 @@ use runcast_test_support::nats::free_addr;
 
 const BIN: &str = env!("CARGO_BIN_EXE_runcast");
 
+/// Markers of blocks that other suites run: `js-client` by
+/// clients/js/test/docs.test.js, `python-client` by clients/python's tests.
+const CLIENT_MARKERS: &[&str] = &["js-client", "python-client"];
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -63,10 +67,17 @@ fn blocks() -> Vec<Block> {
                 let end = (i + 2..lines.len())
                     .find(|&j| lines[j].starts_with("```"))
                     .unwrap_or_else(|| panic!("{}:{}: unclosed block", path.display(), i + 2));
+                let marker = marker.trim().trim_start_matches(':').trim();
+                // The client libraries' snippets run in their own test
+                // suites, with the package installed (clients/*/check.sh).
+                if CLIENT_MARKERS.contains(&marker) {
+                    i = end + 1;
+                    continue;
+                }
                 out.push(Block {
                     file: path.file_name().unwrap().to_string_lossy().into_owned(),
                     line: i + 2,
-                    marker: marker.trim().trim_start_matches(':').trim().to_owned(),
+                    marker: marker.to_owned(),
                     lang: lang.trim().to_owned(),
                     body: lines[i + 2..end].join("\n"),
                 });
