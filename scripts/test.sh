@@ -21,6 +21,10 @@ command -v openssl >/dev/null 2>&1 || missing+=" openssl"
 command -v promtool >/dev/null 2>&1 || missing+=" prometheus"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=" nginx"
 command -v curl >/dev/null 2>&1 || missing+=" curl"
+# Node and npm run the JavaScript client's tests (the machines have Node 20;
+# Debian's own is the fallback).
+command -v node >/dev/null 2>&1 || missing+=" nodejs"
+command -v npm >/dev/null 2>&1 || missing+=" npm"
 if [ -n "$missing" ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
@@ -40,6 +44,7 @@ if [ -n "$missing" ]; then
   [ -z "$made_policy" ] || $sudo_cmd rm -f "$policy"
 fi
 chromium --version
+echo "node $(node --version), npm $(npm --version 2>/dev/null)"
 promtool --version 2>&1 | head -1
 "$(command -v nginx || echo /usr/sbin/nginx)" -v
 # A real protoc (from grpcio-tools) to check the protocol schema and docs,
@@ -109,6 +114,16 @@ step "conformance"
 # build that makes sure target/debug/runcast is it, not a second build.
 cargo build --locked --profile test --workspace
 RUNCAST_BIN="$PWD/target/debug/runcast" python3 -m pytest -q -p no:cacheprovider conformance
+
+# The client libraries, each against the same binary: @runcast/client
+# (types, unit tests, the npm-packed tarball installed offline, end-to-end
+# tests in Chromium and Node, the docs' JS snippets) and the Python package
+# (its wheel built and installed offline into a fresh venv, its tests and
+# the FastAPI and Celery examples against real gateways).
+step "client: @runcast/client (JavaScript)"
+RUNCAST_BIN="$PWD/target/debug/runcast" bash clients/js/check.sh
+step "client: runcast (Python)"
+RUNCAST_BIN="$PWD/target/debug/runcast" bash clients/python/check.sh
 
 step "fuzz (${FUZZ_SECONDS:-30}s per target)"
 bash scripts/fuzz.sh
