@@ -408,6 +408,15 @@ async fn http_api_happy_paths() {
     assert_eq!(s, 200);
     assert!(h["content-type"].to_str().unwrap().starts_with("text/html"));
     assert!(text.contains("runcast"));
+    // The page's client: the very file the npm package ships, as a module
+    // browsers accept, revalidated so it never outlives the gateway.
+    let (s, h, text) = http(addr, "GET", "/v1/client.js", &[], "").await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "text/javascript; charset=utf-8");
+    assert_eq!(h["cache-control"], "no-cache");
+    let shipped = include_str!("../../../clients/js/runcast-client.js");
+    assert!(text == shipped, "/v1/client.js is not clients/js/runcast-client.js");
+    assert!(text.contains("export function connect("));
 }
 
 #[tokio::test]
