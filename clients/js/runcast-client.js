@@ -36,6 +36,8 @@ const JWT = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
  * stream is cut and resumed rather than buffered without bound.
  */
 const MAX_SSE_LINE = 4 * 1024 * 1024;
+/** Error codes that refuse a subscribe: the subscription ends with them. */
+const ENDS_SUBSCRIPTION = new Set(["forbidden", "invalid_run_id", "invalid_since", "since_out_of_range", "too_many_subscriptions"]);
 /** Upgrades that fail while plain HTTP works, before `auto` uses SSE. */
 const BLOCKED_UPGRADES_BEFORE_SSE = 2;
 
@@ -188,6 +190,12 @@ export class Client {
     /** getToken() was asked once after a 401: a second 401 is final. */
     this.retriedToken = false;
     this.lastHeard = 0;
+    /**
+     * Unsubscribes sent on this connection and not answered yet, per run:
+     * their `unsubscribed` answers are not about a later subscription.
+     * @type {Map<string, number>}
+     */
+    this.unsubscribing = new Map();
     if (this.token !== null && !JWT.test(this.token)) {
       this.token = null;
       this.refuse("the token is not a JWT (three base64url parts separated by dots)");
@@ -272,8 +280,10 @@ export class Client {
     if (this.subs.get(sub.run) !== sub) return;
     this.subs.delete(sub.run);
     if (sub.abort) sub.abort.abort();
-    if (this.transport === "websocket" && this.ws && this.hello && this.ws.readyState === 1)
+    if (this.transport === "websocket" && this.ws && this.hello && this.ws.readyState === 1) {
+      this.unsubscribing.set(sub.run, (this.unsubscribing.get(sub.run) || 0) + 1);
       this.send({ type: "unsubscribe", run: sub.run });
+    }
   }
 
   /** @param {Record<string, unknown>} frame */
@@ -460,7 +470,9 @@ export class Client {
       }
       // HTTP gets through, WebSockets time after time do not: something in
       // between (a proxy that drops Upgrade) blocks them. Use SSE.
-      if (probe.reachable && ++this.blockedUpgrades >= BLOCKED_UPGRADES_BEFORE_SSE && this.requested === "auto")
+      // A gateway that is not ready (503) refused the upgrade itself: that
+      // is no reason to leave WebSockets, only to retry (elsewhere).
+      if (probe.reachable && probe.status !== 503 && ++this.blockedUpgrades >= BLOCKED_UPGRADES_BEFORE_SSE && this.requested === "auto")
         return this.fallBack("WebSocket upgrades fail while HTTP works (refused, stripped by a proxy, or timed out)");
     }
     // 1001 is a reconnect hint (drain, rebalance): the gateway already
@@ -477,6 +489,10 @@ export class Client {
     try {
       const res = await this.fetch("v1/runs?limit=1");
       if (res.status === 401) return { status: 401, reachable: true, message: await reasonOf(res) };
+      // A draining gateway (or one whose bus is down) refuses upgrades with
+      // 503 but still serves reads: its readiness says so.
+      const ready = await this.fetch("readyz");
+      if (ready.status === 503) return { status: 503, reachable: true, message: await reasonOf(ready) };
       return { status: res.status, reachable: true, message: "" };
     } catch (e) {
       return { status: 0, reachable: false, message: String(e) };
@@ -543,6 +559,8 @@ export class Client {
     switch (f.type) {
       case "hello":
         this.hello = f;
+        // A new connection: unsubscribes sent on the old one get no answer.
+        this.unsubscribing.clear();
         this.connections++;
         this.attempt = 0;
         this.blockedUpgrades = 0;
@@ -558,15 +576,23 @@ export class Client {
         if (sub) sub.onFrame(f);
         return;
       case "unsubscribed":
-        // The client's own unsubscribes have already dropped the run; this
-        // is the gateway dropping a run a new token does not cover.
+        // The answer to one of the client's own unsubscribes: that
+        // subscription is gone already, and the run may have been
+        // subscribed again since (resubscribing from the cursor).
+        if (this.answered(f.run)) return;
+        // Otherwise the gateway dropped a run a new token does not cover.
         if (sub) sub.end(new RuncastError("forbidden", "the new token does not cover this run", sub.run));
         return;
       case "error":
+        // An unsubscribe after a refused subscribe (forbidden, ...) is
+        // answered not_subscribed: nothing to report.
+        if (f.code === "not_subscribed" && this.answered(f.run)) return;
         if (f.run && sub) {
-          sub.error(new RuncastError(f.code, f.message, f.run));
-          if (f.code === "forbidden" || f.code === "invalid_run_id" || f.code === "invalid_since" || f.code === "since_out_of_range" || f.code === "too_many_subscriptions")
-            sub.end(new RuncastError(f.code, f.message, f.run));
+          const err = new RuncastError(f.code, f.message, f.run);
+          // A refused subscribe ends the subscription (onError once, with
+          // the reason); other errors about the run leave it going.
+          if (ENDS_SUBSCRIPTION.has(f.code)) sub.end(err);
+          else sub.error(err);
         } else if (f.code === "unauthorized" && this.offered !== null) {
           // The token of an `auth` frame was refused; the old one holds
           // until its exp (then 4003, and getToken() is asked again).
@@ -591,6 +617,19 @@ export class Client {
         // Newer gateways may add frames; an old client ignores them.
         return;
     }
+  }
+
+  /**
+   * Whether a frame about `run` answers one of the client's own
+   * unsubscribes on this connection (and counts it answered).
+   * @param {unknown} run
+   */
+  answered(run) {
+    const pending = typeof run === "string" ? this.unsubscribing.get(run) || 0 : 0;
+    if (pending === 0) return false;
+    if (pending > 1) this.unsubscribing.set(/** @type {string} */ (run), pending - 1);
+    else this.unsubscribing.delete(/** @type {string} */ (run));
+    return true;
   }
 
   async refresh() {

@@ -340,7 +340,7 @@ test("forbidden ends the subscription; other runs go on", async () => {
   last().frame({ type: "error", code: "forbidden", message: "no", run: "secret" });
   last().frame(ev("ok", 1));
   assert.equal(a.ended, true);
-  assert.deepEqual(errors, ["forbidden", "forbidden"]);
+  assert.deepEqual(errors, ["forbidden"], "onError once, with the reason");
   assert.deepEqual(seen, [1]);
   last().serverClose(1006);
   await tick(20);

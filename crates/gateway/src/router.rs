@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use axum::{
     Router,
     extract::{Request, State},
-    http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header},
+    http::{HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{MethodFilter, get, on, post},
@@ -18,7 +18,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::{
     admin,
     error::{ApiError, Failed, truncate},
-    gateway::Gateway,
+    gateway::{ConnInfo, Gateway},
     publish, runs, sse, ws,
 };
 
@@ -90,13 +90,29 @@ fn cors(gw: &Arc<Gateway>) -> Option<CorsLayer> {
 /// answered it: one place, so no error goes uncounted.
 async fn count_errors(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
-    let resp = next.run(req).await;
+    let http1 = req.version() <= Version::HTTP_11;
+    let conn = req.extensions().get::<ConnInfo>().cloned();
+    let mut resp = next.run(req).await;
     if let Some(Failed(code)) = resp.extensions().get::<Failed>() {
+        let code = *code;
         gw.metrics
             .protocol_errors
             .with_label_values(&[code.as_str()])
             .inc();
         tracing::debug!(%method, status = resp.status().as_u16(), code = code.as_str(), "request failed");
+        // A draining gateway's 503 also ends the connection (after this
+        // response; a GOAWAY over HTTP/2), so the client's next request
+        // goes through the load balancer to another pod, not down the same
+        // keep-alive connection to this one.
+        if code == ErrorCode::Draining {
+            if http1 {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            if let Some(c) = conn {
+                c.activity.close_soon();
+            }
+        }
     }
     resp
 }

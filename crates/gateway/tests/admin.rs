@@ -218,3 +218,35 @@ async fn drain_turns_readiness_off_and_moves_everyone() {
         Some(8.0)
     );
 }
+
+/// A draining gateway's 503 ends the keep-alive connection it came on, so
+/// a client behind a TCP load balancer reaches another pod on its next
+/// request. (An outside client found its requests staying on a draining
+/// pod: the 503s kept the connection open, and the balancer only picks a
+/// pod per connection.)
+#[tokio::test]
+async fn a_draining_gateways_503_closes_the_keep_alive_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = gateway().await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // The connection is in use (keep-alive) before the drain begins.
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    assert_eq!(admin(&gw, "POST", "drain", "").await.0, 202);
+    conn.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer))
+        .await
+        .expect("the gateway closes the connection after its 503")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(answer.contains(r#""code":"draining""#), "{answer}");
+}

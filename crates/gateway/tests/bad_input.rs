@@ -415,7 +415,10 @@ async fn http_api_happy_paths() {
     assert_eq!(h["content-type"], "text/javascript; charset=utf-8");
     assert_eq!(h["cache-control"], "no-cache");
     let shipped = include_str!("../../../clients/js/runcast-client.js");
-    assert!(text == shipped, "/v1/client.js is not clients/js/runcast-client.js");
+    assert!(
+        text == shipped,
+        "/v1/client.js is not clients/js/runcast-client.js"
+    );
     assert!(text.contains("export function connect("));
 }
 
