@@ -1,6 +1,6 @@
 // The JavaScript snippets of the README and docs/, run as written against a
 // real gateway: the blocks after a `<!-- test: js-client -->` line.
-// - `html` blocks are served from the gateway's origin and opened in
+// - `html` blocks are written into a page of the gateway's origin in
 //   Chromium, so `/v1/client.js` is the gateway's own copy;
 // - `js` blocks run in Node, importing "@runcast/client" (this package, by
 //   its own name).
@@ -19,7 +19,7 @@ const repo = fileURLToPath(new URL("../../../", import.meta.url));
 const here = fileURLToPath(new URL(".", import.meta.url));
 
 function blocks() {
-  const files = [path.join(repo, "README.md"), ...readdirSync(path.join(repo, "docs")).filter((f) => f.endsWith(".md")).sort().map((f) => path.join(repo, "docs", f))];
+  const files = [path.join(repo, "README.md"), path.join(repo, "clients/js/README.md"), ...readdirSync(path.join(repo, "docs")).filter((f) => f.endsWith(".md")).sort().map((f) => path.join(repo, "docs", f))];
   const out = [];
   for (const file of files) {
     const lines = readFileSync(file, "utf8").split("\n");
@@ -55,7 +55,8 @@ test("the docs have client snippets in both languages' files", () => {
   const all = blocks();
   assert.ok(all.some((b) => b.lang === "html"), JSON.stringify(all.map((b) => b.where)));
   assert.ok(all.some((b) => b.lang === "js" && b.where.startsWith("README.md")), "the README's browser snippet");
-  assert.ok(all.length >= 3);
+  assert.ok(all.some((b) => b.where.startsWith("clients/js/README.md")), "the package's quick start");
+  assert.ok(all.length >= 4);
 });
 
 for (const b of blocks()) {
@@ -68,8 +69,11 @@ for (const b of blocks()) {
       const logs = [];
       page.on("console", (m) => logs.push(m.text()));
       page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
-      await page.route(`${gw.url}/snippet.html`, (route) => route.fulfill({ status: 200, contentType: "text/html", body }));
-      await page.goto(`${gw.url}/snippet.html`);
+      // The snippet becomes a page of the gateway's origin (as a page of
+      // the user's site would be), written into a document the gateway
+      // served: "/v1/client.js" and the WebSocket go to that gateway.
+      await page.goto(`${gw.url}/healthz`);
+      await page.setContent(body);
       await publishRun(run);
       await waitFor(async () => (await page.evaluate(() => document.getElementById("bar")?.value)) === 100, { timeoutMs: 15000, what: `the progress bar at 100 (${logs.join(" | ")})` });
       assert.equal(await page.evaluate(() => document.getElementById("status")?.textContent), "live");
