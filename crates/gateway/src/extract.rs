@@ -240,10 +240,25 @@ pub async fn admit(gw: &Arc<Gateway>, parts: &mut Parts) -> Result<Admitted, Api
         };
         ApiError::new(ErrorCode::RateLimited, msg)
     })?;
-    Ok(Admitted {
-        ip: guard,
-        grant: authenticate(gw, parts)?,
-    })
+    let grant = authenticate(gw, parts)?;
+    // The clock-skew leeway lets a token in a few seconds past its `exp`,
+    // but a session never outlives `exp`: it would be opened only to be
+    // closed at once (4003, or an SSE stream that ends), and a client
+    // reconnecting with the same token would loop until the leeway ran out.
+    // Refused up front instead, like any expired token.
+    if let Some(exp) = grant.expires
+        && exp <= runcast_core::now_millis() / 1000
+    {
+        gw.metrics
+            .auth_failures
+            .with_label_values(&[crate::auth::AuthErrorKind::Expired.as_str()])
+            .inc();
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "the token has expired: a session needs a token that has not",
+        ));
+    }
+    Ok(Admitted { ip: guard, grant })
 }
 
 /// The per-connection handle a session holds (see [`ConnInfo::detach`]).

@@ -419,3 +419,43 @@ async fn websocket_origins_and_cors_follow_the_allow_list() {
             .contains("x-runcast-key")
     );
 }
+
+/// A token a few seconds past its `exp` is within the clock-skew leeway for
+/// HTTP reads, but opens no session: a WebSocket or SSE stream it opened
+/// would end at once, and a client reconnecting with it would loop until
+/// the leeway ran out (found by the Python client's tests: ~50 reconnects
+/// in 5 s). It is refused with 401 up front.
+#[tokio::test]
+async fn a_token_past_its_exp_opens_no_session_even_within_the_leeway() {
+    let gw = gateway().await;
+    let stale = encode(
+        &Header::default(),
+        &json!({"sub": "u1", "exp": now() - 2, "runs": ["r1"]}),
+        &EncodingKey::from_secret(SECRET),
+    )
+    .unwrap();
+    let auth = format!("Bearer {stale}");
+    assert_eq!(
+        ws(&gw, "/v1/ws", Some(("authorization", auth.clone())))
+            .await
+            .err(),
+        Some(401)
+    );
+    let (status, _, body) = http(
+        gw.addr,
+        "GET",
+        "/v1/runs/r1/stream",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("expired"), "{body}");
+    // A fresh token still opens both.
+    let fresh = format!("Bearer {}", token(60, &["r1"], &[]));
+    assert!(
+        ws(&gw, "/v1/ws", Some(("authorization", fresh)))
+            .await
+            .is_ok()
+    );
+}
