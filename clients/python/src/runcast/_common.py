@@ -169,3 +169,36 @@ def lower_headers(pairs: Any) -> Dict[str, str]:
         k = k.lower()
         out[k] = f"{out[k]}, {v}" if k in out else v
     return out
+
+
+def progress_data(done: float, total: Optional[float], extra: Dict[str, Any]) -> Dict[str, Any]:
+    """The data of a `progress` event: `{"done": d, "total": t}` plus any extra fields."""
+    data: Dict[str, Any] = {"done": done}
+    if total is not None:
+        data["total"] = total
+    data.update(extra)
+    return data
+
+
+class AsyncKinds:
+    """The event helpers of the async publishers (over HTTP and over NATS). Each is a `publish`
+    of a conventional kind and data shape (docs/protocol.md, Run state), written once so both
+    publishers send the same events."""
+
+    async def publish(self, kind: str, data: Any) -> int:
+        raise NotImplementedError
+
+    async def progress(self, done: float, total: Optional[float] = None, **extra: Any) -> int:
+        return await self.publish("progress", progress_data(done, total, extra))
+
+    async def log(self, line: str, **extra: Any) -> int:
+        return await self.publish("log", {"line": line, **extra})
+
+    async def status(self, state: str, **extra: Any) -> int:
+        return await self.publish("status", {"state": state, **extra})
+
+    async def complete(self, result: Any = None) -> int:
+        return await self.publish("complete", {} if result is None else result)
+
+    async def error(self, message: str, **extra: Any) -> int:
+        return await self.publish("error", {"message": message, **extra})

@@ -13,6 +13,7 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ._common import (
+    AsyncKinds,
     MAX_DEPTH,
     PUBLISH_BACKOFF,
     Backoff,
@@ -47,7 +48,7 @@ except ImportError as _e:  # pragma: no cover - exercised only without the extra
 _PREFIX_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
-class NatsPublisher:
+class NatsPublisher(AsyncKinds):
     """Publishes one run's events to NATS JetStream; async.
 
     ::
@@ -92,25 +93,6 @@ class NatsPublisher:
         return f"{self.prefix}.runs.{self.run}.{check_kind(kind)}"
 
     # --------------------------------------------------------------------------- helpers
-
-    async def progress(self, done: float, total: Optional[float] = None, **extra: Any) -> int:
-        data: Dict[str, Any] = {"done": done}
-        if total is not None:
-            data["total"] = total
-        data.update(extra)
-        return await self.publish("progress", data)
-
-    async def log(self, line: str, **extra: Any) -> int:
-        return await self.publish("log", {"line": line, **extra})
-
-    async def status(self, state: str, **extra: Any) -> int:
-        return await self.publish("status", {"state": state, **extra})
-
-    async def complete(self, result: Any = None) -> int:
-        return await self.publish("complete", {} if result is None else result)
-
-    async def error(self, message: str, **extra: Any) -> int:
-        return await self.publish("error", {"message": message, **extra})
 
     async def publish(self, kind: str, data: Any, *, id: Optional[str] = None,
                       traceparent: Optional[str] = None) -> int:

@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _asynchttp
 from ._common import (
+    AsyncKinds,
+    progress_data,
     PUBLISH_BACKOFF,
     Backoff,
     Origin,
@@ -178,14 +180,6 @@ def _batch(events: Sequence[Union[NewEvent, Mapping[str, Any]]]) -> List[Dict[st
     return out
 
 
-def _progress(done: float, total: Optional[float], extra: Dict[str, Any]) -> Dict[str, Any]:
-    data: Dict[str, Any] = {"done": done}
-    if total is not None:
-        data["total"] = total
-    data.update(extra)
-    return data
-
-
 class Publisher:
     """Publishes one run's events through a gateway's HTTP API, blocking.
 
@@ -218,7 +212,7 @@ class Publisher:
 
     def progress(self, done: float, total: Optional[float] = None, **extra: Any) -> int:
         """`progress` `{"done": done, "total": total, ...extra}`."""
-        return self.publish("progress", _progress(done, total, extra))
+        return self.publish("progress", progress_data(done, total, extra))
 
     def log(self, line: str, **extra: Any) -> int:
         """`log` `{"line": line, ...extra}`."""
@@ -367,7 +361,7 @@ class Publisher:
         self.close()
 
 
-class AsyncPublisher:
+class AsyncPublisher(AsyncKinds):
     """`Publisher` for asyncio: the same methods, awaited.
 
     ::
@@ -393,21 +387,6 @@ class AsyncPublisher:
     @property
     def run(self) -> str:
         return self._core.run
-
-    async def progress(self, done: float, total: Optional[float] = None, **extra: Any) -> int:
-        return await self.publish("progress", _progress(done, total, extra))
-
-    async def log(self, line: str, **extra: Any) -> int:
-        return await self.publish("log", {"line": line, **extra})
-
-    async def status(self, state: str, **extra: Any) -> int:
-        return await self.publish("status", {"state": state, **extra})
-
-    async def complete(self, result: Any = None) -> int:
-        return await self.publish("complete", {} if result is None else result)
-
-    async def error(self, message: str, **extra: Any) -> int:
-        return await self.publish("error", {"message": message, **extra})
 
     async def publish(self, kind: str, data: Any, *, id: Optional[str] = None,
                       idempotency_key: Optional[str] = None,
