@@ -38,6 +38,64 @@ const JWT = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
 const MAX_SSE_LINE = 4 * 1024 * 1024;
 /** Error codes that refuse a subscribe: the subscription ends with them. */
 const ENDS_SUBSCRIPTION = new Set(["forbidden", "invalid_run_id", "invalid_since", "since_out_of_range", "too_many_subscriptions"]);
+/**
+ * An option that is a duration in ms: a finite number of at least `min`.
+ * @param {string} name
+ * @param {unknown} value
+ * @param {number} fallback
+ * @param {number} min
+ */
+function duration(name, value, fallback, min) {
+  if (value === undefined || value === null) return fallback;
+  if (typeof value !== "number" || !Number.isFinite(value) || value < min)
+    throw new RuncastError("invalid_option", `${name} is a number of milliseconds, at least ${min}, not ${String(value)}`);
+  return value;
+}
+
+/**
+ * A message for anything thrown (getToken may throw null, a string, ...).
+ * @param {unknown} e
+ */
+function why(e) {
+  if (e && typeof e === "object" && "message" in e) return String(/** @type {any} */ (e).message);
+  return String(e);
+}
+
+/**
+ * A promise that rejects after `ms`: getToken() and probes that never
+ * answer must not stall the client forever.
+ * @template T
+ * @param {Promise<T> | T} p
+ * @param {number} ms
+ * @param {string} what
+ * @returns {Promise<T>}
+ */
+function within(p, ms, what) {
+  /** @type {ReturnType<typeof setTimeout> | undefined} */
+  let t;
+  const timeout = new Promise((_, reject) => { t = setTimeout(() => reject(new Error(`${what} did not answer within ${ms} ms`)), ms); });
+  return /** @type {Promise<T>} */ (Promise.race([p, timeout]).finally(() => clearTimeout(t)));
+}
+
+/**
+ * The `exp` claim of a JWT, read only to pace refreshes (the gateway
+ * checks the token; the client never trusts this for anything else).
+ * @param {string} token
+ * @returns {number | null}
+ */
+function expOf(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(part + "=".repeat((4 - (part.length % 4)) % 4))).exp;
+    return typeof exp === "number" ? exp : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+/** A connection that stayed live this long resets the reconnect backoff. */
+const STABLE_MS = 5000;
+
 /** Upgrades that fail while plain HTTP works, before `auto` uses SSE. */
 const BLOCKED_UPGRADES_BEFORE_SSE = 2;
 
@@ -156,12 +214,14 @@ export class Client {
     this.transport = this.requested === "sse" ? "sse" : "websocket";
     this.options = options;
     this.backoff = {
-      initialMs: options.backoff?.initialMs ?? 100,
-      maxMs: options.backoff?.maxMs ?? 5000,
+      initialMs: duration("backoff.initialMs", options.backoff?.initialMs, 100, 1),
+      maxMs: duration("backoff.maxMs", options.backoff?.maxMs, 5000, 1),
     };
-    this.connectTimeoutMs = options.connectTimeoutMs ?? 10000;
+    this.connectTimeoutMs = duration("connectTimeoutMs", options.connectTimeoutMs, 10000, 100);
+    /** Over SSE there is no hello to say the gateway's heartbeat interval. */
+    this.heartbeatMs = options.heartbeatMs === undefined ? null : duration("heartbeatMs", options.heartbeatMs, 20000, 100);
     /** @type {string | null} */
-    this.token = options.token ?? null;
+    this.token = options.token || null;
     /** @type {Map<string, Subscription>} */
     this.subs = new Map();
     /** @type {Map<string, Set<Function>>} */
@@ -196,12 +256,23 @@ export class Client {
      * @type {Map<string, number>}
      */
     this.unsubscribing = new Map();
-    if (this.token !== null && !JWT.test(this.token)) {
-      this.token = null;
-      this.refuse("the token is not a JWT (three base64url parts separated by dots)");
-      return;
-    }
-    this.start();
+    /** When the current connection (or SSE stream) became live. */
+    this.liveSince = 0;
+    /** A refresh is being answered; when the last one was. */
+    this.refreshing = false;
+    this.lastRefresh = 0;
+    /** A WebSocket has worked here: later failures are no reason for SSE. */
+    this.websocketWorked = false;
+    // Started after the caller's code has run, so that listeners attached
+    // right after connect() see every status, the first one included.
+    queueMicrotask(() => {
+      if (this.token !== null && !JWT.test(this.token)) {
+        this.token = null;
+        this.refuse("the token is not a JWT (three base64url parts separated by dots)");
+        return;
+      }
+      this.start();
+    });
   }
 
   /**
@@ -340,7 +411,8 @@ export class Client {
     if (this.closed) return;
     if (this.transport === "sse") {
       this.setStatus("connecting");
-      for (const sub of this.subs.values()) this.stream(sub);
+      // Runs subscribed before this start already stream.
+      for (const sub of this.subs.values()) if (!sub.abort || sub.abort.signal.aborted) this.stream(sub);
       return;
     }
     this.open().catch((e) => this.fail(String(e && e.message ? e.message : e)));
@@ -352,7 +424,7 @@ export class Client {
    */
   async freshToken() {
     if (!this.options.getToken) return this.token;
-    const t = await this.options.getToken();
+    const t = await within(this.options.getToken(), this.connectTimeoutMs, "getToken()");
     if (typeof t !== "string" || !JWT.test(t)) throw new RuncastError("unauthorized", "getToken() did not return a JWT");
     this.token = t;
     return t;
@@ -383,8 +455,13 @@ export class Client {
       try {
         await this.freshToken();
       } catch (e) {
-        this.refuse(String(/** @type {any} */ (e).message || e));
-        return;
+        // A token that is not a JWT will not become one: stop. A getToken()
+        // that failed (a network error at the token endpoint, a timeout)
+        // may work next time: retry with backoff, asking again.
+        if (e instanceof RuncastError) return this.refuse(e.message);
+        this.needFreshToken = true;
+        this.emit("error", new RuncastError("token", `getToken() failed: ${why(e)}`));
+        return this.retry({ reason: `getToken() failed: ${why(e)}` });
       }
     }
     const Socket = await this.socketClass();
@@ -398,19 +475,17 @@ export class Client {
     this.ws = ws;
     this.hello = null;
     let opened = false;
-    // An upgrade that neither opens nor fails (a proxy holding it) counts
-    // as failed after connectTimeoutMs.
+    // An upgrade that neither opens nor fails (a proxy holding it), or
+    // opens but never says hello, counts as failed after connectTimeoutMs.
     this.timer = setTimeout(() => {
-      if (this.ws === ws && !opened) {
+      if (this.ws === ws && !this.hello) {
         try { ws.close(); } catch (e) { /* not open yet */ }
-        this.onClose(ws, false, 1006, "the WebSocket did not open in time");
+        this.onClose(ws, opened, 1006, opened ? "the gateway sent no hello in time" : "the WebSocket did not open in time");
       }
     }, this.connectTimeoutMs);
     ws.onopen = () => {
       if (this.ws !== ws) return;
       opened = true;
-      if (this.timer) clearTimeout(this.timer);
-      this.timer = null;
     };
     ws.onmessage = (/** @type {{ data: any }} */ m) => {
       if (this.ws !== ws) return;
@@ -442,11 +517,15 @@ export class Client {
     this.hello = null;
     this.stopTimers();
     if (this.closed) return;
+    // The backoff starts over only after a connection that held: one that
+    // is closed right after its hello (a token about to expire, a gateway
+    // that keeps failing) must not reconnect in a tight loop.
+    if (wasLive && Date.now() - this.liveSince >= STABLE_MS) this.attempt = 0;
     if (code === 4003) {
       // The token expired before a fresh one came: reconnect with a new one.
       if (!this.options.getToken) return this.refuse("the token expired");
       this.needFreshToken = true;
-      return this.retry({ code, reason, immediate: true });
+      return this.retry({ code, reason });
     }
     if (!shouldResume(code)) {
       this.setStatus("closed", { code, reason: reason || `closed by the gateway (${code})` });
@@ -472,7 +551,9 @@ export class Client {
       // between (a proxy that drops Upgrade) blocks them. Use SSE.
       // A gateway that is not ready (503) refused the upgrade itself: that
       // is no reason to leave WebSockets, only to retry (elsewhere).
-      if (probe.reachable && probe.status !== 503 && ++this.blockedUpgrades >= BLOCKED_UPGRADES_BEFORE_SSE && this.requested === "auto")
+      // Nor is any failure once a WebSocket has worked from here: the path
+      // carries WebSockets, so this is a refusal (429, a restart), not a proxy.
+      if (probe.reachable && probe.status !== 503 && !this.websocketWorked && ++this.blockedUpgrades >= BLOCKED_UPGRADES_BEFORE_SSE && this.requested === "auto")
         return this.fallBack("WebSocket upgrades fail while HTTP works (refused, stripped by a proxy, or timed out)");
     }
     // 1001 is a reconnect hint (drain, rebalance): the gateway already
@@ -487,11 +568,11 @@ export class Client {
    */
   async probe() {
     try {
-      const res = await this.fetch("v1/runs?limit=1");
+      const res = await within(this.fetch("v1/runs?limit=1"), this.connectTimeoutMs, "the gateway");
       if (res.status === 401) return { status: 401, reachable: true, message: await reasonOf(res) };
       // A draining gateway (or one whose bus is down) refuses upgrades with
       // 503 but still serves reads: its readiness says so.
-      const ready = await this.fetch("readyz");
+      const ready = await within(this.fetch("readyz"), this.connectTimeoutMs, "the gateway");
       if (ready.status === 503) return { status: 503, reachable: true, message: await reasonOf(ready) };
       return { status: res.status, reachable: true, message: "" };
     } catch (e) {
@@ -562,7 +643,10 @@ export class Client {
         // A new connection: unsubscribes sent on the old one get no answer.
         this.unsubscribing.clear();
         this.connections++;
-        this.attempt = 0;
+        this.liveSince = Date.now();
+        this.websocketWorked = true;
+        if (this.timer) clearTimeout(this.timer);
+        this.timer = null;
         this.blockedUpgrades = 0;
         this.retriedToken = false;
         this.emit("hello", f);
@@ -573,6 +657,10 @@ export class Client {
       case "state":
       case "event":
       case "gap":
+        // Until the gateway answers an unsubscribe, frames of that run are
+        // the old subscription's (in flight when it ended): a new one on
+        // the same run starts with its own state, after the answer.
+        if (this.unsubscribing.has(f.run)) return;
         if (sub) sub.onFrame(f);
         return;
       case "unsubscribed":
@@ -604,7 +692,7 @@ export class Client {
         return;
       case "refresh":
         this.emit("refresh", { expires: f.expires });
-        this.refresh();
+        this.refresh(f.expires);
         return;
       case "authenticated":
         if (this.offered !== null) this.token = this.offered;
@@ -632,19 +720,39 @@ export class Client {
     return true;
   }
 
-  async refresh() {
+  /**
+   * Answers a `refresh` frame with a fresh token from getToken(). One at a
+   * time and at most one a second, and only with a token that outlives the
+   * current one (`expires`): a cached token sent back, or tokens as short
+   * as the refresh window, would otherwise make gateway and client trade
+   * refresh and auth frames in a tight loop.
+   * @param {unknown} expires
+   */
+  async refresh(expires) {
     // Without getToken() the application renews with setToken(), after
     // the "refresh" event; at exp the gateway closes with 4003.
-    if (!this.options.getToken) return;
+    if (!this.options.getToken || this.refreshing) return;
+    this.refreshing = true;
     const ws = this.ws;
     try {
-      const t = await this.options.getToken();
+      const wait = this.lastRefresh + 1000 - Date.now();
+      if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+      this.lastRefresh = Date.now();
+      if (this.ws !== ws || !ws) return;
+      const t = await within(this.options.getToken(), this.connectTimeoutMs, "getToken()");
       if (typeof t !== "string" || !JWT.test(t)) throw new Error("getToken() did not return a JWT");
       if (this.ws !== ws || !ws) return;
+      const exp = expOf(t);
+      if (exp !== null && typeof expires === "number" && exp <= expires) {
+        this.emit("error", new RuncastError("token_not_renewed", `getToken() returned a token that expires no later than the current one (${exp}); at ${expires} the gateway closes the connection and the client reconnects with a new token`));
+        return;
+      }
       this.offered = t;
       this.send({ type: "auth", token: t });
     } catch (e) {
-      this.emit("error", new RuncastError("unauthorized", `getToken() failed: ${/** @type {any} */ (e).message || e}`));
+      this.emit("error", new RuncastError("token", `getToken() failed: ${why(e)}`));
+    } finally {
+      this.refreshing = false;
     }
   }
 
@@ -655,7 +763,7 @@ export class Client {
    * @param {number} heartbeatMs
    */
   startHeartbeat(heartbeatMs) {
-    const every = this.options.heartbeatMs ?? (Number.isFinite(heartbeatMs) && heartbeatMs > 0 ? heartbeatMs : 20000);
+    const every = this.heartbeatMs ?? (Number.isFinite(heartbeatMs) && heartbeatMs >= 100 ? heartbeatMs : 20000);
     const ws = this.ws;
     this.lastHeard = Date.now();
     if (this.heartbeat) clearInterval(this.heartbeat);
@@ -684,78 +792,125 @@ export class Client {
     const abort = new AbortController();
     sub.abort = abort;
     let attempt = 0;
+    let tokenRetried = false;
     while (!this.closed && this.subs.get(sub.run) === sub && !abort.signal.aborted) {
       if (this.status === "unauthorized") return;
-      let res;
+      /** @type {Response | null} */
+      let res = null;
+      let failure = "the stream ended";
+      // Aborted by the subscription's end, or when the gateway has not
+      // answered within connectTimeoutMs (a held connection).
+      const request = new AbortController();
+      const onAbort = () => request.abort();
+      abort.signal.addEventListener("abort", onAbort);
+      const timer = setTimeout(() => request.abort(), this.connectTimeoutMs);
       try {
         if (this.options.getToken && (this.token === null || this.needFreshToken)) {
           this.needFreshToken = false;
           await this.freshToken();
         }
         const q = sub.cursor !== null ? `?since=${sub.cursor}` : "";
-        res = await this.fetch(`v1/runs/${sub.run}/stream${q}`, { signal: abort.signal, headers: { Accept: "text/event-stream" } });
+        res = await this.fetch(`v1/runs/${sub.run}/stream${q}`, { signal: request.signal, headers: { Accept: "text/event-stream" } });
       } catch (e) {
         if (abort.signal.aborted) return;
+        // A token that is not a JWT will not become one; any other failure
+        // (network, a timeout, getToken() failing) is retried.
         if (e instanceof RuncastError && e.code === "unauthorized") return this.refuse(e.message);
-        res = null;
+        if (this.options.getToken && this.token === null) this.needFreshToken = true;
+        failure = why(e);
+      } finally {
+        clearTimeout(timer);
       }
       if (res && res.status === 200 && res.body) {
-        attempt = 0;
+        tokenRetried = false;
         this.connections++;
+        const opened = Date.now();
         if (this.status !== "live") this.setStatus("live");
         let end;
         try {
-          end = await this.readStream(sub, res.body, abort.signal);
+          end = await this.readStream(sub, res.body, request);
         } catch (e) {
           end = null;
         }
+        abort.signal.removeEventListener("abort", onAbort);
         if (abort.signal.aborted || this.subs.get(sub.run) !== sub) return;
+        // As over WebSockets, the backoff starts over only after a stream
+        // that held.
+        if (Date.now() - opened >= STABLE_MS) attempt = 0;
         if (end === "expired") {
           if (!this.options.getToken) return this.refuse("the token expired");
           this.needFreshToken = true;
-          continue;
-        }
+          failure = "the token expired";
+        } else if (end === "silent") failure = "no heartbeat from the gateway";
       } else if (res && res.status === 401) {
+        abort.signal.removeEventListener("abort", onAbort);
         const message = await reasonOf(res);
-        if (this.options.getToken && attempt === 0) {
+        if (this.options.getToken && !tokenRetried) {
+          tokenRetried = true;
           this.needFreshToken = true;
-          attempt++;
           continue;
         }
         return this.refuse(message);
       } else if (res && res.status >= 400 && res.status < 500 && res.status !== 408 && res.status !== 429) {
+        abort.signal.removeEventListener("abort", onAbort);
         const body = await errorOf(res);
         sub.end(new RuncastError(body.code, body.message, sub.run));
         return;
+      } else {
+        abort.signal.removeEventListener("abort", onAbort);
+        if (res) failure = `HTTP ${res.status}`;
+        // A refusal's body is not needed; release the connection.
+        if (res && res.body) res.body.cancel().catch(() => {});
       }
-      // A stream that ended (drain, slow consumer, a dead gateway) or a
-      // refusal worth retrying (429, 503): back off, then resume.
+      // A stream that ended (drain, slow consumer, a dead gateway, an
+      // expired token) or a refusal worth retrying (429, 503): back off,
+      // then resume.
       const delayMs = backoffDelay(attempt++, this.backoff);
       this.reconnects++;
-      this.setStatus("reconnecting", { delayMs, reason: res ? `HTTP ${res.status}` : "the stream ended" });
+      this.setStatus("reconnecting", { delayMs, reason: failure });
       await sleep(delayMs, abort.signal);
     }
   }
 
   /**
    * Reads an SSE body until it ends. Returns "expired" when the gateway
-   * ended the stream because the token expired.
+   * ended the stream because the token expired, "silent" when nothing (not
+   * even a heartbeat comment) came for two heartbeat intervals: a stream
+   * frozen somewhere on the way, which would otherwise look live forever.
    * @param {Subscription} sub
    * @param {ReadableStream<Uint8Array>} body
-   * @param {AbortSignal} signal
+   * @param {AbortController} request aborts the fetch (and so the body)
    */
-  async readStream(sub, body, signal) {
+  async readStream(sub, body, request) {
     const reader = body.getReader();
     const decoder = new TextDecoder();
     const parser = new SseParser();
     /** @type {string | null} */
     let ended = null;
+    // SSE has no hello to announce the gateway's heartbeat interval: the
+    // option, or the protocol's default (20 s).
+    const every = this.heartbeatMs ?? 20000;
+    let heard = Date.now();
+    const watchdog = setInterval(() => {
+      if (Date.now() - heard > 2 * every) {
+        ended = "silent";
+        request.abort();
+        reader.cancel().catch(() => {});
+      }
+    }, Math.min(every, 5000));
     const onAbort = () => reader.cancel().catch(() => {});
-    signal.addEventListener("abort", onAbort);
+    request.signal.addEventListener("abort", onAbort);
     try {
       for (;;) {
-        const { value, done } = await reader.read();
+        let chunk;
+        try {
+          chunk = await reader.read();
+        } catch (e) {
+          break; // cut, or aborted by the watchdog: `ended` says which
+        }
+        const { value, done } = chunk;
         if (done) break;
+        heard = Date.now();
         for (const data of parser.push(decoder.decode(value, { stream: true }))) {
           let f;
           try {
@@ -773,7 +928,8 @@ export class Client {
         }
       }
     } finally {
-      signal.removeEventListener("abort", onAbort);
+      clearInterval(watchdog);
+      request.signal.removeEventListener("abort", onAbort);
     }
     return ended;
   }
@@ -897,6 +1053,14 @@ export class Subscription {
     /** @type {((e: any) => void) | null} */
     this.wakeError = null;
     this.iterating = false;
+    /**
+     * A subscription without onEvent is meant to be iterated: frames that
+     * come before the loop starts (an `await` in between) wait for it, up to
+     * maxBuffered. Past that they are dropped, and the loop, when it comes,
+     * fails at once instead of starting silently in the middle.
+     */
+    this.holdForIterator = !options.onEvent;
+    this.missedBeforeIterator = false;
     this.maxBuffered = options.maxBuffered ?? 10000;
   }
 
@@ -972,7 +1136,15 @@ export class Subscription {
 
   /** @param {EventFrame | GapFrame} f */
   push(f) {
-    if (!this.iterating) return;
+    if (!this.iterating) {
+      if (!this.holdForIterator || this.missedBeforeIterator) return;
+      this.queue.push(f);
+      if (this.queue.length > this.maxBuffered) {
+        this.queue = [];
+        this.missedBeforeIterator = true;
+      }
+      return;
+    }
     if (this.wake) {
       const w = this.wake;
       this.wake = this.wakeError = null;
@@ -1014,7 +1186,12 @@ export class Subscription {
 
   /** @returns {AsyncIterator<EventFrame | GapFrame>} */
   [Symbol.asyncIterator]() {
+    // One consumer: a second loop would take events from the first.
+    if (this.iterating) throw new RuncastError("invalid_state", "a subscription has one iterator; subscribe again (after unsubscribe) for another", this.run);
     this.iterating = true;
+    if (this.missedBeforeIterator && !this.ended) {
+      this.end(new RuncastError("slow_consumer", `more than ${this.maxBuffered} events came before the loop started; resubscribe with since: ${this.cursor} and start iterating at once`, this.run));
+    }
     return {
       next: () => {
         const f = this.queue.shift();
@@ -1030,7 +1207,9 @@ export class Subscription {
         return new Promise((resolve, reject) => { this.wake = resolve; this.wakeError = reject; });
       },
       return: () => {
+        // Leaving the loop ends the subscription, and what it held.
         this.unsubscribe();
+        this.queue = [];
         return Promise.resolve({ value: undefined, done: true });
       },
     };

@@ -307,9 +307,9 @@ test("auto falls back to SSE when upgrades fail while HTTP works; websocket does
 });
 
 test("an upgrade that never opens counts as failed after connectTimeoutMs", async () => {
-  const { c, statuses } = client({ connectTimeoutMs: 20 });
+  const { c, statuses } = client({ connectTimeoutMs: 100 });
   c.subscribe("r1");
-  await tick(60);
+  await tick(250);
   assert.ok(FakeSocket.all.length >= 2);
   assert.equal(FakeSocket.all[0].closedWith, 1005);
   assert.ok(statuses.some((s) => s.status === "reconnecting" && /did not open/.test(s.reason)));
@@ -317,13 +317,13 @@ test("an upgrade that never opens counts as failed after connectTimeoutMs", asyn
 });
 
 test("a silent connection is dropped after two heartbeats and resumed", async () => {
-  const { c, last } = client({ heartbeatMs: 10 });
+  const { c, last } = client({ heartbeatMs: 100 });
   c.subscribe("r1");
   await tick();
   last().open();
-  await tick(15);
+  await tick(130);
   assert.deepEqual(last().sent.at(-1), { type: "ping" });
-  await tick(40);
+  await tick(250);
   assert.ok(FakeSocket.all.length >= 2, "reconnected");
   assert.equal(FakeSocket.all[0].closedWith, 4001);
   c.close();
@@ -401,4 +401,150 @@ test("a token that is not a JWT is unauthorized at once, never put in a subproto
   assert.equal(c.status, "unauthorized");
   assert.equal(FakeSocket.all.length, 0);
   c.close();
+});
+
+// Findings of an outside tester (each failed before its fix).
+
+test("a resubscribe after unsubscribe ignores the old subscription's frames in flight", async () => {
+  const { c, last } = client();
+  const first = c.subscribe("r1");
+  await tick();
+  last().open();
+  last().frame({ type: "state", run: "r1", seq: 10, state: null });
+  first.unsubscribe();
+  const seen = [], states = [];
+  const second = c.subscribe("r1", { since: 0, onEvent: (e) => seen.push(e.seq), onState: (s, f) => states.push(f.seq) });
+  assert.deepEqual(last().sent.slice(-2), [{ type: "unsubscribe", run: "r1" }, { type: "subscribe", run: "r1", since: 0 }]);
+  // Live events of the old subscription, still in flight, then the answer.
+  last().frame(ev("r1", 11));
+  last().frame(ev("r1", 12));
+  last().frame({ type: "unsubscribed", run: "r1" });
+  // The new subscription: its state, then the replay from 0.
+  last().frame({ type: "state", run: "r1", seq: 12, state: null });
+  for (let i = 1; i <= 12; i++) last().frame(ev("r1", i));
+  assert.deepEqual(states, [12]);
+  assert.deepEqual(seen, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+  assert.equal(second.ended, false);
+});
+
+test("refresh: a token that does not outlive the current one is not sent, and refreshes are paced", async () => {
+  const exp = Math.floor(Date.now() / 1000) + 3;
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const cached = `${b64({ alg: "HS256" })}.${b64({ exp })}.sig`;
+  let calls = 0;
+  const { c, last } = client({ getToken: () => { calls++; return cached; } });
+  const errors = [];
+  c.on("error", (e) => errors.push(e.code));
+  c.subscribe("r1");
+  await tick(5);
+  last().open();
+  for (let i = 0; i < 50; i++) last().frame({ type: "refresh", expires: exp });
+  await tick(20);
+  assert.equal(calls, 2, "one getToken() for the connection, one for the 50 refresh frames");
+  assert.equal(last().sent.filter((f) => f.type === "auth").length, 0);
+  assert.deepEqual(errors, ["token_not_renewed"]);
+});
+
+test("a WebSocket that opens but never says hello counts as failed", async () => {
+  const { c } = client({ connectTimeoutMs: 100 });
+  c.subscribe("r1");
+  await tick();
+  FakeSocket.all[0].readyState = 1;
+  FakeSocket.all[0].onopen({});
+  await tick(250);
+  assert.ok(FakeSocket.all.length >= 2, "retried");
+});
+
+test("getToken() that throws (even null) or hangs is retried with backoff, not unauthorized", async () => {
+  for (const getToken of [() => { throw null; }, () => Promise.reject(new TypeError("Failed to fetch")), () => new Promise(() => {})]) {
+    const { c, statuses } = client({ getToken, connectTimeoutMs: 100, backoff: { initialMs: 100, maxMs: 1000 } });
+    const errors = [];
+    c.on("error", (e) => errors.push(e.code));
+    c.subscribe("r1");
+    await tick(400);
+    assert.ok(statuses.some((s) => s.status === "reconnecting"), JSON.stringify(statuses));
+    assert.ok(!statuses.some((s) => s.status === "unauthorized"));
+    assert.ok(errors.includes("token"));
+    assert.ok(statuses.filter((s) => s.status === "reconnecting").length < 8, "backed off");
+    c.close();
+  }
+});
+
+test("once a WebSocket has worked, failed upgrades do not switch auto to SSE", async () => {
+  const { c, last } = client();
+  c.subscribe("r1");
+  await tick();
+  last().open();
+  for (let i = 0; i < 4; i++) {
+    last().serverClose(1006);
+    await tick(30);
+  }
+  assert.equal(c.transport, "websocket");
+});
+
+test("SSE: a frozen stream is dropped after two heartbeats and resumed from the cursor", async () => {
+  const urls = [];
+  const fetch = async (url, init) => {
+    urls.push(url);
+    if (!url.includes("/stream")) return new Response("{}", { status: 200 });
+    const body = new ReadableStream({
+      start(ctl) {
+        ctl.enqueue(new TextEncoder().encode('data: {"type":"state","run":"r1","seq":3,"state":null}\n\n'));
+        init.signal.addEventListener("abort", () => ctl.error(new Error("aborted")));
+        // then nothing: frozen
+      },
+    });
+    return new Response(body, { status: 200 });
+  };
+  const { c } = client({ transport: "sse", fetch, heartbeatMs: 100 });
+  c.subscribe("r1");
+  await tick(600);
+  const streams = urls.filter((u) => u.includes("/stream"));
+  assert.ok(streams.length >= 2, JSON.stringify(urls));
+  assert.ok(streams[1].endsWith("?since=3"), streams[1]);
+});
+
+test("SSE: a request the gateway holds without answering is retried after connectTimeoutMs", async () => {
+  let n = 0;
+  const fetch = (url, init) => {
+    n++;
+    return new Promise((_, reject) => init.signal.addEventListener("abort", () => reject(new Error("aborted"))));
+  };
+  const { c, statuses } = client({ transport: "sse", fetch, connectTimeoutMs: 100 });
+  c.subscribe("r1");
+  await tick(350);
+  assert.ok(n >= 2, `${n} requests`);
+  assert.ok(statuses.some((s) => s.status === "reconnecting"));
+});
+
+test("iterators: one per subscription, frames before the loop wait for it, break leaves nothing behind", async () => {
+  const { c, last } = client();
+  const sub = c.subscribe("r1");
+  await tick();
+  last().open();
+  last().frame({ type: "state", run: "r1", seq: 0, state: null });
+  last().frame(ev("r1", 1));
+  last().frame(ev("r1", 2));
+  await tick(5); // an await between subscribe and the loop
+  const got = [];
+  for await (const f of sub) {
+    got.push(f.seq);
+    if (f.seq === 1) {
+      assert.throws(() => sub[Symbol.asyncIterator](), (e) => e.code === "invalid_state");
+      last().frame(ev("r1", 3));
+    }
+    if (f.seq === 2) break;
+  }
+  assert.deepEqual(got, [1, 2]);
+  assert.equal(sub.ended, true);
+  assert.equal(sub.queue.length, 0);
+});
+
+test("options are checked; the first status can be observed; an empty token is no token", async () => {
+  for (const bad of [{ heartbeatMs: 0 }, { heartbeatMs: -1 }, { heartbeatMs: "abc" }, { connectTimeoutMs: NaN }, { backoff: { maxMs: 0 } }])
+    assert.throws(() => connect("http://x/", { WebSocket: FakeSocket, ...bad }), (e) => e.code === "invalid_option", JSON.stringify(bad));
+  const { statuses, last } = client({ token: "" });
+  await tick();
+  assert.equal(statuses[0].status, "connecting");
+  assert.deepEqual(last().protocols, ["runcast.v1"]);
 });

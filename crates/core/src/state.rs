@@ -88,7 +88,11 @@ impl RunState {
         self.updated_ts = ev.ts;
         match ev.kind {
             EventKind::Progress => {
-                if let Some(p) = percent_of(&ev.data) {
+                // A finished run's percent stays where it ended (100 after
+                // `complete`): a late progress event does not move it back.
+                if let Some(p) = percent_of(&ev.data)
+                    && !self.is_finished()
+                {
                     self.percent = Some(p);
                 }
                 self.progress = Some(ev.data.clone());
@@ -170,6 +174,10 @@ mod tests {
             "a finished run stays finished"
         );
         assert_eq!(s.seq, 5);
+        // Found by an outside tester: a progress event after `complete`
+        // took the percent back from 100 to 5, against the docs.
+        s.apply(&ev(6, EventKind::Progress, r#"{"done":1,"total":20}"#));
+        assert_eq!((s.percent, s.seq, s.events), (Some(100.0), 6, 6));
     }
 
     #[test]
