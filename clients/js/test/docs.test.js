@@ -74,6 +74,10 @@ for (const b of blocks()) {
       // served: "/v1/client.js" and the WebSocket go to that gateway.
       await page.goto(`${gw.url}/healthz`);
       await page.setContent(body);
+      // Published once the page follows the run, as a job that starts
+      // after its watchers would be (otherwise the state alone has it).
+      await waitFor(async () => (await page.evaluate(() => document.getElementById("status")?.textContent)) === "live", { timeoutMs: 15000, what: `the page live (${logs.join(" | ")})` });
+      await sleep(300);
       await publishRun(run);
       await waitFor(async () => (await page.evaluate(() => document.getElementById("bar")?.value)) === 100, { timeoutMs: 15000, what: `the progress bar at 100 (${logs.join(" | ")})` });
       assert.equal(await page.evaluate(() => document.getElementById("status")?.textContent), "live");
