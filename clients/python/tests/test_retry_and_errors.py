@@ -132,9 +132,14 @@ def test_4xx_errors_are_raised_with_their_code_and_not_retried(embedded, proxy):
     for _ in range(70):
         deep = [deep]
     before = proxy.requests
+    # Too deep is refused before sending (the gateway's rule, checked by the client too).
     with pytest.raises(runcast.InvalidRequestError) as e:
         p.publish("log", deep)
-    assert e.value.code == "data_too_deep" and e.value.status == 400 and e.value.message
+    assert e.value.code == "data_too_deep" and e.value.status is None and e.value.message
+    assert proxy.requests == before
+    with pytest.raises(runcast.InvalidRequestError) as e:
+        p.publish_many([{"kind": "log", "data": i} for i in range(1001)])  # --max-batch 1000
+    assert e.value.code == "too_many_events" and e.value.status == 413 and e.value.message
     with pytest.raises(runcast.InvalidRequestError) as e:
         p.publish("log", {"blob": "x" * (1024 * 1024 + 10)})
     assert e.value.code == "too_large" and e.value.status == 413

@@ -167,7 +167,8 @@ class Connection:
 
     async def send(self, method: str, target: str, headers: List[Tuple[str, str]],
                    body: Optional[bytes]) -> None:
-        assert self.writer is not None
+        if self.writer is None:
+            raise Dropped("the connection is closed")
         lines = [f"{method} {self.origin.base_path}{target} HTTP/1.1",
                  f"Host: {self.origin.host_header}"]
         lines += [f"{k}: {v}" for k, v in headers]
@@ -238,6 +239,14 @@ class Connection:
                 raise ProtocolError(f"malformed response header line {text[:80]!r}")
             pairs.append((name, value.strip()))
         return int(parts[1]), parts[2] if len(parts) > 2 else "", lower_headers(pairs)
+
+    def abort(self) -> None:
+        """Closes the connection at once, without waiting (safe in a cancelled task): whatever
+        is buffered or still in flight is thrown away and the connection is never reused."""
+        w, self.writer = self.writer, None
+        self.reusable = False
+        if w is not None:
+            w.transport.abort()
 
     async def close(self) -> None:
         w, self.writer = self.writer, None

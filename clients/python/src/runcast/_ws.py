@@ -20,6 +20,7 @@ from ._errors import (
     ClosedError,
     ForbiddenError,
     ProtocolError,
+    RuncastError,
     TransportError,
     error_from_response,
 )
@@ -92,7 +93,15 @@ class _WSConn(_Conn):
             if t == "refresh":
                 # Without get_token there is nothing fresher to send: the gateway closes with
                 # 4003 at exp and the reconnect reports the expired token as UnauthorizedError.
-                token = await self._token_for(False)
+                try:
+                    token = await self._token_for(False)
+                except RuncastError as e:
+                    # get_token failed (or gave a malformed token): the current token stays
+                    # valid until its exp. At exp the gateway closes with 4003 and the
+                    # reconnect asks get_token again; only a failure then ends the subscription.
+                    log.warning("runcast: get_token failed at a refresh; keeping the current "
+                                "token until it expires: %s", e)
+                    continue
                 if token:
                     try:
                         await self._ws.send(json.dumps({"type": "auth", "token": token}))

@@ -20,15 +20,24 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _asynchttp
 from ._common import (
+    MAX_DEPTH,
     AsyncKinds,
     progress_data,
     PUBLISH_BACKOFF,
     Backoff,
     Origin,
+    check_backoff,
+    check_count,
+    check_headers,
     check_id,
     check_kind,
+    check_number,
     check_run,
+    check_ssl_context,
+    check_token,
+    check_traceparent,
     encode_json,
+    json_depth_ok,
     lower_headers,
     new_key,
     parse_origin,
@@ -66,12 +75,20 @@ class NewEvent:
     traceparent: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
-        ev: Dict[str, Any] = {"kind": check_kind(self.kind), "data": self.data}
+        ev: Dict[str, Any] = {"kind": check_kind(self.kind), "data": check_data(self.data)}
         if self.id is not None:
             ev["id"] = check_id(self.id, "event id")
         if self.traceparent is not None:
-            ev["traceparent"] = self.traceparent
+            ev["traceparent"] = check_traceparent(self.traceparent)
         return ev
+
+
+def check_data(data: Any) -> Any:
+    """The gateway refuses data nested deeper than 64 levels (`data_too_deep`); checked here
+    first, iteratively, so a very deep value is refused instead of overflowing json.dumps."""
+    if not json_depth_ok(data):
+        raise InvalidRequestError("data_too_deep", f"event data nests more than {MAX_DEPTH} levels")
+    return data
 
 
 @dataclass(frozen=True)
@@ -87,25 +104,22 @@ class _Core:
     def __init__(self, url: str, run: str, key: Optional[str], timeout: float, max_attempts: int,
                  backoff: Backoff, max_retry_after: float,
                  headers: Optional[Mapping[str, str]]) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
         self.origin: Origin = parse_origin(url)
         self.run = check_run(run)
-        self.timeout = timeout
-        self.max_attempts = max_attempts
-        self.backoff = backoff
-        self.max_retry_after = max_retry_after
+        self.timeout = check_number(timeout, "timeout")
+        self.max_attempts = check_count(max_attempts, "max_attempts")
+        self.backoff = check_backoff(backoff)
+        self.max_retry_after = check_number(max_retry_after, "max_retry_after", allow_zero=True)
         self.target = f"/v1/runs/{self.run}/events"
-        hdrs: List[Tuple[str, str]] = [("Content-Type", "application/json"),
-                                       ("Accept", "application/json"),
-                                       ("User-Agent", USER_AGENT)]
+        extra = check_headers(headers)
+        given = {k.lower() for k, _ in extra}
+        # Accept and User-Agent are ours unless `headers=` names them (then theirs, not both).
+        hdrs: List[Tuple[str, str]] = [("Content-Type", "application/json")]
+        hdrs += [(k, v) for k, v in (("Accept", "application/json"), ("User-Agent", USER_AGENT))
+                 if k.lower() not in given]
         if key is not None:
-            if not key or any(c in key for c in "\r\n"):
-                raise InvalidRequestError("invalid_key", "publish key must be a non-empty line")
-            hdrs.append(("Authorization", f"Bearer {key}"))
-        for k, v in (headers or {}).items():
-            hdrs.append((k, v))
-        self.headers = hdrs
+            hdrs.append(("Authorization", f"Bearer {check_token(key, 'publish key', 'invalid_key')}"))
+        self.headers = hdrs + extra
 
     def request(self, events: Union[Dict[str, Any], List[Dict[str, Any]]],
                 idempotency_key: Optional[str], traceparent: Optional[str]
@@ -113,7 +127,7 @@ class _Core:
         key = check_id(idempotency_key, "idempotency key", 120) if idempotency_key else new_key()
         hdrs = list(self.headers) + [("Idempotency-Key", key)]
         if traceparent is not None:
-            hdrs.append(("traceparent", traceparent))
+            hdrs.append(("traceparent", check_traceparent(traceparent)))
         return hdrs, encode_json(events), key
 
     def decide(self, status: int, headers: Mapping[str, str], body: bytes, n: int,
@@ -167,6 +181,9 @@ def _event(kind: str, data: Any, id: Optional[str]) -> Dict[str, Any]:
 
 
 def _batch(events: Sequence[Union[NewEvent, Mapping[str, Any]]]) -> List[Dict[str, Any]]:
+    if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, (list, tuple)):
+        raise InvalidRequestError("invalid_event",
+                                  f"a batch is a list of events, not {events!r:.80}")
     out = []
     for e in events:
         if isinstance(e, NewEvent):
@@ -199,7 +216,7 @@ class Publisher:
                  max_retry_after: float = 30.0, ssl_context: Optional[ssl.SSLContext] = None,
                  headers: Optional[Mapping[str, str]] = None) -> None:
         self._core = _Core(url, run, key, timeout, max_attempts, backoff, max_retry_after, headers)
-        self._ssl = ssl_context
+        self._ssl = check_ssl_context(ssl_context)
         self._conn: Optional[http.client.HTTPConnection] = None
         self._conn_requests = 0
         self._lock = threading.Lock()
@@ -265,7 +282,10 @@ class Publisher:
                     time.sleep(delay)
                 attempt += 1
                 try:
-                    status, rheaders, rbody, sent = self._roundtrip(headers, payload)
+                    status, rheaders, rbody = self._roundtrip(headers, payload)
+                except RuncastError as e:
+                    _annotate(e, maybe_stored, key)
+                    raise
                 except _Unsent as e:
                     last, delay = e.__cause__, core.backoff.delay(attempt - 1)
                     continue
@@ -275,6 +295,11 @@ class Publisher:
                     continue
                 try:
                     decision = core.decide(status, rheaders, rbody, n, attempt - 1)
+                except ProtocolError as e:
+                    # A 200 this client cannot read: the request reached a server, which may
+                    # have stored the event.
+                    e.maybe_stored, e.idempotency_key = True, key
+                    raise
                 except RuncastError as e:
                     e.maybe_stored, e.idempotency_key = maybe_stored, key
                     raise
@@ -302,7 +327,18 @@ class Publisher:
             self._conn = None
 
     def _roundtrip(self, headers: List[Tuple[str, str]], payload: bytes
-                   ) -> Tuple[int, Dict[str, str], bytes, bool]:
+                   ) -> Tuple[int, Dict[str, str], bytes]:
+        try:
+            return self._roundtrip_once(headers, payload)
+        except BaseException:
+            # Whatever went wrong mid-request (an interrupt, a bug, a malformed answer), the
+            # connection may hold half a request or an unread answer: never reuse it, or the next
+            # call would read this call's answer as its own.
+            self._drop_connection()
+            raise
+
+    def _roundtrip_once(self, headers: List[Tuple[str, str]], payload: bytes
+                        ) -> Tuple[int, Dict[str, str], bytes]:
         # A kept-alive connection may have been closed by the gateway while idle; that shows up
         # as a reset on the next request. One immediate retry on a fresh connection covers it
         # (safe: the idempotency key is the same), without spending one of the caller's attempts.
@@ -332,9 +368,14 @@ class Publisher:
                 if len(body) > MAX_RESPONSE_BYTES:
                     self._drop_connection()
                     raise ProtocolError(f"response body over {MAX_RESPONSE_BYTES} bytes")
+                if resp.length:
+                    # read(amt) returns what came before the connection closed without raising:
+                    # a body shorter than its Content-Length is an answer cut off, not a
+                    # malformed one. The gateway may have stored the event: retry with the key.
+                    raise http.client.IncompleteRead(body, resp.length)
                 if resp.will_close:
                     self._drop_connection()
-                return resp.status, rheaders, body, True
+                return resp.status, rheaders, body
             except (http.client.RemoteDisconnected, http.client.IncompleteRead,
                     ConnectionError, TimeoutError, OSError) as e:
                 self._drop_connection()
@@ -378,7 +419,7 @@ class AsyncPublisher(AsyncKinds):
                  max_retry_after: float = 30.0, ssl_context: Optional[ssl.SSLContext] = None,
                  headers: Optional[Mapping[str, str]] = None) -> None:
         self._core = _Core(url, run, key, timeout, max_attempts, backoff, max_retry_after, headers)
-        self._ssl = ssl_context
+        self._ssl = check_ssl_context(ssl_context)
         self._conn: Optional[_asynchttp.Connection] = None
         # Created on first use: an asyncio.Lock made outside a running loop binds to the wrong
         # loop on Python 3.9.
@@ -420,6 +461,9 @@ class AsyncPublisher(AsyncKinds):
                 try:
                     status, rheaders, rbody = await asyncio.wait_for(
                         self._roundtrip(headers, payload), core.timeout)
+                except RuncastError as e:
+                    _annotate(e, maybe_stored, key)
+                    raise
                 except _Unsent as e:
                     last, delay = e.__cause__, core.backoff.delay(attempt - 1)
                     continue
@@ -432,6 +476,11 @@ class AsyncPublisher(AsyncKinds):
                     continue
                 try:
                     decision = core.decide(status, rheaders, rbody, n, attempt - 1)
+                except ProtocolError as e:
+                    # A 200 this client cannot read: the request reached a server, which may
+                    # have stored the event.
+                    e.maybe_stored, e.idempotency_key = True, key
+                    raise
                 except RuncastError as e:
                     e.maybe_stored, e.idempotency_key = maybe_stored, key
                     raise
@@ -443,6 +492,22 @@ class AsyncPublisher(AsyncKinds):
 
     async def _roundtrip(self, headers: List[Tuple[str, str]], payload: bytes
                          ) -> Tuple[int, Dict[str, str], bytes]:
+        try:
+            return await self._roundtrip_once(headers, payload)
+        except BaseException:
+            # Cancelled (asyncio.wait_for, task.cancel()) or failed mid-request: the connection
+            # may hold half a request or an unread answer, which the next call would read as its
+            # own. Drop it at once (no await: a cancelled task must not block here).
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+
+    async def _roundtrip_once(self, headers: List[Tuple[str, str]], payload: bytes
+                              ) -> Tuple[int, Dict[str, str], bytes]:
         o = self._core.origin
         for fresh_try in (False, True):
             conn = self._conn
@@ -494,6 +559,13 @@ class AsyncPublisher(AsyncKinds):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _annotate(e: RuncastError, maybe_stored: bool, key: str) -> None:
+    # A ProtocolError is about an answer, so the request reached a server that may have stored
+    # the event; a TLS failure happens before anything is sent.
+    e.maybe_stored = maybe_stored or isinstance(e, ProtocolError)
+    e.idempotency_key = key
 
 
 def _brief(e: Optional[BaseException]) -> str:

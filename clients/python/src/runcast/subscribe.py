@@ -24,6 +24,7 @@ optional `websockets` package (`pip install runcast[ws]`), which also renews tok
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import logging
@@ -43,10 +44,16 @@ from typing import (
 
 from . import _asynchttp
 from ._common import (
+    MAX_SUBSCRIBE_RETRY_AFTER,
     SUBSCRIBE_BACKOFF,
     Backoff,
     Origin,
+    check_backoff,
+    check_count,
+    check_number,
     check_run,
+    check_ssl_context,
+    check_token,
     parse_origin,
     retry_after_seconds,
 )
@@ -54,6 +61,7 @@ from ._errors import (
     APIError,
     InvalidRequestError,
     ProtocolError,
+    RuncastError,
     TransportError,
     UnauthorizedError,
     error_from_frame,
@@ -112,7 +120,19 @@ class Subscription:
                                   or since < 0):
             raise InvalidRequestError("invalid_since", f"since must be an integer >= 0: {since!r}")
         if transport not in ("sse", "ws"):
-            raise ValueError(f"transport must be 'sse' or 'ws', not {transport!r}")
+            raise InvalidRequestError("invalid_option",
+                                      f"transport must be 'sse' or 'ws', not {transport!r:.80}")
+        connect_timeout = check_number(connect_timeout, "connect_timeout")
+        idle_timeout = check_number(idle_timeout, "idle_timeout")
+        check_backoff(backoff)
+        check_ssl_context(ssl_context)
+        if max_attempts is not None:
+            check_count(max_attempts, "max_attempts")
+        check_count(max_message_bytes, "max_message_bytes")
+        if token:  # "" means no token, as None does
+            check_token(token)
+        if get_token is not None and not callable(get_token):
+            raise InvalidRequestError("invalid_option", "get_token must be callable")
         self.origins: List[Origin] = [parse_origin(u) for u in urls]
         self.run = check_run(run)
         self.since = since
@@ -161,12 +181,19 @@ class Subscription:
     async def _token_for(self, first: bool) -> Optional[str]:
         if self._get_token is None or (first and self._token is not None):
             return self._token
-        t = self._get_token()
-        if inspect.isawaitable(t):
-            t = await t
+        try:
+            t = self._get_token()
+            if inspect.isawaitable(t):
+                t = await t
+        except RuncastError:
+            raise
+        except Exception as e:
+            raise UnauthorizedError("get_token_failed", f"get_token raised {e!r}") from e
         if t is not None and not isinstance(t, str):
             raise InvalidRequestError("invalid_token", "get_token must return a str or None")
-        return t
+        # Checked like `token=`: it goes into an Authorization header, where CR/LF would inject
+        # headers of its own.
+        return check_token(t, "the token from get_token") if t else None
 
     async def _refresh_token(self, first: bool = False) -> Optional[str]:
         """A token for an in-band `auth` frame: only get_token can give a fresher one."""
@@ -218,7 +245,9 @@ class Subscription:
                     elif ftype == "event":
                         ev = Event.from_frame(frame)
                         self._check_run(ev.run, frame)
-                        assert self.cursor is not None
+                        if self.cursor is None:
+                            raise ProtocolError(f"event frame before the state frame: "
+                                                f"{frame!r:.300}")
                         if ev.seq <= self.cursor:
                             self.duplicates_dropped += 1
                             continue
@@ -231,9 +260,15 @@ class Subscription:
                     elif ftype == "gap":
                         gap = Gap.from_frame(frame)
                         self._check_run(gap.run, frame)
-                        assert self.cursor is not None
+                        if self.cursor is None:
+                            raise ProtocolError(f"gap frame before the state frame: "
+                                                f"{frame!r:.300}")
                         if gap.to <= self.cursor:
                             continue  # wholly at or below the cursor: nothing new is announced
+                        if gap.from_ <= self.cursor:
+                            # Partly below: what is at or below the cursor was delivered (or
+                            # announced) already; announce only the part after it.
+                            gap = dataclasses.replace(gap, from_=self.cursor + 1)
                         self.cursor = gap.to
                         yield gap
                         if self._done():
@@ -280,7 +315,9 @@ class Subscription:
             index += 1
             wait = self._backoff.delay(failures)
             if delay is not None:
-                wait = max(wait, delay)
+                # A Retry-After is honoured up to 5 minutes: a longer one (or a garbled huge
+                # one) would silently park the subscription for hours.
+                wait = max(wait, min(delay, MAX_SUBSCRIBE_RETRY_AFTER))
             log.info("runcast subscription %s: %s; reconnecting in %.2fs (cursor %s)",
                      self.run, reason, wait, self.cursor)
             await asyncio.sleep(wait)
@@ -411,7 +448,13 @@ def subscribe(url: Union[str, Sequence[str]], run: str, since: Optional[int] = N
     - `max_attempts`: raise `TransportError` after this many consecutive failed connection
       attempts (None: keep trying, as a browser's EventSource does).
     """
-    urls = [url] if isinstance(url, str) else list(url)
+    if isinstance(url, str):
+        urls = [url]
+    elif isinstance(url, (list, tuple)):
+        urls = list(url)
+    else:
+        raise InvalidRequestError("invalid_url",
+                                  f"url must be a gateway URL or a list of them, not {url!r:.80}")
     return Subscription(urls, run, since, token, get_token, transport=transport,
                         until_finished=until_finished, ssl_context=ssl_context,
                         connect_timeout=connect_timeout, idle_timeout=idle_timeout,
