@@ -684,9 +684,17 @@ pub struct PublishArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Scenario: `fanout` (clients receive published events) or `idle` (memory per idle connection).
+    /// Scenario: `fanout` (clients receive published events), `idle` (memory per idle
+    /// connection) or `ingest` (events/s stored through the HTTP publish API; on NATS also
+    /// straight to JetStream, for comparison).
     #[arg(long, default_value = "fanout")]
     pub scenario: String,
+    /// `ingest`: concurrent publishers, each publishing as fast as its answers come.
+    #[arg(long, default_value_t = 16)]
+    pub publishers: usize,
+    /// `ingest`: events per publish request.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// WebSocket clients to open.
     #[arg(long, default_value_t = 1000)]
     pub clients: usize,

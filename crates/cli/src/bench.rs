@@ -48,6 +48,15 @@ pub struct Report {
     pub server_rss_mib_after: Option<f64>,
     pub idle_bytes_per_connection: Option<f64>,
     pub bench_cpu_cores: Option<f64>,
+    /// `ingest`: concurrent publishers and events per request.
+    pub publishers: Option<usize>,
+    pub batch: Option<usize>,
+    /// `ingest`: events/s stored through the gateway's HTTP API.
+    pub ingest_per_s: Option<f64>,
+    /// `ingest` on NATS: events/s the same publishers store straight to
+    /// JetStream (acknowledged), measured in the same run.
+    pub ingest_nats_direct_per_s: Option<f64>,
+    pub nats_direct_errors: Option<u64>,
 }
 
 /// The gateways under test: child processes (killed by PID on drop), or
@@ -285,7 +294,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let report = match a.scenario.as_str() {
         "fanout" => fanout(&a, &fleet).await?,
         "idle" => idle(&a, &fleet).await?,
-        other => bail!("unknown scenario {other:?}; use fanout or idle"),
+        "ingest" => ingest(&a, &fleet).await?,
+        other => bail!("unknown scenario {other:?}; use fanout, idle or ingest"),
     };
     drop(fleet);
     print_report(&report);
@@ -546,8 +556,137 @@ async fn idle(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
     })
 }
 
+/// Events/s that `--publishers` concurrent publishers store through the
+/// gateway's HTTP publish API, `--batch` events a request, each publisher
+/// sending its next request as soon as the last is answered. On NATS the
+/// same publishers then publish straight to JetStream (acknowledged, as a
+/// worker does) for as long, so both rates come from one run.
+async fn ingest(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
+    if a.publishers == 0 || a.batch == 0 {
+        bail!("--publishers and --batch must be at least 1");
+    }
+    let http: Arc<dyn PublishTarget> =
+        Arc::new(HttpTarget::new(&format!("http://{}", fleet.addrs[0]))?.with_attempts(1));
+    crate::say!(
+        "ingest: {} publishers, {} events a request, {:?}, through {} ...",
+        a.publishers,
+        a.batch,
+        a.duration,
+        fleet.addrs[0]
+    );
+    let cpu0 = fleet.cpu_seconds();
+    let (stored, errors, secs) = flat_out(http, a).await?;
+    let cpu1 = fleet.cpu_seconds();
+    let direct = match &a.nats {
+        Some(url) => {
+            let client =
+                runcast_nats::connect(&runcast_nats::NatsConfig::with_urls(url.as_str()), false)
+                    .await?;
+            crate::say!("ingest: the same, straight to JetStream ...");
+            let t: Arc<dyn PublishTarget> =
+                Arc::new(runcast_nats::NatsTarget::new(client, "runcast"));
+            Some(flat_out(t, a).await?)
+        }
+        None => None,
+    };
+    Ok(Report {
+        scenario: "ingest".into(),
+        runs: a.runs,
+        duration_s: secs,
+        payload: a.payload,
+        published: stored,
+        publish_errors: errors,
+        server_cpu_cores: cpu0.zip(cpu1).map(|(b, e)| (e - b) / secs),
+        publishers: Some(a.publishers),
+        batch: Some(a.batch),
+        ingest_per_s: Some(stored as f64 / secs),
+        ingest_nats_direct_per_s: direct.map(|(n, _, s)| n as f64 / s),
+        nats_direct_errors: direct.map(|(_, e, _)| e),
+        ..Report::default()
+    })
+}
+
+/// Publishes from `--publishers` tasks until `--duration` is up; returns
+/// the events stored, the failed requests and the seconds it took.
+async fn flat_out(
+    target: Arc<dyn PublishTarget>,
+    a: &BenchArgs,
+) -> anyhow::Result<(u64, u64, f64)> {
+    let runs: Vec<RunId> = run_names(a.runs)
+        .iter()
+        .map(|r| RunId::parse(r))
+        .collect::<Result<_, _>>()?;
+    let pad = "x".repeat(a.payload);
+    let started = Instant::now();
+    let deadline = started + a.duration;
+    let mut set = JoinSet::new();
+    for p in 0..a.publishers {
+        let (target, run, pad, batch) = (
+            target.clone(),
+            runs[p % runs.len()].clone(),
+            pad.clone(),
+            a.batch,
+        );
+        set.spawn(async move {
+            let (mut stored, mut errors) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let events = (0..batch)
+                    .map(|i| {
+                        let data = format!(r#"{{"p":{p},"i":{i},"pad":"{pad}"}}"#);
+                        NewEvent::new(
+                            EventKind::Progress,
+                            serde_json::value::RawValue::from_string(data).expect("json"),
+                        )
+                    })
+                    .collect();
+                match target.publish(&run, events).await {
+                    Ok(seqs) => stored += seqs.len() as u64,
+                    Err(e) => {
+                        errors += 1;
+                        if errors == 1 {
+                            crate::say!("publisher {p}: {e}");
+                        }
+                    }
+                }
+            }
+            (stored, errors)
+        });
+    }
+    let (mut stored, mut errors) = (0, 0);
+    while let Some(r) = set.join_next().await {
+        let (s, e) = r?;
+        stored += s;
+        errors += e;
+    }
+    Ok((stored, errors, started.elapsed().as_secs_f64()))
+}
+
 fn print_report(r: &Report) {
     crate::say!("--- runcast bench: {} ---", r.scenario);
+    if r.scenario == "ingest" {
+        crate::say!(
+            "{} publishers x {} events a request for {:.1}s, payload {} B, {} runs",
+            r.publishers.unwrap_or(0),
+            r.batch.unwrap_or(0),
+            r.duration_s,
+            r.payload,
+            r.runs
+        );
+        crate::say!(
+            "HTTP publish API: {} events stored ({:.0}/s), {} failed requests, gateway CPU {:.2} cores",
+            r.published,
+            r.ingest_per_s.unwrap_or(0.0),
+            r.publish_errors,
+            r.server_cpu_cores.unwrap_or(0.0)
+        );
+        if let Some(d) = r.ingest_nats_direct_per_s {
+            crate::say!(
+                "straight to JetStream: {d:.0}/s ({} failed)",
+                r.nats_direct_errors.unwrap_or(0)
+            );
+        }
+        return;
+    }
     crate::say!(
         "clients {} over {} runs, {} events/s for {:.1}s, payload {} B",
         r.clients,

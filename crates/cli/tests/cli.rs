@@ -451,3 +451,66 @@ async fn a_closed_stderr_is_not_a_panic() {
         .unwrap();
     assert_eq!(status.code(), Some(1), "{status:?}");
 }
+
+/// `runcast bench --scenario ingest` (docs/benchmarks.md, "Ingest") runs
+/// end to end on a gateway it starts, stores whole batches and reports its
+/// rate; bad settings are refused with a reason. (Its figures are measured
+/// by scripts/bench-ingest.sh, not asserted here.)
+#[tokio::test]
+async fn the_ingest_bench_stores_whole_batches_and_reports_its_rate() {
+    let dir = std::env::temp_dir().join(format!("runcast-ingest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("ingest.json");
+    let run = tokio::process::Command::new(BIN)
+        .args(["bench", "--scenario", "ingest", "--duration", "1s"])
+        .args([
+            "--publishers",
+            "2",
+            "--runs",
+            "2",
+            "--batch",
+            "3",
+            "--log",
+            "warn",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .stdin(Stdio::null())
+        .output();
+    let done = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the bench ends")
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let r = json(&std::fs::read_to_string(&out).unwrap());
+    let stored = r["published"].as_u64().unwrap();
+    assert!(stored > 0 && stored % 3 == 0, "whole batches: {r}");
+    assert_eq!(r["publish_errors"], 0, "{r}");
+    assert!(r["ingest_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["ingest_nats_direct_per_s"].is_null(), "no NATS here: {r}");
+    let bad = tokio::process::Command::new(BIN)
+        .args([
+            "bench",
+            "--scenario",
+            "ingest",
+            "--batch",
+            "0",
+            "--duration",
+            "1s",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--batch must be at least 1"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -371,3 +371,38 @@ async fn tls_with_the_given_ca_works_and_without_it_fails() {
         .expect_err("an unknown CA is refused");
     assert!(err.to_string().contains("cannot connect to NATS"), "{err}");
 }
+
+/// A batch is pipelined (every event sent before the first acknowledgement
+/// is awaited): its events are still stored in order, each once, and a
+/// retried batch with the same ids gets the same seqs back and stores
+/// nothing new.
+#[tokio::test]
+async fn a_pipelined_batch_is_stored_in_order_once_and_its_retry_is_deduplicated() {
+    use runcast_worker::PublishTarget;
+    let server = NatsServer::start().await;
+    let (client, mut stream) = setup(&server).await;
+    let target = NatsTarget::new(client, "runcast");
+    let batch = |n: usize| -> Vec<NewEvent> {
+        (0..n)
+            .map(|i| {
+                let mut ev =
+                    NewEvent::json(EventKind::Progress, &serde_json::json!({"i": i})).unwrap();
+                ev.id = Some(format!("batch/{i}"));
+                ev
+            })
+            .collect()
+    };
+    let seqs = target.publish(&run("piped"), batch(500)).await.unwrap();
+    assert_eq!(seqs.len(), 500);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    for (i, &seq) in seqs.iter().enumerate().step_by(97) {
+        let msg = stream.get_raw_message(seq).await.unwrap();
+        assert_eq!(
+            std::str::from_utf8(&msg.payload).unwrap(),
+            format!(r#"{{"i":{i}}}"#)
+        );
+    }
+    let again = target.publish(&run("piped"), batch(500)).await.unwrap();
+    assert_eq!(again, seqs, "a retry gets the first copies' seqs");
+    assert_eq!(stream.info().await.unwrap().state.messages, 500);
+}
