@@ -157,7 +157,12 @@ pub trait Bus: Send + Sync + 'static {
 pub struct BusStats {
     /// Reconnections to the bus (NATS) after the first connection.
     pub reconnects: u64,
-    /// Times the live feed was rebuilt (NATS: the gateway's watch consumer,
-    /// on a change of watched runs or a failure).
-    pub watch_rebuilds: u64,
+    /// Times a live feed was checked against the stored history (NATS: a
+    /// direct get of the run's last seq, once a run goes quiet, after a
+    /// watch opens and after a reconnect).
+    pub live_checks: u64,
+    /// Times a live feed found it had missed a message and resynced from
+    /// history (NATS: a broken chain of republished copies, or a check that
+    /// found the stream ahead).
+    pub live_resyncs: u64,
 }

@@ -560,7 +560,7 @@ async fn round_trip(
             _ => {
                 return Err(problem(
                     format!("published seq {seq}, but it did not come back within {within:?}"),
-                    "the gateway stores events but does not deliver them live: check runcast_bus_up and runcast_bus_watch_rebuilds_total in /metrics, and the NATS consumers (nats consumer ls RUNCAST_EVENTS)",
+                    "the gateway stores events but does not deliver them live: check runcast_bus_up and runcast_bus_live_resyncs_total in /metrics, that the RUNCAST_EVENTS stream republishes runcast.runs.> to runcast.live.> (nats stream info RUNCAST_EVENTS), and that the gateway's NATS user may subscribe to runcast.live.>",
                 ));
             }
         }

@@ -47,7 +47,8 @@ pub struct Metrics {
     pub bus_up: IntGauge,
     /// From [`runcast_bus::Bus::stats`], brought up to date at each scrape.
     pub bus_reconnects: IntCounter,
-    pub bus_watch_rebuilds: IntCounter,
+    pub bus_live_checks: IntCounter,
+    pub bus_live_resyncs: IntCounter,
     /// Live feeds that fell behind and were repaired from history.
     pub feed_repairs: IntCounter,
     /// Frames waiting in a connection's queue when it starts writing a batch.
@@ -96,9 +97,13 @@ impl Metrics {
                 "runcast_bus_reconnects_total",
                 "Reconnections to the bus (NATS) after the first connection.",
             ),
-            bus_watch_rebuilds: m.counter(
-                "runcast_bus_watch_rebuilds_total",
-                "Rebuilds of the live feed (NATS: the watch consumer, when the watched runs change or it fails).",
+            bus_live_checks: m.counter(
+                "runcast_bus_live_checks_total",
+                "Live feeds checked against stored history (NATS: one direct get per run that went quiet, per watch opened, and per watched run after a reconnect).",
+            ),
+            bus_live_resyncs: m.counter(
+                "runcast_bus_live_resyncs_total",
+                "Live feeds that found they had missed a message (NATS: a broken chain of republished copies, or a check that found the stream ahead) and resynced from history.",
             ),
             feed_repairs: m.counter(
                 "runcast_feed_repairs_total",
@@ -207,7 +212,8 @@ impl Metrics {
     pub fn record_bus(&self, stats: runcast_bus::BusStats) {
         let catch_up = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
         catch_up(&self.bus_reconnects, stats.reconnects);
-        catch_up(&self.bus_watch_rebuilds, stats.watch_rebuilds);
+        catch_up(&self.bus_live_checks, stats.live_checks);
+        catch_up(&self.bus_live_resyncs, stats.live_resyncs);
     }
 
     /// The Prometheus text exposition of every metric.

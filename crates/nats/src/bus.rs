@@ -1,10 +1,10 @@
 //! [`NatsBus`]: the [`Bus`] on NATS JetStream, for gateways that scale out.
 //!
 //! History is the `RUNCAST_EVENTS` stream itself, read with direct gets that
-//! any replica can serve. Live events for every watched run come through
-//! one ordered consumer per gateway, with one filter per run (see
-//! [`crate::watch`]); it survives NATS reconnects by recreating itself from
-//! the last sequence it delivered. Run state lives
+//! any replica can serve. Live events for every watched run come through a
+//! core subscription per run to the stream's republished copies (see
+//! [`crate::watch`]), which prove they missed nothing or resync from
+//! history. Run state lives
 //! in the `RUNCAST_RUNS` KV bucket, folded from the stream by the gateways
 //! themselves (see [`crate::state`]); reading a run's state adds whatever
 //! the bucket has not folded yet, so it is never behind the stream.
@@ -21,13 +21,13 @@ use runcast_core::{NewEvent, RunId, RunState, subject};
 use tokio::task::JoinHandle;
 
 use crate::{
-    config::{NatsConfig, connect},
+    config::{NatsConfig, connect_observed},
     error::NatsError,
     message::patiently,
     publish::{NatsTarget, StoreErrorKind},
     state::{self, Mirror},
     stream::{StreamSettings, ensure_stream},
-    watch::Watches,
+    watch::{LiveShared, RunFeed},
 };
 
 /// Most events a state read folds on top of the stored state; a bucket
@@ -60,8 +60,8 @@ struct Inner {
     setup_error: Mutex<String>,
     /// The state bucket, once it exists.
     kv: OnceLock<async_nats::jetstream::kv::Store>,
-    /// The runs watched live, fed by one consumer (see [`crate::watch`]).
-    watches: Arc<Watches>,
+    /// What the live feeds share (see [`crate::watch`]).
+    live: Arc<LiveShared>,
     /// Every run's stored state, as the bucket's watch last reported it.
     mirror: Arc<Mirror>,
     /// Recently read run states (see `Inner::cached_state`).
@@ -103,7 +103,11 @@ impl NatsBus {
         cfg: &NatsConfig,
         settings: StreamSettings,
     ) -> Result<(Self, JoinHandle<()>), NatsError> {
-        let client = connect(cfg, true).await?;
+        let live = Arc::new(LiveShared::default());
+        let client = {
+            let live = live.clone();
+            connect_observed(cfg, true, move |event| live.on_client_event(&event)).await?
+        };
         let inner = Arc::new(Inner {
             max_message_size: settings.max_message_size.max(0) as usize,
             client: client.clone(),
@@ -111,7 +115,7 @@ impl NatsBus {
             stream: OnceLock::new(),
             kv: OnceLock::new(),
             mirror: Arc::new(Mirror::default()),
-            watches: Arc::new(Watches::default()),
+            live,
             setup_error: Mutex::new("connecting to NATS".into()),
             states: Mutex::new(std::collections::HashMap::new()),
         });
@@ -152,11 +156,6 @@ impl NatsBus {
                     settings.state_bucket.clone(),
                 );
                 let mirror = inner.mirror.clone().follow(kv);
-                let live = inner.watches.clone().follow(
-                    inner.client.clone(),
-                    stream.clone(),
-                    inner.prefix.clone(),
-                );
                 let probe = async {
                     loop {
                         tokio::time::sleep(PROBE_EVERY).await;
@@ -179,7 +178,7 @@ impl NatsBus {
                         });
                     }
                 };
-                tokio::join!(probe, folder, mirror, live);
+                tokio::join!(probe, folder, mirror);
             })
         };
         let target = Arc::new(publisher(&inner));
@@ -311,28 +310,34 @@ impl Inner {
 
 impl NatsBus {
     async fn open_watch(&self, run: &RunId) -> Result<Watch, BusError> {
-        let filter = self.filter(run);
-        let mut head = self.last_seq(&filter).await?.unwrap_or(0);
-        let mut opened_at = head;
-        if head == 0 {
-            // No events yet: everything after the stream's current end. It
-            // is read before looking at the run again, so an event published
-            // in between is either seen here or lies after `opened_at`.
-            opened_at = self
-                .stream()?
-                .get_info()
-                .await
-                .map_err(|e| unavailable(format!("watching {filter}: {e}")))?
-                .state
-                .last_sequence;
-            head = self.last_seq(&filter).await?.unwrap_or(0);
-            if head > 0 {
-                opened_at = head;
-            }
-        }
+        let stream = self.stream()?.clone();
+        let live = subject::live_wildcard(&self.inner.prefix, run);
+        let sub = self
+            .inner
+            .client
+            .subscribe(live.clone())
+            .await
+            .map_err(|e| unavailable(format!("subscribing to {live}: {e}")))?;
+        // The server has the subscription once the flush returns, so every
+        // event stored after the head read below is republished to it (the
+        // feed's checks cover the moment it takes to reach the stream
+        // leader's server).
+        self.inner
+            .client
+            .flush()
+            .await
+            .map_err(|e| unavailable(format!("subscribing to {live}: {e}")))?;
+        let head = self.last_seq(&self.filter(run)).await?.unwrap_or(0);
         Ok(Watch {
             head,
-            feed: Box::new(self.inner.watches.open(run, opened_at)),
+            feed: Box::new(RunFeed::new(
+                sub,
+                run,
+                head,
+                &self.inner.prefix,
+                stream,
+                self.inner.live.clone(),
+            )),
         })
     }
 }
@@ -360,8 +365,8 @@ impl Bus for NatsBus {
     }
 
     async fn watch(&self, run: &RunId) -> Result<Watch, BusError> {
-        // JetStream calls have their own timeouts, but creating an ordered
-        // consumer and its first pull is several of them: bound the whole.
+        // Each call has its own timeout, but a watch is a subscribe, a flush
+        // and a read (retried through a NATS failover): bound the whole.
         let started = std::time::Instant::now();
         let r = tokio::time::timeout(std::time::Duration::from_secs(5), self.open_watch(run)).await;
         let elapsed = started.elapsed();
@@ -448,10 +453,12 @@ impl Bus for NatsBus {
             .statistics()
             .connects
             .load(std::sync::atomic::Ordering::Relaxed);
-        let w = &self.inner.watches;
+        let live = &self.inner.live;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         BusStats {
             reconnects: connects.saturating_sub(1),
-            watch_rebuilds: w.rebuilds.load(std::sync::atomic::Ordering::Relaxed),
+            live_checks: load(&live.checks_made),
+            live_resyncs: load(&live.resyncs),
         }
     }
 

@@ -64,6 +64,16 @@ impl NatsConfig {
 /// with `wait = true` the client keeps retrying in the background and this
 /// returns at once (gateways: start, report not-ready, recover).
 pub async fn connect(cfg: &NatsConfig, wait: bool) -> Result<async_nats::Client, NatsError> {
+    connect_observed(cfg, wait, |_| {}).await
+}
+
+/// [`connect`], calling `on_event` with every connection event the client
+/// reports (connects, disconnects, slow consumers, errors).
+pub(crate) async fn connect_observed(
+    cfg: &NatsConfig,
+    wait: bool,
+    on_event: impl Fn(async_nats::Event) + Send + Sync + 'static,
+) -> Result<async_nats::Client, NatsError> {
     let err = |reason: String| NatsError::Connect {
         urls: cfg.urls.clone(),
         reason,
@@ -75,6 +85,11 @@ pub async fn connect(cfg: &NatsConfig, wait: bool) -> Result<async_nats::Client,
     let mut opts = async_nats::ConnectOptions::new()
         .name(&cfg.client_name)
         .connection_timeout(cfg.connect_timeout);
+    let on_event = std::sync::Arc::new(on_event);
+    opts = opts.event_callback(move |event| {
+        let on_event = on_event.clone();
+        async move { on_event(event) }
+    });
     if wait {
         opts = opts.retry_on_initial_connect();
     }

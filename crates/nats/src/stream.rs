@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{
     self,
-    stream::{Config, DiscardPolicy, RetentionPolicy, StorageType},
+    stream::{Config, DiscardPolicy, Republish, RetentionPolicy, StorageType},
 };
 
 use crate::error::NatsError;
@@ -61,17 +61,32 @@ impl StreamSettings {
             // JetStream refuses a window longer than the age limit.
             duplicate_window: self.duplicate_window.min(self.max_age),
             max_message_size: self.max_message_size,
-            // Each gateway holds one watch consumer (two for a moment while
-            // it rebuilds one), plus the shared state folder; other tools
-            // may add their own. Since nats-server 2.15 a stream without a
-            // positive limit gets a default of 1,000 consumers (0 and -1
-            // both mean "default"), so the limit is explicit.
+            // runcast itself holds one consumer (the shared state folder;
+            // gateways follow runs through republished copies, not
+            // consumers); other tools may add their own. Since nats-server
+            // 2.15 a stream without a positive limit gets a default of 1,000
+            // consumers (0 and -1 both mean "default"), so the limit is
+            // explicit.
             max_consumers: self.max_consumers,
             // Gateways read history with direct gets, served by any replica.
             allow_direct: true,
+            // Every stored event is published again, with its seq and its
+            // subject's previous seq in headers, on the live subject the
+            // gateways subscribe to per watched run (see crate::watch).
+            republish: Some(republish(prefix)),
             description: Some("runcast run events: recent history of every run".into()),
             ..Config::default()
         }
+    }
+}
+
+/// The stream's republish rule: `<prefix>.runs.<run>.<kind>` to
+/// `<prefix>.live.<run>.<kind>`.
+fn republish(prefix: &str) -> Republish {
+    Republish {
+        source: format!("{prefix}.runs.>"),
+        destination: runcast_core::subject::live_root(prefix),
+        headers_only: false,
     }
 }
 
@@ -133,7 +148,21 @@ pub async fn ensure_stream(
             have.storage
         )));
     }
-    let limits_differ = have.max_age != want.max_age
+    // A republish rule is runcast's to add, but one that someone else set
+    // up is theirs: changing it would break whoever relies on it.
+    if let Some(theirs) = &have.republish
+        && Some(theirs) != want.republish.as_ref()
+    {
+        return Err(incompatible(format!(
+            "it republishes {:?} to {:?}; runcast needs {:?} republished to {:?} for its live feeds: remove that rule or choose another --nats-stream",
+            theirs.source,
+            theirs.destination,
+            format!("{prefix}.runs.>"),
+            runcast_core::subject::live_root(prefix),
+        )));
+    }
+    let limits_differ = have.republish.is_none()
+        || have.max_age != want.max_age
         || have.max_messages_per_subject != want.max_messages_per_subject
         || have.max_bytes != want.max_bytes
         || have.num_replicas != want.num_replicas

@@ -1,309 +1,303 @@
-//! Live events for the runs a gateway watches, through **one** ordered
-//! consumer per gateway whose `filter_subjects` are exactly those runs.
+//! Live events for the runs a gateway watches: **one core NATS subscription
+//! per watched run**, on the copies the events stream republishes of every
+//! event it stores (`<prefix>.runs.<run>.<kind>` → `<prefix>.live.<run>.<kind>`,
+//! see [`crate::stream`]).
 //!
-//! Why one consumer and not one per run: nats-server delivers each consumer
-//! from its own goroutine, so when several runs' events are stored at once,
-//! one consumer per run means that many goroutines waking together. Measured
-//! with `examples/nats_hop.rs` (500 runs, publishes in bursts of 8):
-//! publish → subscriber p50 0.99 / p99 1.81 ms with a consumer per run, 0.35
-//! / 0.72 ms with one consumer for all of them. An ordered consumer also
-//! keeps what a core subscription would lose: it is gap-free and in stream
-//! order, and recreates itself from its last sequence after a NATS failure.
+//! Why not a JetStream consumer: the previous design, one ordered consumer
+//! per gateway whose `filter_subjects` were every watched run, was rebuilt on
+//! every change of interest, hit NATS's 1 MiB request limit at about 30,000
+//! runs, and added a pull's 1–2 ms per hop. A core subscription costs the
+//! server one entry in its subject index; subscribing and unsubscribing is
+//! one protocol line each, so churn rebuilds nothing, and delivery is a plain
+//! core publish from the stream leader (`examples/nats_hop.rs`: p99 0.29 ms
+//! against 0.72 ms for the shared consumer).
 //!
-//! The consumer is rebuilt whenever the set of runs changes. A rebuilt
-//! consumer starts where the previous one stopped, or earlier, back to the
-//! point each newly watched run was opened at, so every feed stays
-//! continuous: an event a feed already has is skipped by the fan-out. When
-//! that point is too far back (or a feed's buffer overflowed), the feed is
-//! told it lagged, and the fan-out repairs it from history.
+//! Core NATS is at most once, so a feed proves, rather than assumes, that it
+//! missed nothing:
+//!
+//! - **The chain.** Each republished copy carries `Nats-Sequence` and
+//!   `Nats-Last-Sequence`, the seq of the previous message *on the same
+//!   subject* (one run and kind). A feed remembers the last seq it saw on
+//!   each of its run's subjects; a copy whose predecessor is not that seq
+//!   (or, for a subject not seen yet, lies after the seq the feed opened at)
+//!   proves a loss. The feed then says [`Live::Lagged`] and the fan-out
+//!   repairs from history.
+//! - **The tail.** A chain shows a loss only when the next message on that
+//!   subject arrives, so a run's last event could be missed for good. After
+//!   a run goes quiet for [`QUIET`], and once after a watch opens, the feed
+//!   asks the stream for the run's last seq (one direct get) and resyncs if
+//!   it is ahead. A run that streams continuously never pays for this; one
+//!   that finishes pays one request.
+//! - **The connection.** Messages published while the gateway is
+//!   disconnected, or dropped by the client as a slow consumer, are lost for
+//!   every run at once: on a reconnect or slow-consumer event every feed
+//!   checks its run at once, and again after [`GRACE`], by which time the
+//!   resubscription has reached every server of the cluster.
+//!
+//! Checks go through one semaphore per gateway, so a reconnect of a gateway
+//! watching 100,000 runs puts at most [`CHECKS_IN_FLIGHT`] requests on
+//! JetStream at a time.
 
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use async_nats::jetstream::{
-    consumer::{DeliverPolicy, pull},
-    stream::Stream,
+    message::StreamMessage,
+    stream::{DirectGetErrorKind, Stream},
 };
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use runcast_bus::{Feed, Live};
+use runcast_bus::{BusError, Feed, Live};
 use runcast_core::{Event, RunId, subject};
-use tokio::sync::{Notify, mpsc};
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
+};
 
-use crate::message::delivered_event;
+use crate::message::{patiently, to_event};
 
-/// Events buffered per watched run before its feed is declared lagged.
-const FEED_BUFFER: usize = 4096;
-/// How far back (in stream seqs) a rebuild may start to keep a new run
-/// continuous; beyond it the run is repaired from history instead.
-const MAX_REWIND: u64 = 10_000;
-/// Interest changes within this window share one rebuild.
-const DEBOUNCE: Duration = Duration::from_millis(2);
-/// See the comment where it is used.
-const PULL_EXPIRES: Duration = Duration::from_secs(4);
-/// How often the consumer checks whether the client has reconnected.
-const RECONNECT_CHECK: Duration = Duration::from_millis(500);
-/// After this long without a delivery, the consumer checks that the stream
-/// has not moved past it.
-const QUIET_CHECK: Duration = Duration::from_secs(10);
+/// How long a run must be quiet before its feed checks that it has the
+/// run's last event. Longer than the gap between events of a run that is
+/// streaming (so those never pay for a check), short enough that a lost
+/// final event reaches clients within about a second.
+const QUIET: Duration = Duration::from_secs(1);
+/// After a reconnect, and after a watch opens, how long until the (second)
+/// check: a subscription reaches the server the gateway is connected to
+/// first and the stream leader's server a moment later, through the
+/// cluster's routes; an event stored in between is not republished to us.
+const GRACE: Duration = Duration::from_secs(1);
+/// A failed check is tried again after this.
+const CHECK_RETRY: Duration = Duration::from_secs(1);
+/// Checks in flight per gateway (see the module docs).
+const CHECKS_IN_FLIGHT: usize = 32;
+/// Subjects (kinds) a feed chains per run before it stops tracking them one
+/// by one and resyncs instead: bounds the memory a publisher inventing
+/// kinds can make a gateway spend.
+const MAX_CHAINS: usize = 64;
 
-struct Slot {
-    id: u64,
-    tx: mpsc::Sender<Live>,
-    /// The stream's last seq when the run was opened: the feed misses
-    /// nothing if the consumer delivers from right after it.
-    opened_at: u64,
-    /// Set when an event could not be buffered; the feed gets `Lagged`
-    /// before anything else.
-    lagged: bool,
+/// What every feed of one gateway shares: the signal that the connection
+/// may have lost messages, the check budget, and counters.
+pub(crate) struct LiveShared {
+    lost: watch::Sender<u64>,
+    checks: Semaphore,
+    pub(crate) checks_made: AtomicU64,
+    pub(crate) resyncs: AtomicU64,
 }
 
-#[derive(Default)]
-pub(crate) struct Watches {
-    slots: Mutex<HashMap<RunId, Slot>>,
-    changed: Notify,
-    next_id: AtomicU64,
-    pub(crate) rebuilds: AtomicU64,
+impl Default for LiveShared {
+    fn default() -> Self {
+        Self {
+            lost: watch::Sender::new(0),
+            checks: Semaphore::new(CHECKS_IN_FLIGHT),
+            checks_made: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+        }
+    }
 }
 
-impl Watches {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RunId, Slot>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+impl LiveShared {
+    /// What the NATS client reports: a (re)connection or a subscription the
+    /// client had to drop messages for means messages may be gone.
+    pub(crate) fn on_client_event(&self, event: &async_nats::Event) {
+        match event {
+            async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {
+                self.lost.send_modify(|n| *n += 1);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One run's live events: a core subscription to its republished copies.
+pub(crate) struct RunFeed {
+    sub: async_nats::Subscriber,
+    run: RunId,
+    prefix: String,
+    stream: Stream,
+    shared: Arc<LiveShared>,
+    lost: watch::Receiver<u64>,
+    /// Every event of the run up to this seq was delivered, or lies in
+    /// history that the fan-out reads after a [`Live::Lagged`].
+    base: u64,
+    /// The last seq seen on each of the run's subjects since `base`.
+    chains: HashMap<String, u64>,
+    /// The highest seq handed out (or covered by a resync).
+    last: u64,
+    /// When to check the run's last seq against the stream.
+    check_at: Option<Instant>,
+    /// After this check, one more at `GRACE` (a reconnect).
+    check_again: bool,
+    /// An event to hand out after the `Lagged` that preceded it.
+    pending: Option<Event>,
+}
+
+impl RunFeed {
+    /// Follows `run` with `sub` (already subscribed and flushed), from
+    /// `head`: its last stored seq, read after the subscription was made.
+    pub(crate) fn new(
+        sub: async_nats::Subscriber,
+        run: &RunId,
+        head: u64,
+        prefix: &str,
+        stream: Stream,
+        shared: Arc<LiveShared>,
+    ) -> Self {
+        let lost = shared.lost.subscribe();
+        Self {
+            sub,
+            run: run.clone(),
+            prefix: prefix.to_owned(),
+            stream,
+            shared,
+            lost,
+            base: head,
+            chains: HashMap::new(),
+            last: head,
+            check_at: Some(Instant::now() + GRACE),
+            check_again: false,
+            pending: None,
+        }
     }
 
-    /// Starts following `run`. `opened_at` is a seq after which every event
-    /// of the run is still to come: the run's last event, or for a run
-    /// without events the stream's last seq, read before that.
-    pub(crate) fn open(self: &Arc<Self>, run: &RunId, opened_at: u64) -> RunFeed {
-        let (tx, rx) = mpsc::channel(FEED_BUFFER);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(
-            run.clone(),
-            Slot {
-                id,
-                tx,
-                opened_at,
-                lagged: false,
+    /// Whether the stream holds an event of the run after `last`; if so the
+    /// feed resyncs past it.
+    async fn check(&mut self) -> Result<bool, BusError> {
+        let head = {
+            let _permit = self.shared.checks.acquire().await;
+            self.shared.checks_made.fetch_add(1, Ordering::Relaxed);
+            let filter = subject::run_wildcard(&self.prefix, &self.run);
+            let stream = &self.stream;
+            patiently(|| async {
+                match stream.direct_get_last_for_subject(filter.as_str()).await {
+                    Ok(m) => Ok(m.sequence),
+                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
+                    Err(e) => Err(BusError::Unavailable(format!("reading {filter}: {e}"))),
+                }
+            })
+            .await?
+        };
+        if head > self.last {
+            self.resync(head);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// From here on, everything up to `upto` counts as covered: the fan-out
+    /// reads it from history after the `Lagged` this goes with.
+    fn resync(&mut self, upto: u64) {
+        self.shared.resyncs.fetch_add(1, Ordering::Relaxed);
+        self.base = upto;
+        self.last = self.last.max(upto);
+        self.chains.clear();
+    }
+
+    /// One republished copy: the event, a `Lagged` that must come before it
+    /// (its event then waits in `pending`), or nothing (a repeat, or not a
+    /// copy the stream made).
+    fn take(&mut self, msg: async_nats::Message) -> Option<Live> {
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str())
+        };
+        let seq = header("Nats-Sequence").and_then(|s| s.parse::<u64>().ok());
+        let (Some(seq), Some(stored_on)) = (seq, header("Nats-Subject")) else {
+            // Only the stream publishes on live subjects (security.md's
+            // permissions deny everyone else); whatever else arrives there
+            // cannot be placed in the run's sequence.
+            tracing::warn!(subject = %msg.subject, "ignoring a message on a live subject that the stream did not republish");
+            return None;
+        };
+        let prev = header("Nats-Last-Sequence")
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        self.check_at = Some(Instant::now() + QUIET);
+        if seq <= self.last {
+            return None;
+        }
+        let chained = match self.chains.get(stored_on) {
+            Some(&p) => prev == p,
+            None => prev <= self.base,
+        };
+        let stored_on = stored_on.to_owned();
+        let time = header("Nats-Time-Stamp")
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .unwrap_or_else(time::OffsetDateTime::now_utc);
+        let event = to_event(
+            &self.prefix,
+            StreamMessage {
+                subject: stored_on.as_str().into(),
+                sequence: seq,
+                headers: msg.headers.unwrap_or_default(),
+                payload: msg.payload,
+                time,
             },
         );
-        self.changed.notify_one();
-        RunFeed {
-            rx,
-            run: run.clone(),
-            id,
-            watches: self.clone(),
+        self.last = seq;
+        if !chained || (self.chains.len() >= MAX_CHAINS && !self.chains.contains_key(&stored_on)) {
+            if !chained {
+                tracing::debug!(run = %self.run, seq, prev, "a live copy's predecessor never arrived; resyncing from history");
+            }
+            self.resync(seq);
+            self.chains.insert(stored_on, seq);
+            self.pending = event;
+            return Some(Live::Lagged);
         }
+        self.chains.insert(stored_on, seq);
+        event.map(|e| Live::Event(Arc::new(e)))
     }
-
-    fn deliver(&self, ev: Event) {
-        let mut slots = self.lock();
-        let Some(slot) = slots.get_mut(&ev.run) else {
-            return; // no longer watched; the next rebuild drops its filter
-        };
-        if slot.lagged {
-            if slot.tx.try_send(Live::Lagged).is_err() {
-                return;
-            }
-            slot.lagged = false;
-        }
-        if slot.tx.try_send(Live::Event(Arc::new(ev))).is_err() {
-            slot.lagged = true;
-        }
-    }
-
-    fn mark_lagged(&self, runs: &[RunId]) {
-        let mut slots = self.lock();
-        for run in runs {
-            if let Some(slot) = slots.get_mut(run) {
-                slot.lagged = slot.tx.try_send(Live::Lagged).is_err();
-            }
-        }
-    }
-
-    /// Follows the watched runs forever: builds the consumer, delivers its
-    /// events, and rebuilds it when the runs change or it fails.
-    pub(crate) async fn follow(
-        self: Arc<Self>,
-        client: async_nats::Client,
-        stream: Stream,
-        prefix: String,
-    ) {
-        let connects = || client.statistics().connects.load(Ordering::Relaxed);
-        // Every watched run's events from this seq on are delivered (or
-        // will be): where the next consumer must start at the latest.
-        let mut cursor: Option<u64> = None;
-        let mut built: HashMap<RunId, u64> = HashMap::new();
-        let mut consumer_name: Option<String> = None;
-        loop {
-            let wanted: HashMap<RunId, (u64, u64)> = self
-                .lock()
-                .iter()
-                .map(|(run, s)| (run.clone(), (s.id, s.opened_at)))
-                .collect();
-            if wanted.is_empty() {
-                if let Some(name) = consumer_name.take() {
-                    let _ = stream.delete_consumer(&name).await;
-                }
-                built.clear();
-                self.changed.notified().await;
-                tokio::time::sleep(DEBOUNCE).await;
-                continue;
-            }
-            // Runs this consumer did not cover yet (or opened anew since).
-            let fresh: Vec<(&RunId, u64)> = wanted
-                .iter()
-                .filter(|(run, (id, _))| built.get(*run) != Some(id))
-                .map(|(run, (_, at))| (run, *at))
-                .collect();
-            let earliest_fresh = fresh.iter().map(|(_, at)| at + 1).min();
-            let start = match (cursor, earliest_fresh) {
-                (Some(c), Some(f)) => c.min(f.max(c.saturating_sub(MAX_REWIND))),
-                (Some(c), None) => c,
-                (None, Some(f)) => f,
-                (None, None) => 1,
-            };
-            let repair: Vec<RunId> = fresh
-                .iter()
-                .filter(|(_, at)| at + 1 < start)
-                .map(|(run, _)| (*run).clone())
-                .collect();
-            let filters: Vec<String> = wanted
-                .keys()
-                .map(|run| subject::run_wildcard(&prefix, run))
-                .collect();
-            let created = stream
-                .create_consumer(pull::OrderedConfig {
-                    filter_subjects: filters,
-                    deliver_policy: DeliverPolicy::ByStartSequence {
-                        start_sequence: start.max(1),
-                    },
-                    // Pull requests expire after this and the idle heartbeat
-                    // is half of it: a consumer lost with a NATS node is
-                    // noticed by missed heartbeats and recreated from its
-                    // last seq, so this bounds how long delivery can stall.
-                    max_expires: PULL_EXPIRES,
-                    ..Default::default()
-                })
-                .await;
-            let consumer = match created {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, runs = wanted.len(), "cannot create the watch consumer; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            let name = consumer.cached_info().name.clone();
-            let mut messages = match consumer.messages().await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot pull from the watch consumer; retrying");
-                    let _ = stream.delete_consumer(&name).await;
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            if let Some(old) = consumer_name.replace(name) {
-                let _ = stream.delete_consumer(&old).await;
-            }
-            cursor = Some(start);
-            self.rebuilds.fetch_add(1, Ordering::Relaxed);
-            built = wanted
-                .iter()
-                .map(|(run, (id, _))| (run.clone(), *id))
-                .collect();
-            self.mark_lagged(&repair);
-
-            // Deliver until the runs change or the consumer gives up, or
-            // the client reconnects: after NATS restarts the consumer (R1,
-            // in memory) is gone, and rebuilding it at once from the
-            // cursor beats waiting for the ordered consumer's own recovery
-            // (missed heartbeats, then retries backing off to 10 s).
-            let built_on = connects();
-            let mut check = tokio::time::interval(RECONNECT_CHECK);
-            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last_delivery = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    _ = check.tick() => {
-                        if connects() != built_on {
-                            tracing::info!("NATS reconnected; rebuilding the watch consumer");
-                            break;
-                        }
-                        // A safety net for a consumer that went quiet while
-                        // the stream moved on (seen once after a restart of
-                        // the whole NATS cluster): after a quiet spell, ask
-                        // the stream where it is, and rebuild if it is past
-                        // the cursor. Rebuilding redelivers nothing twice
-                        // that matters: the fan-out skips what it has.
-                        if last_delivery.elapsed() >= QUIET_CHECK {
-                            last_delivery = tokio::time::Instant::now();
-                            let behind = match (&cursor, stream.get_info().await) {
-                                (Some(c), Ok(info)) => info.state.last_sequence >= *c,
-                                _ => false,
-                            };
-                            if behind {
-                                tracing::debug!("watch consumer quiet while the stream moved on; rebuilding");
-                                break;
-                            }
-                        }
-                    }
-                    next = messages.next() => match next {
-                        Some(Ok(msg)) => {
-                            last_delivery = tokio::time::Instant::now();
-                            let Ok(info) = msg.info() else { continue };
-                            cursor = Some(info.stream_sequence + 1);
-                            if let Some(ev) = delivered_event(&prefix, &msg, &info) {
-                                self.deliver(ev);
-                            }
-                        }
-                        Some(Err(e)) => {
-                            // The ordered consumer recreates itself after
-                            // most errors; this one ends it: rebuild.
-                            tracing::warn!(error = %e, "watch consumer failed; rebuilding");
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                            break;
-                        }
-                        None => break,
-                    },
-                    () = self.changed.notified() => {
-                        tokio::time::sleep(DEBOUNCE).await;
-                        break;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// One run's live events, fed by the gateway's shared consumer.
-pub(crate) struct RunFeed {
-    rx: mpsc::Receiver<Live>,
-    run: RunId,
-    id: u64,
-    watches: Arc<Watches>,
 }
 
 #[async_trait]
 impl Feed for RunFeed {
     async fn next(&mut self) -> Option<Live> {
-        self.rx.recv().await
-    }
-}
-
-impl Drop for RunFeed {
-    fn drop(&mut self) {
-        let mut slots = self.watches.lock();
-        if slots.get(&self.run).is_some_and(|s| s.id == self.id) {
-            slots.remove(&self.run);
-            drop(slots);
-            self.watches.changed.notify_one();
+        loop {
+            if let Some(ev) = self.pending.take() {
+                return Some(Live::Event(Arc::new(ev)));
+            }
+            let check_at = self.check_at;
+            tokio::select! {
+                biased;
+                changed = self.lost.changed() => {
+                    changed.ok()?;
+                    self.check_at = Some(Instant::now());
+                    self.check_again = true;
+                }
+                () = tokio::time::sleep_until(check_at.unwrap_or_else(Instant::now)), if check_at.is_some() => {
+                    self.check_at = None;
+                    let again = std::mem::take(&mut self.check_again);
+                    match self.check().await {
+                        Ok(lagged) => {
+                            if again {
+                                self.check_at = Some(Instant::now() + GRACE);
+                            }
+                            if lagged {
+                                return Some(Live::Lagged);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(run = %self.run, error = %e, "cannot check a live feed against the stream; retrying");
+                            self.check_again = again;
+                            self.check_at = Some(Instant::now() + CHECK_RETRY);
+                        }
+                    }
+                }
+                msg = self.sub.next() => {
+                    if let Some(item) = self.take(msg?) {
+                        return Some(item);
+                    }
+                }
+            }
         }
     }
 }

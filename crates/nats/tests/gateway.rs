@@ -10,9 +10,10 @@ use runcast_test_support::{TestGateway, WsClient, http, json, nats::NatsServer, 
 use runcast_worker::Publisher;
 
 /// What NATS itself reports about a gateway's interest: the events stream
-/// holds the run state folder's consumer (one durable shared by all
-/// gateways) and one watch consumer per gateway, with one filter per run.
-/// Returns the filters of the watch consumers.
+/// holds only the run state folder's consumer (one durable shared by all
+/// gateways; gateways follow runs without consumers), and each watched run
+/// is one core subscription to its republished copies. Returns the live
+/// subscriptions' subjects.
 async fn watch_filters(nats: &NatsServer) -> Vec<String> {
     let jsz = nats.monitor_json("/jsz?consumers=true&config=true").await;
     let streams = jsz["account_details"][0]["stream_detail"]
@@ -26,31 +27,26 @@ async fn watch_filters(nats: &NatsServer) -> Vec<String> {
         .as_array()
         .cloned()
         .unwrap_or_default();
-    let (folders, watches): (Vec<_>, Vec<_>) = consumers
-        .iter()
-        .partition(|c| c["name"] == "fold_RUNCAST_RUNS");
-    assert_eq!(folders.len(), 1, "the state folder's consumer: {events}");
-    assert!(
-        watches.len() <= 1,
-        "one watch consumer per gateway: {events}"
+    let names: Vec<_> = consumers.iter().map(|c| c["name"].clone()).collect();
+    assert_eq!(
+        names,
+        vec![serde_json::Value::from("fold_RUNCAST_RUNS")],
+        "the state folder's consumer and no other: {events}"
     );
-    watches
+    let subsz = nats.monitor_json("/subsz?subs=1&limit=100000").await;
+    subsz["subscriptions_list"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
         .iter()
-        .flat_map(|c| {
-            let cfg = &c["config"];
-            let many = cfg["filter_subjects"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let one = cfg["filter_subject"].as_str().map(serde_json::Value::from);
-            many.into_iter().chain(one)
-        })
-        .filter_map(|f| f.as_str().map(str::to_owned))
+        .filter_map(|s| s["subject"].as_str())
+        .filter(|s| s.starts_with("runcast.live."))
+        .map(str::to_owned)
         .collect()
 }
 
-/// Waits until NATS reports `n` watch filters (the consumer is rebuilt a
-/// moment after the runs change).
+/// Waits until NATS reports `n` live subscriptions (an unsubscribe reaches
+/// the server a moment after the last client leaves).
 async fn wait_for_filters(nats: &NatsServer, n: usize) -> Vec<String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -141,13 +137,15 @@ async fn a_thousand_clients_on_ten_runs_hold_ten_nats_watches() {
         clients.push(c);
     }
     assert_eq!(gw.gw.hub.watched_runs(), 10);
-    // One filter per run on the gateway's one watch consumer, as NATS
-    // itself reports.
+    // One core subscription per run, as NATS itself reports.
     let mut filters = wait_for_filters(&nats, 10).await;
     filters.sort();
-    let mut want: Vec<String> = (0..10).map(|r| format!("runcast.runs.run-{r}.*")).collect();
+    let mut want: Vec<String> = (0..10).map(|r| format!("runcast.live.run-{r}.*")).collect();
     want.sort();
-    assert_eq!(filters, want, "one NATS filter per run, not per client");
+    assert_eq!(
+        filters, want,
+        "one NATS subscription per run, not per client"
+    );
 
     // And every client still gets its run's events.
     let bus = gw.bus();
@@ -299,7 +297,7 @@ async fn a_burst_of_subscribers_to_a_new_run_opens_one_watch() {
     }
     assert_eq!(
         wait_for_filters(&nats, 1).await,
-        ["runcast.runs.burst.*"],
+        ["runcast.live.burst.*"],
         "one watch for 50 simultaneous first subscribers"
     );
     Publisher::on_bus(gw.bus(), "burst")
@@ -383,9 +381,10 @@ async fn hop_metrics_balance_across_gateways() {
         );
         assert_eq!(sample(s, "runcast_ready"), 1.0);
         assert_eq!(sample(s, "runcast_bus_reconnects_total"), 0.0);
-        assert!(
-            sample(s, "runcast_bus_watch_rebuilds_total") >= 1.0,
-            "the run's watch"
+        assert_eq!(
+            sample(s, "runcast_bus_live_resyncs_total"),
+            0.0,
+            "nothing was lost, so nothing resynced"
         );
         assert_eq!(sample(s, "runcast_feed_repairs_total"), 0.0);
         assert!(

@@ -1,0 +1,172 @@
+//! The live path's exactness on a real nats-server: a gateway follows runs
+//! through the copies the stream republishes, which core NATS may lose.
+//! These tests make the stream store events without republishing them (its
+//! republish rule taken away for a moment, as a lost copy looks to a
+//! gateway) and check that clients still get every event once, in order:
+//! through the per-subject chain when a later copy arrives, and through the
+//! quiet check when the lost one was the run's last.
+
+use std::{sync::Arc, time::Duration};
+
+use runcast_gateway::Config;
+use runcast_nats::{NatsBus, NatsConfig, StreamSettings, async_nats::jetstream};
+use runcast_test_support::{TestGateway, WsClient, http, metric, nats::NatsServer};
+use runcast_worker::Publisher;
+use serde_json::Value;
+
+async fn nats_gateway(server: &NatsServer) -> TestGateway {
+    let (bus, _setup) = NatsBus::start(
+        &NatsConfig::with_urls(server.url()),
+        StreamSettings::default(),
+    )
+    .await
+    .unwrap();
+    bus.ready(Duration::from_secs(5))
+        .await
+        .expect("NATS bus ready");
+    TestGateway::on(Arc::new(bus), Config::default(), "nats").await
+}
+
+/// Turns the events stream's republish rule off (`false`) or back on.
+async fn republishing(
+    server: &NatsServer,
+    on: bool,
+    rule: &mut Option<jetstream::stream::Republish>,
+) {
+    let js = jetstream::new(
+        runcast_nats::async_nats::connect(server.url())
+            .await
+            .unwrap(),
+    );
+    let mut stream = js.get_stream("RUNCAST_EVENTS").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    if on {
+        config.republish = rule.take();
+        assert!(config.republish.is_some(), "a rule to restore");
+    } else {
+        *rule = config.republish.take();
+        assert!(rule.is_some(), "the stream republishes to begin with");
+    }
+    js.update_stream(&config).await.unwrap();
+}
+
+async fn event_frames(c: &mut WsClient, n: usize, within: Duration) -> Vec<Value> {
+    let mut got = Vec::new();
+    tokio::time::timeout(within, async {
+        while got.len() < n {
+            let f = c.recv().await;
+            if f["type"] == "event" {
+                got.push(f);
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} of {n} events within {within:?}: {got:?}", got.len()));
+    got
+}
+
+async fn resyncs(gw: &TestGateway) -> f64 {
+    let (_, _, m) = http(gw.addr, "GET", "/metrics", &[], "").await;
+    metric(&m, "runcast_bus_live_resyncs_total").unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_copy_is_found_by_the_next_on_its_subject() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("chain", None).await;
+    let publisher = Publisher::on_bus(gw.bus(), "chain").unwrap();
+    publisher.log("one").await.unwrap();
+    let first = event_frames(&mut c, 1, Duration::from_secs(5)).await;
+
+    let mut rule = None;
+    republishing(&nats, false, &mut rule).await;
+    publisher.log("two, never republished").await.unwrap();
+    republishing(&nats, true, &mut rule).await;
+    let started = std::time::Instant::now();
+    publisher.log("three").await.unwrap();
+
+    // "three" names "two" as its predecessor on the run's log subject: the
+    // feed resyncs at once, well before its quiet check.
+    let rest = event_frames(&mut c, 2, Duration::from_secs(5)).await;
+    let elapsed = started.elapsed();
+    let lines: Vec<_> = first
+        .iter()
+        .chain(&rest)
+        .map(|f| f["data"]["line"].clone())
+        .collect();
+    assert_eq!(
+        lines,
+        ["one", "two, never republished", "three"].map(Value::from),
+        "every event once, in order"
+    );
+    assert!(
+        elapsed < Duration::from_millis(900),
+        "repaired by the chain, not the 1 s quiet check: {elapsed:?}"
+    );
+    assert_eq!(resyncs(&gw).await, 1.0, "one resync, counted");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), c.recv())
+            .await
+            .is_err(),
+        "nothing more: no repeat"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_last_event_is_found_by_the_quiet_check() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("tail", None).await;
+    let publisher = Publisher::on_bus(gw.bus(), "tail").unwrap();
+    publisher.progress(1, 2).await.unwrap();
+    event_frames(&mut c, 1, Duration::from_secs(5)).await;
+
+    let mut rule = None;
+    republishing(&nats, false, &mut rule).await;
+    // A kind this feed has not seen yet, and nothing after it.
+    publisher
+        .complete(&serde_json::json!({"ok": true}))
+        .await
+        .unwrap();
+    republishing(&nats, true, &mut rule).await;
+    let last = event_frames(&mut c, 1, Duration::from_secs(4)).await;
+    assert_eq!(last[0]["kind"], "complete", "{last:?}");
+    assert_eq!(resyncs(&gw).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_republishes_elsewhere_is_refused_not_changed() {
+    let nats = NatsServer::start().await;
+    let js = jetstream::new(runcast_nats::async_nats::connect(nats.url()).await.unwrap());
+    js.create_stream(jetstream::stream::Config {
+        name: "RUNCAST_EVENTS".into(),
+        subjects: vec!["runcast.runs.>".into()],
+        storage: jetstream::stream::StorageType::File,
+        republish: Some(jetstream::stream::Republish {
+            source: "runcast.runs.>".into(),
+            destination: "audit.>".into(),
+            headers_only: true,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = runcast_nats::ensure_stream(&js, "runcast", &StreamSettings::default())
+        .await
+        .expect_err("someone else's republish rule");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("audit.>") && msg.contains("runcast.live.>"),
+        "says what is there and what runcast needs: {msg}"
+    );
+    let mut stream = js.get_stream("RUNCAST_EVENTS").await.unwrap();
+    let kept = stream.info().await.unwrap().config.republish.clone();
+    assert_eq!(
+        kept.map(|r| r.destination),
+        Some("audit.>".into()),
+        "left as it was"
+    );
+}
