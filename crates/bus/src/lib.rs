@@ -165,4 +165,10 @@ pub struct BusStats {
     /// history (NATS: a broken chain of republished copies, or a check that
     /// found the stream ahead).
     pub live_resyncs: u64,
+    /// History reads sent to the bus's storage (NATS: a page read from
+    /// JetStream, a few requests each).
+    pub history_reads: u64,
+    /// History reads answered by joining the same read already in flight
+    /// (NATS: many clients resuming one run at once).
+    pub history_reads_joined: u64,
 }

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub bus_reconnects: IntCounter,
     pub bus_live_checks: IntCounter,
     pub bus_live_resyncs: IntCounter,
+    pub bus_history_reads: IntCounterVec,
     /// Live feeds that fell behind and were repaired from history.
     pub feed_repairs: IntCounter,
     /// Frames waiting in a connection's queue when it starts writing a batch.
@@ -104,6 +105,12 @@ impl Metrics {
             bus_live_resyncs: m.counter(
                 "runcast_bus_live_resyncs_total",
                 "Live feeds that found they had missed a message (NATS: a broken chain of republished copies, or a check that found the stream ahead) and resynced from history.",
+            ),
+            bus_history_reads: m.counter_vec(
+                "runcast_bus_history_reads_total",
+                "History reads by outcome: sent to the bus's storage (NATS: JetStream), or joined to the same read already in flight.",
+                "outcome",
+                &["sent", "joined"],
             ),
             feed_repairs: m.counter(
                 "runcast_feed_repairs_total",
@@ -214,6 +221,14 @@ impl Metrics {
         catch_up(&self.bus_reconnects, stats.reconnects);
         catch_up(&self.bus_live_checks, stats.live_checks);
         catch_up(&self.bus_live_resyncs, stats.live_resyncs);
+        catch_up(
+            &self.bus_history_reads.with_label_values(&["sent"]),
+            stats.history_reads,
+        );
+        catch_up(
+            &self.bus_history_reads.with_label_values(&["joined"]),
+            stats.history_reads_joined,
+        );
     }
 
     /// The Prometheus text exposition of every metric.

@@ -68,6 +68,35 @@ struct Inner {
     states: Mutex<std::collections::HashMap<RunId, (std::time::Instant, RunState)>>,
     /// The stream's largest message, as set up.
     max_message_size: usize,
+    /// History reads in flight, shared by every caller asking the same.
+    reads: Mutex<std::collections::HashMap<ReadKey, SharedRead>>,
+    /// Reads sent to JetStream, and reads answered by joining one in flight.
+    reads_sent: std::sync::atomic::AtomicU64,
+    reads_joined: std::sync::atomic::AtomicU64,
+}
+
+/// A history read: run, first seq, page size.
+type ReadKey = (RunId, u64, usize);
+type SharedRead =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Page, BusError>>>;
+
+/// Forgets a read in flight when its first caller is done with it or gives
+/// up (a caller that disconnects drops its future): later callers start a
+/// fresh read instead of joining a finished or abandoned one. Callers that
+/// joined keep polling their clone, which drives the read to its end.
+struct ReadGuard<'a> {
+    inner: &'a Inner,
+    key: ReadKey,
+    read: SharedRead,
+}
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        let mut reads = self.inner.reads.lock().unwrap_or_else(|p| p.into_inner());
+        if reads.get(&self.key).is_some_and(|r| r.ptr_eq(&self.read)) {
+            reads.remove(&self.key);
+        }
+    }
 }
 
 /// The bus's publisher: on its prefix, refusing events over the stream's limit.
@@ -118,6 +147,9 @@ impl NatsBus {
             live,
             setup_error: Mutex::new("connecting to NATS".into()),
             states: Mutex::new(std::collections::HashMap::new()),
+            reads: Mutex::new(std::collections::HashMap::new()),
+            reads_sent: Default::default(),
+            reads_joined: Default::default(),
         });
         let setup = {
             let inner = inner.clone();
@@ -342,6 +374,35 @@ impl NatsBus {
     }
 }
 
+impl NatsBus {
+    async fn read_page(&self, run: &RunId, from: u64, limit: usize) -> Result<Page, BusError> {
+        let stream = self.stream()?;
+        let filter = self.filter(run);
+        let head = self.last_seq(&filter).await?.unwrap_or(0);
+        let first = if head == 0 {
+            1
+        } else {
+            self.complete_from(stream, &filter).await?
+        };
+        let events = state::read_events(
+            stream,
+            &self.inner.prefix,
+            run,
+            (from.max(first), head),
+            limit,
+        )
+        .await?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        Ok(Page {
+            events,
+            first,
+            head,
+        })
+    }
+}
+
 #[async_trait]
 impl Bus for NatsBus {
     async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, BusError> {
@@ -376,31 +437,42 @@ impl Bus for NatsBus {
         r.map_err(|_| unavailable(format!("opening a NATS watch for {run} took over 5s")))?
     }
 
+    /// Reads are coalesced: callers asking for the same page of the same
+    /// run while a read of it is in flight share that read. After a
+    /// gateway dies, its clients resume on the others at once, most of them
+    /// from the same cursor of their run (they were live), so a storm costs
+    /// JetStream about one read per run instead of one per client. A shared
+    /// page may be a moment old; that is safe, because a session compares
+    /// each live frame's predecessor with its cursor and reads again when
+    /// something lies between them.
     async fn read(&self, run: &RunId, from: u64, limit: usize) -> Result<Page, BusError> {
-        let stream = self.stream()?;
-        let filter = self.filter(run);
-        let head = self.last_seq(&filter).await?.unwrap_or(0);
-        let first = if head == 0 {
-            1
-        } else {
-            self.complete_from(stream, &filter).await?
+        use futures_util::FutureExt;
+        use std::sync::atomic::Ordering::Relaxed;
+        let key: ReadKey = (run.clone(), from, limit);
+        let (read, guard) = {
+            let mut reads = self.inner.reads.lock().unwrap_or_else(|p| p.into_inner());
+            match reads.get(&key) {
+                Some(read) => {
+                    self.inner.reads_joined.fetch_add(1, Relaxed);
+                    (read.clone(), None)
+                }
+                None => {
+                    self.inner.reads_sent.fetch_add(1, Relaxed);
+                    let (bus, run) = (self.clone(), run.clone());
+                    let read = async move { bus.read_page(&run, from, limit).await }
+                        .boxed()
+                        .shared();
+                    reads.insert(key.clone(), read.clone());
+                    (read.clone(), Some(read))
+                }
+            }
         };
-        let events = state::read_events(
-            stream,
-            &self.inner.prefix,
-            run,
-            (from.max(first), head),
-            limit,
-        )
-        .await?
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-        Ok(Page {
-            events,
-            first,
-            head,
-        })
+        let _guard = guard.map(|read| ReadGuard {
+            inner: &self.inner,
+            key,
+            read,
+        });
+        read.await
     }
 
     async fn state(&self, run: &RunId) -> Result<Option<RunState>, BusError> {
@@ -459,6 +531,8 @@ impl Bus for NatsBus {
             reconnects: connects.saturating_sub(1),
             live_checks: load(&live.checks_made),
             live_resyncs: load(&live.resyncs),
+            history_reads: load(&self.inner.reads_sent),
+            history_reads_joined: load(&self.inner.reads_joined),
         }
     }
 

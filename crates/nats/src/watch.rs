@@ -25,8 +25,9 @@
 //! - **The tail.** A chain shows a loss only when the next message on that
 //!   subject arrives, so a run's last event could be missed for good. After
 //!   a run goes quiet for [`QUIET`], and once after a watch opens, the feed
-//!   asks the stream for the run's last seq (one direct get) and resyncs if
-//!   it is ahead. A run that streams continuously never pays for this; one
+//!   asks the stream for the run's last seq (one direct get); if the stream
+//!   is ahead and the missing copies have not arrived [`CONFIRM`] later
+//!   (they are usually in flight), it resyncs. A run that streams continuously never pays for this; one
 //!   that finishes pays one request.
 //! - **The connection.** Messages published while the gateway is
 //!   disconnected, or dropped by the client as a slow consumer, are lost for
@@ -72,6 +73,11 @@ const QUIET: Duration = Duration::from_secs(1);
 /// first and the stream leader's server a moment later, through the
 /// cluster's routes; an event stored in between is not republished to us.
 const GRACE: Duration = Duration::from_secs(1);
+/// How long a check that found the stream ahead waits for the copies it
+/// has not seen yet before it resyncs: they are usually just in flight (the
+/// stream stored them a moment before the check asked), and arrive live,
+/// with their trace, instead of as a history read.
+const CONFIRM: Duration = Duration::from_millis(250);
 /// A failed check is tried again after this.
 const CHECK_RETRY: Duration = Duration::from_secs(1);
 /// Checks in flight per gateway (see the module docs).
@@ -133,6 +139,9 @@ pub(crate) struct RunFeed {
     check_at: Option<Instant>,
     /// After this check, one more at `GRACE` (a reconnect).
     check_again: bool,
+    /// A seq a check found stored, and when to resync if its copy has not
+    /// arrived by then.
+    expect: Option<(u64, Instant)>,
     /// An event to hand out after the `Lagged` that preceded it.
     pending: Option<Event>,
 }
@@ -161,13 +170,14 @@ impl RunFeed {
             last: head,
             check_at: Some(Instant::now() + GRACE),
             check_again: false,
+            expect: None,
             pending: None,
         }
     }
 
-    /// Whether the stream holds an event of the run after `last`; if so the
-    /// feed resyncs past it.
-    async fn check(&mut self) -> Result<bool, BusError> {
+    /// Asks the stream for the run's last seq; when it is past `last`, the
+    /// feed expects its copy within `CONFIRM`.
+    async fn check(&mut self) -> Result<(), BusError> {
         let head = {
             let _permit = self.shared.checks.acquire().await;
             self.shared.checks_made.fetch_add(1, Ordering::Relaxed);
@@ -183,10 +193,9 @@ impl RunFeed {
             .await?
         };
         if head > self.last {
-            self.resync(head);
-            return Ok(true);
+            self.expect = Some((head, Instant::now() + CONFIRM));
         }
-        Ok(false)
+        Ok(())
     }
 
     /// From here on, everything up to `upto` counts as covered: the fan-out
@@ -266,6 +275,11 @@ impl Feed for RunFeed {
                 return Some(Live::Event(Arc::new(ev)));
             }
             let check_at = self.check_at;
+            let expect_at = self.expect.map(|(_, at)| at);
+            let wake = match (check_at, expect_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 biased;
                 changed = self.lost.changed() => {
@@ -273,22 +287,29 @@ impl Feed for RunFeed {
                     self.check_at = Some(Instant::now());
                     self.check_again = true;
                 }
-                () = tokio::time::sleep_until(check_at.unwrap_or_else(Instant::now)), if check_at.is_some() => {
-                    self.check_at = None;
-                    let again = std::mem::take(&mut self.check_again);
-                    match self.check().await {
-                        Ok(lagged) => {
-                            if again {
-                                self.check_at = Some(Instant::now() + GRACE);
-                            }
-                            if lagged {
-                                return Some(Live::Lagged);
-                            }
+                () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                    let now = Instant::now();
+                    if let Some((seq, at)) = self.expect
+                        && at <= now
+                    {
+                        self.expect = None;
+                        if seq > self.last {
+                            tracing::debug!(run = %self.run, seq, last = self.last, "a stored event's copy did not arrive; resyncing from history");
+                            self.resync(seq);
+                            return Some(Live::Lagged);
                         }
-                        Err(e) => {
-                            tracing::warn!(run = %self.run, error = %e, "cannot check a live feed against the stream; retrying");
-                            self.check_again = again;
-                            self.check_at = Some(Instant::now() + CHECK_RETRY);
+                    }
+                    if check_at.is_some_and(|at| at <= now) {
+                        self.check_at = None;
+                        let again = std::mem::take(&mut self.check_again);
+                        match self.check().await {
+                            Ok(()) if again => self.check_at = Some(Instant::now() + GRACE),
+                            Ok(()) => {}
+                            Err(e) => {
+                                tracing::warn!(run = %self.run, error = %e, "cannot check a live feed against the stream; retrying");
+                                self.check_again = again;
+                                self.check_at = Some(Instant::now() + CHECK_RETRY);
+                            }
                         }
                     }
                 }
