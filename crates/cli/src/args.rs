@@ -685,8 +685,9 @@ pub struct PublishArgs {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Scenario: `fanout` (clients receive published events), `idle` (memory per idle
-    /// connection) or `ingest` (events/s stored through the HTTP publish API; on NATS also
-    /// straight to JetStream, for comparison).
+    /// connection), `ingest` (events/s stored through the HTTP publish API; on NATS also
+    /// straight to JetStream, for comparison) or `interest` (NATS: memory per watched run with
+    /// `--clients` x `--subs` runs watched, and hot runs' latency with and without `--churn`).
     #[arg(long, default_value = "fanout")]
     pub scenario: String,
     /// `ingest`: concurrent publishers, each publishing as fast as its answers come.
@@ -698,6 +699,12 @@ pub struct BenchArgs {
     /// WebSocket clients to open.
     #[arg(long, default_value_t = 1000)]
     pub clients: usize,
+    /// `interest`: distinct runs each client subscribes to.
+    #[arg(long, default_value_t = 250)]
+    pub subs: usize,
+    /// `interest`: subscribe/unsubscribe changes per second while measuring.
+    #[arg(long, default_value_t = 1000)]
+    pub churn: u64,
     /// Runs the clients are spread over (client i watches run i mod runs).
     #[arg(long, default_value_t = 1)]
     pub runs: usize,

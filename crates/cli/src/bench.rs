@@ -57,6 +57,17 @@ pub struct Report {
     /// JetStream (acknowledged), measured in the same run.
     pub ingest_nats_direct_per_s: Option<f64>,
     pub nats_direct_errors: Option<u64>,
+    /// `interest`: distinct runs the gateway watches (its metric), and the
+    /// gateway's memory per watched run.
+    pub watched_runs: Option<u64>,
+    pub bytes_per_watched_run: Option<f64>,
+    /// `interest`: seconds to open every subscription.
+    pub subscribe_s: Option<f64>,
+    /// `interest`: subscribe/unsubscribe changes per second made while
+    /// measuring `latency_ms_*_churn` (achieved, not asked for).
+    pub churn_per_s: Option<f64>,
+    pub latency_ms_p50_churn: Option<f64>,
+    pub latency_ms_p99_churn: Option<f64>,
 }
 
 /// The gateways under test: child processes (killed by PID on drop), or
@@ -295,7 +306,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         "fanout" => fanout(&a, &fleet).await?,
         "idle" => idle(&a, &fleet).await?,
         "ingest" => ingest(&a, &fleet).await?,
-        other => bail!("unknown scenario {other:?}; use fanout, idle or ingest"),
+        "interest" => interest(&a, &fleet).await?,
+        other => bail!("unknown scenario {other:?}; use fanout, idle, ingest or interest"),
     };
     drop(fleet);
     print_report(&report);
@@ -606,6 +618,216 @@ async fn ingest(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
     })
 }
 
+/// Reads frames until `n` state frames (answers to subscribes) arrived.
+async fn states(ws: &mut Ws, n: usize) -> anyhow::Result<()> {
+    let mut seen = 0;
+    while seen < n {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if t.contains(r#""type":"error""#) {
+                    bail!("subscribe refused: {t}");
+                }
+                seen += usize::from(t.contains(r#""type":"state""#));
+            }
+            Ok(Some(Ok(_))) => {}
+            other => bail!("while subscribing: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// A gateway's NATS interest at scale: `--clients` connections subscribe to
+/// `--subs` distinct runs each (no events), and the gateway's memory per
+/// watched run is reported. Then `--runs` hot runs, one client each, get
+/// `--rate` events/s for `--duration`, first alone and then while another
+/// connection makes `--churn` subscribe/unsubscribe changes per second on
+/// runs of its own: the p99 of the hot runs' events, without and with churn.
+async fn interest(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
+    if a.nats.is_none() {
+        bail!("the interest scenario needs --nats");
+    }
+    let url = format!("ws://{}/v1/ws", fleet.addrs[0]);
+    let base = std::process::id();
+    let rss0 = fleet.rss_mib();
+    crate::say!(
+        "interest: {} connections x {} runs each ...",
+        a.clients,
+        a.subs
+    );
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    let gate = Arc::new(Semaphore::new(50));
+    for c in 0..a.clients {
+        let (url, subs, gate) = (url.clone(), a.subs, gate.clone());
+        set.spawn(async move {
+            let _p = gate.acquire_owned().await;
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+            for k in 0..subs {
+                let sub = format!(r#"{{"type":"subscribe","run":"i{base}-{c}-{k}"}}"#);
+                ws.send(Message::Text(sub.into())).await?;
+            }
+            states(&mut ws, subs).await?;
+            anyhow::Ok(ws)
+        });
+    }
+    let mut idle = Vec::new();
+    while let Some(r) = set.join_next().await {
+        idle.push(r??);
+    }
+    let subscribe_s = started.elapsed().as_secs_f64();
+    // Let the watches' first checks (1 s after each opens) finish.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss1 = fleet.rss_mib();
+    let watched = metric_of(fleet.addrs[0], "runcast_watched_runs").await;
+    crate::say!(
+        "interest: {watched:?} watched runs after {subscribe_s:.1}s; RSS {rss0:?} -> {rss1:?} MiB"
+    );
+
+    // Hot runs: one client each, events at --rate in all.
+    let hot = run_names(a.runs);
+    let mut hot_clients = Vec::new();
+    for r in &hot {
+        hot_clients.push(connect_and_subscribe(&url, r).await?);
+    }
+    let churning = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quiet_lat = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let churn_lat = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let mut readers = JoinSet::new();
+    for mut ws in hot_clients {
+        let (churning, quiet_lat, churn_lat) =
+            (churning.clone(), quiet_lat.clone(), churn_lat.clone());
+        readers.spawn(async move {
+            while let Ok(Some(Ok(m))) =
+                tokio::time::timeout(Duration::from_secs(10), ws.next()).await
+            {
+                let Message::Text(t) = m else { continue };
+                if let Some(sent) = number_after(&t, r#""t":"#) {
+                    let us = (now_nanos().saturating_sub(sent) / 1000) as u32;
+                    let into = if churning.load(Ordering::Relaxed) {
+                        &churn_lat
+                    } else {
+                        &quiet_lat
+                    };
+                    into.lock().unwrap_or_else(|p| p.into_inner()).push(us);
+                }
+            }
+        });
+    }
+    let target = publish_target(a, fleet).await?;
+    let publish_for = |d: Duration| {
+        let (target, hot) = (target.clone(), hot.clone());
+        let every = Duration::from_secs_f64(1.0 / a.rate.max(1) as f64);
+        async move {
+            let mut tick = tokio::time::interval(every);
+            let end = Instant::now() + d;
+            let mut i = 0usize;
+            while Instant::now() < end {
+                tick.tick().await;
+                let run = RunId::parse(&hot[i % hot.len()]).expect("valid");
+                let data = format!(r#"{{"t":{}}}"#, now_nanos());
+                let ev = NewEvent::new(
+                    EventKind::Progress,
+                    serde_json::value::RawValue::from_string(data).expect("json"),
+                );
+                let _ = target.publish(&run, vec![ev]).await;
+                i += 1;
+            }
+        }
+    };
+    crate::say!(
+        "interest: {} hot runs at {} ev/s, no churn ...",
+        hot.len(),
+        a.rate
+    );
+    publish_for(a.duration).await;
+    churning.store(true, Ordering::Relaxed);
+    crate::say!("interest: the same, with {} changes/s ...", a.churn);
+    let churn_for = a.duration;
+    let churn = {
+        let (url, rate) = (url.clone(), a.churn.max(1));
+        tokio::spawn(async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+            // Each step subscribes to a new run and unsubscribes the one
+            // before it: two changes. Steps are paced in batches of 10.
+            let steps_per_s = (rate / 2).max(1);
+            let mut tick =
+                tokio::time::interval(Duration::from_secs_f64(10.0 / steps_per_s as f64));
+            let end = Instant::now() + churn_for;
+            let (mut k, mut changes) = (0u64, 0u64);
+            let started = Instant::now();
+            while Instant::now() < end {
+                tick.tick().await;
+                for _ in 0..10 {
+                    let sub = format!(r#"{{"type":"subscribe","run":"c{base}-{k}"}}"#);
+                    ws.send(Message::Text(sub.into())).await?;
+                    if k > 0 {
+                        let unsub =
+                            format!(r#"{{"type":"unsubscribe","run":"c{base}-{}"}}"#, k - 1);
+                        ws.send(Message::Text(unsub.into())).await?;
+                        changes += 1;
+                    }
+                    changes += 1;
+                    k += 1;
+                }
+                // Drain answers so the gateway never sees a slow reader.
+                while let Ok(Some(Ok(_))) =
+                    tokio::time::timeout(Duration::from_micros(1), ws.next()).await
+                {
+                }
+            }
+            anyhow::Ok(changes as f64 / started.elapsed().as_secs_f64())
+        })
+    };
+    publish_for(a.duration).await;
+    let churn_per_s = churn.await??;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    readers.abort_all();
+    drop(idle);
+    let pct = |v: &std::sync::Mutex<Vec<u32>>, p: f64| {
+        let mut v = v.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        v.sort_unstable();
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+            .map_or(0.0, |&us| us as f64 / 1000.0)
+    };
+    let watched_runs = watched.map(|w| w as u64);
+    Ok(Report {
+        scenario: "interest".into(),
+        clients: a.clients,
+        runs: a.runs,
+        rate: a.rate,
+        duration_s: a.duration.as_secs_f64(),
+        published: quiet_lat.lock().map_or(0, |v| v.len()) as u64,
+        delivered: churn_lat.lock().map_or(0, |v| v.len()) as u64,
+        latency_ms_p50: pct(&quiet_lat, 0.5),
+        latency_ms_p99: pct(&quiet_lat, 0.99),
+        latency_ms_p50_churn: Some(pct(&churn_lat, 0.5)),
+        latency_ms_p99_churn: Some(pct(&churn_lat, 0.99)),
+        churn_per_s: Some(churn_per_s),
+        server_rss_mib_before: rss0,
+        server_rss_mib_after: rss1,
+        watched_runs,
+        bytes_per_watched_run: rss0
+            .zip(rss1)
+            .zip(watched_runs.filter(|&w| w > 0))
+            .map(|((b, a), w)| (a - b) * 1048576.0 / w as f64),
+        subscribe_s: Some(subscribe_s),
+        ..Report::default()
+    })
+}
+
+/// A gauge or counter from a gateway's `/metrics`.
+async fn metric_of(addr: SocketAddr, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Publishes from `--publishers` tasks until `--duration` is up; returns
 /// the events stored, the failed requests and the seconds it took.
 async fn flat_out(
@@ -663,6 +885,30 @@ async fn flat_out(
 
 fn print_report(r: &Report) {
     crate::say!("--- runcast bench: {} ---", r.scenario);
+    if r.scenario == "interest" {
+        crate::say!(
+            "{} watched runs ({} connections x subscriptions) opened in {:.1}s; gateway RSS {:.1} -> {:.1} MiB: {:.0} bytes per watched run",
+            r.watched_runs.unwrap_or(0),
+            r.clients,
+            r.subscribe_s.unwrap_or(0.0),
+            r.server_rss_mib_before.unwrap_or(0.0),
+            r.server_rss_mib_after.unwrap_or(0.0),
+            r.bytes_per_watched_run.unwrap_or(0.0)
+        );
+        crate::say!(
+            "{} hot runs at {} ev/s: p50 {:.2} / p99 {:.2} ms ({} events); with {:.0} subscribe/unsubscribe changes/s: p50 {:.2} / p99 {:.2} ms ({} events)",
+            r.runs,
+            r.rate,
+            r.latency_ms_p50,
+            r.latency_ms_p99,
+            r.published,
+            r.churn_per_s.unwrap_or(0.0),
+            r.latency_ms_p50_churn.unwrap_or(0.0),
+            r.latency_ms_p99_churn.unwrap_or(0.0),
+            r.delivered
+        );
+        return;
+    }
     if r.scenario == "ingest" {
         crate::say!(
             "{} publishers x {} events a request for {:.1}s, payload {} B, {} runs",
