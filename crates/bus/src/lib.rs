@@ -98,6 +98,10 @@ pub enum Live {
     Event(Arc<Event>),
     /// The watcher fell behind and events were skipped; read them from history.
     Lagged,
+    /// An event the feed cannot vouch is the run's next one (the first
+    /// after the watch opened or after the bus reconnected, when copies may
+    /// have been lost unseen): read history up to it first, then take it.
+    Unproven(Arc<Event>),
 }
 
 /// A live feed of one run's new events.

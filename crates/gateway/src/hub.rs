@@ -289,10 +289,22 @@ async fn fanout(
         let item = watch.feed.next().await;
         // Seqs need not be contiguous (NATS numbers events across all runs),
         // so a jump is not a hole: only the feed saying it lagged is.
-        let lagged = match &item {
-            Some(Live::Event(ev)) if ev.seq <= last => continue,
-            Some(Live::Event(_)) => false,
-            Some(Live::Lagged) => true,
+        // Where history must be read up to before the item is taken.
+        let (item, repair_to) = match item {
+            Some(Live::Event(ev) | Live::Unproven(ev)) if ev.seq <= last => continue,
+            Some(Live::Event(ev)) => (Some(Live::Event(ev)), None),
+            // Not a lag: whatever lies between the last seq and an event
+            // the feed could not vouch for is read from history (usually
+            // nothing), then the event goes out live, with its trace. Not
+            // counted as a repair.
+            Some(Live::Unproven(ev)) => {
+                let to = ev.seq - 1;
+                (Some(Live::Event(ev)), Some(to))
+            }
+            Some(Live::Lagged) => {
+                metrics.feed_repairs.inc();
+                (Some(Live::Lagged), Some(u64::MAX))
+            }
             None => {
                 tracing::warn!("bus closed the watch; closing subscribers so they resume");
                 for conn in lock(&subs).values() {
@@ -301,12 +313,13 @@ async fn fanout(
                 return;
             }
         };
-        if lagged {
-            metrics.feed_repairs.inc();
+        if let Some(to) = repair_to
+            && to > last
+        {
             // The feed skipped events: forward history from `last` to its
             // end (what retention dropped as a gap); live events already
             // covered by it are skipped above.
-            let mut replay = Replay::new(&*bus, &run, last + 1, u64::MAX, page);
+            let mut replay = Replay::new(&*bus, &run, last + 1, to, page);
             loop {
                 match replay.next().await {
                     Ok(Some(Replayed::Gap { from, to })) => {

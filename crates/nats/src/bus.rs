@@ -195,7 +195,15 @@ impl NatsBus {
                         // get (answered by the stream's servers themselves).
                         let any_event = format!("{}.runs.>", inner.prefix);
                         let probe = tokio::time::timeout(PROBE_EVERY * 2, async {
-                            stream.get_info().await.map_err(|e| e.to_string())?;
+                            let info = stream.get_info().await.map_err(|e| e.to_string())?;
+                            // Live feeds depend on the stream's republish
+                            // rule; someone editing it away (or to headers
+                            // only) must show, not silently stop delivery.
+                            if let Err(why) =
+                                crate::stream::check_republish(&inner.prefix, &info.config)
+                            {
+                                return Err(why);
+                            }
                             match stream.direct_get_last_for_subject(any_event).await {
                                 Ok(_) => Ok(()),
                                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(()),
@@ -369,6 +377,7 @@ impl NatsBus {
                 &self.inner.prefix,
                 stream,
                 self.inner.live.clone(),
+                self.inner.client.statistics(),
             )),
         })
     }

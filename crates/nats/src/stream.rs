@@ -90,6 +90,30 @@ fn republish(prefix: &str) -> Republish {
     }
 }
 
+/// Whether `config` republishes what live feeds need; why not, if not.
+pub(crate) fn check_republish(prefix: &str, config: &Config) -> Result<(), String> {
+    let want = republish(prefix);
+    match &config.republish {
+        Some(r) if *r == want => Ok(()),
+        Some(r) => Err(format!(
+            "the stream republishes {:?} to {:?}{}; live delivery needs {:?} republished in full to {:?}",
+            r.source,
+            r.destination,
+            if r.headers_only {
+                " (headers only)"
+            } else {
+                ""
+            },
+            want.source,
+            want.destination
+        )),
+        None => Err(format!(
+            "the stream no longer republishes {:?} to {:?}; live delivery needs it (restart a gateway to restore it)",
+            want.source, want.destination
+        )),
+    }
+}
+
 /// Creates the events stream, or checks that an existing one captures
 /// `<prefix>.runs.>` with limits retention on file storage and brings its
 /// limits in line with `settings`. A stream that cannot serve runcast (other
@@ -154,9 +178,14 @@ pub async fn ensure_stream(
         && Some(theirs) != want.republish.as_ref()
     {
         return Err(incompatible(format!(
-            "it republishes {:?} to {:?}; runcast needs {:?} republished to {:?} for its live feeds: remove that rule or choose another --nats-stream",
+            "it republishes {:?} to {:?}{}; runcast needs {:?} republished in full (not headers only) to {:?} for its live feeds: remove that rule or choose another --nats-stream",
             theirs.source,
             theirs.destination,
+            if theirs.headers_only {
+                " (headers only)"
+            } else {
+                ""
+            },
             format!("{prefix}.runs.>"),
             runcast_core::subject::live_root(prefix),
         )));

@@ -144,6 +144,15 @@ pub(crate) struct RunFeed {
     expect: Option<(u64, Instant)>,
     /// An event to hand out after the `Lagged` that preceded it.
     pending: Option<Event>,
+    /// The client's connection count when the feed last took a copy.
+    stats: Arc<async_nats::Statistics>,
+    connects: u64,
+    /// The next copy cannot be vouched for: it is the first since the watch
+    /// opened (its subscription may have reached the stream leader's server
+    /// only after some events were stored) or since a reconnect (copies of
+    /// the outage are gone). Copies arrive in stream order, so whatever was
+    /// lost lies before it: the fan-out reads that stretch from history.
+    unproven: bool,
 }
 
 impl RunFeed {
@@ -156,8 +165,10 @@ impl RunFeed {
         prefix: &str,
         stream: Stream,
         shared: Arc<LiveShared>,
+        stats: Arc<async_nats::Statistics>,
     ) -> Self {
         let lost = shared.lost.subscribe();
+        let connects = stats.connects.load(Ordering::Relaxed);
         Self {
             sub,
             run: run.clone(),
@@ -172,6 +183,9 @@ impl RunFeed {
             check_again: false,
             expect: None,
             pending: None,
+            stats,
+            connects,
+            unproven: true,
         }
     }
 
@@ -229,6 +243,14 @@ impl RunFeed {
             .and_then(|s| s.parse::<u64>().ok())
             .unwrap_or(0);
         self.check_at = Some(Instant::now() + QUIET);
+        // Read here, not only from the client's (asynchronous) event: the
+        // count goes up before the resubscriptions are sent, so no copy
+        // after a reconnect is taken before this sees it.
+        let connects = self.stats.connects.load(Ordering::Relaxed);
+        if connects != self.connects {
+            self.connects = connects;
+            self.unproven = true;
+        }
         if seq <= self.last {
             return None;
         }
@@ -263,7 +285,12 @@ impl RunFeed {
             return Some(Live::Lagged);
         }
         self.chains.insert(stored_on, seq);
-        event.map(|e| Live::Event(Arc::new(e)))
+        let event = Arc::new(event?);
+        Some(if std::mem::take(&mut self.unproven) {
+            Live::Unproven(event)
+        } else {
+            Live::Event(event)
+        })
     }
 }
 

@@ -170,3 +170,34 @@ async fn a_stream_that_republishes_elsewhere_is_refused_not_changed() {
         "left as it was"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_republish_rule_edited_away_while_running_makes_the_gateway_not_ready() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    assert_eq!(http(gw.addr, "GET", "/readyz", &[], "").await.0, 200);
+    let mut rule = None;
+    republishing(&nats, false, &mut rule).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _, body) = http(gw.addr, "GET", "/readyz", &[], "").await;
+        if status == 503 {
+            assert!(body.contains("no longer republishes"), "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    republishing(&nats, true, &mut rule).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while http(gw.addr, "GET", "/readyz", &[], "").await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ready again once restored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

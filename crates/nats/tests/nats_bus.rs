@@ -131,7 +131,7 @@ async fn plain_nats_publishes_become_events_and_non_json_is_kept_as_a_string() {
             .await
             .unwrap()
         {
-            Some(runcast_bus::Live::Event(e)) => {
+            Some(runcast_bus::Live::Event(e) | runcast_bus::Live::Unproven(e)) => {
                 got.push((e.kind.to_string(), e.data.get().to_owned()))
             }
             other => panic!("{other:?}"),
