@@ -199,11 +199,7 @@ impl NatsBus {
                             // Live feeds depend on the stream's republish
                             // rule; someone editing it away (or to headers
                             // only) must show, not silently stop delivery.
-                            if let Err(why) =
-                                crate::stream::check_republish(&inner.prefix, &info.config)
-                            {
-                                return Err(why);
-                            }
+                            crate::stream::check_republish(&inner.prefix, &info.config)?;
                             match stream.direct_get_last_for_subject(any_event).await {
                                 Ok(_) => Ok(()),
                                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(()),
