@@ -278,3 +278,251 @@ async fn five_thousand_clients_reconnect_at_once_and_resume_without_loss() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The storm on NATS: 5,000 clients of one `runcast gateway` process, which
+/// is killed (`kill -9`); every client resumes from its cursor on one of the
+/// two other gateways at once. Every client must end with every event of
+/// its run exactly once, in order, and the storm must cost JetStream about
+/// one read per run and gateway, not one per client: resuming clients of a
+/// run share a read. A plain NATS subscriber on `$JS.API.>` counts every
+/// JetStream API request (direct gets included) the storm caused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_clients_of_a_killed_nats_gateway_resume_on_the_others() {
+    use runcast_core::{EventKind, NewEvent, RunId};
+    use runcast_nats::{NatsConfig, NatsTarget, connect};
+    use runcast_worker::PublishTarget;
+    use std::collections::BTreeMap;
+    use tokio::sync::Mutex;
+
+    assert!(
+        fd_limit() >= 3 * CLIENTS as u64,
+        "this test opens {CLIENTS} sockets here and as many in the gateways; raise `ulimit -n` \
+         (scripts/test.sh sets 20000)"
+    );
+    let nats = runcast_test_support::nats::NatsServer::start().await;
+    let gateway = |addr: std::net::SocketAddr| {
+        Command::new(BIN)
+            .args(runcast_test_support::open_gateway_args(addr, &nats.url()))
+            .args(["--log", "warn"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let addrs: Vec<_> = (0..3).map(|_| free_addr()).collect();
+    let mut gateways: Vec<_> = addrs.iter().map(|a| gateway(*a)).collect();
+    for a in &addrs {
+        wait_http_ok(*a, "/readyz", "runcast gateway").await;
+    }
+
+    let client = connect(&NatsConfig::with_urls(&nats.url()), false)
+        .await
+        .unwrap();
+    let target = Arc::new(
+        NatsTarget::new(client.clone(), "runcast").with_retries(30, Duration::from_millis(1000)),
+    );
+    // Every seq stored, per run: what each client must end with.
+    let stored: Arc<Mutex<Vec<Vec<u64>>>> = Arc::new(Mutex::new(vec![Vec::new(); RUNS]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (stop, stored, target) = (stop.clone(), stored.clone(), target.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(240);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for r in 0..RUNS {
+                    let ev = NewEvent::json(EventKind::Progress, &json!({"n": n})).unwrap();
+                    let run = RunId::parse(&format!("nstorm-{r}")).unwrap();
+                    let seq = target.publish(&run, vec![ev]).await.unwrap()[0];
+                    stored.lock().await[r].push(seq);
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    // Counts JetStream API requests by kind (`DIRECT.GET`, `STREAM.INFO`, …)
+    // while `counting` is set.
+    let counting = Arc::new(AtomicBool::new(false));
+    let api: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let mut sniff = client.subscribe("$JS.API.>").await.unwrap();
+    client.flush().await.unwrap();
+    let sniffer = {
+        let (counting, api) = (counting.clone(), api.clone());
+        tokio::spawn(async move {
+            while let Some(m) = sniff.next().await {
+                if counting.load(Ordering::Relaxed) {
+                    let kind: Vec<&str> = m.subject.split('.').skip(2).take(2).collect();
+                    *api.lock().unwrap().entry(kind.join(".")).or_default() += 1;
+                }
+            }
+        })
+    };
+
+    // (time the new subscription's state arrived, time its first event did)
+    type Resumed = (Instant, Instant);
+    let connected = Arc::new(AtomicUsize::new(0));
+    let resumed = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let run = format!("nstorm-{}", i % RUNS);
+            // Everyone starts on gateway 0; after it dies, half go to 1, half to 2.
+            let urls = [addrs[0], addrs[1 + i % 2]].map(|a| format!("ws://{a}/v1/ws"));
+            let (connected, resumed) = (connected.clone(), resumed.clone());
+            tokio::spawn(async move {
+                let mut seqs: Vec<u64> = Vec::new();
+                let mut resume: Option<Resumed> = None;
+                for (attempt, url) in std::iter::once(&urls[0])
+                    .chain(std::iter::repeat(&urls[1]))
+                    .enumerate()
+                {
+                    assert!(attempt < 50, "client of {run} could not resume");
+                    let Ok(Ok((ws, _))) = tokio::time::timeout(
+                        Duration::from_secs(20),
+                        tokio_tungstenite::connect_async(url.as_str()),
+                    )
+                    .await
+                    else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    let (mut tx, mut rx) = ws.split();
+                    let since = seqs.last().copied().unwrap_or(0);
+                    let sub = json!({"type": "subscribe", "run": run, "since": since});
+                    if tx.send(Message::Text(sub.to_string().into())).await.is_err() {
+                        continue;
+                    }
+                    let mut state_at = None;
+                    while let Ok(Some(Ok(m))) =
+                        tokio::time::timeout(Duration::from_secs(30), rx.next()).await
+                    {
+                        let Message::Text(t) = m else { continue };
+                        let f: Value = serde_json::from_str(&t).unwrap();
+                        match f["type"].as_str() {
+                            Some("state") => state_at = Some(Instant::now()),
+                            Some("event") => {
+                                if attempt == 0 && seqs.is_empty() {
+                                    connected.fetch_add(1, Ordering::Relaxed);
+                                }
+                                if attempt > 0 && resume.is_none() {
+                                    resume = Some((state_at.unwrap(), Instant::now()));
+                                    resumed.fetch_add(1, Ordering::Relaxed);
+                                }
+                                seqs.push(f["seq"].as_u64().unwrap());
+                                if f["kind"] == "complete" {
+                                    return (seqs, resume);
+                                }
+                            }
+                            Some("hello") => {}
+                            _ => panic!("client of {run} got {f}"),
+                        }
+                    }
+                }
+                unreachable!()
+            })
+        })
+        .collect();
+
+    let t = Instant::now();
+    while connected.load(Ordering::Relaxed) < CLIENTS {
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "only {} of {CLIENTS} clients live on the first gateway",
+            connected.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("{CLIENTS} clients live on one gateway in {:?}", t.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let reads_before: f64 = {
+        let mut sum = 0.0;
+        for a in &addrs[1..] {
+            let (_, _, m) = http(*a, "GET", "/metrics", &[], "").await;
+            sum += metric(&m, r#"runcast_bus_history_reads_total{outcome="sent"}"#).unwrap_or(0.0);
+        }
+        sum
+    };
+    counting.store(true, Ordering::Relaxed);
+    let killed_at = Instant::now();
+    gateways[0].start_kill().unwrap();
+    let _ = gateways[0].wait().await;
+    while resumed.load(Ordering::Relaxed) < CLIENTS {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(90),
+            "only {} of {CLIENTS} clients resumed",
+            resumed.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_back = killed_at.elapsed();
+    // Let requests already sent arrive at the sniffer.
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    counting.store(false, Ordering::Relaxed);
+    let api = api.lock().unwrap().clone();
+    let mut reads_sent = 0.0;
+    let mut reads_joined = 0.0;
+    for a in &addrs[1..] {
+        let (_, _, m) = http(*a, "GET", "/metrics", &[], "").await;
+        reads_sent += metric(&m, r#"runcast_bus_history_reads_total{outcome="sent"}"#).unwrap_or(0.0);
+        reads_joined +=
+            metric(&m, r#"runcast_bus_history_reads_total{outcome="joined"}"#).unwrap_or(0.0);
+    }
+    reads_sent -= reads_before;
+
+    stop.store(true, Ordering::Relaxed);
+    publisher.await.unwrap();
+    for r in 0..RUNS {
+        let ev = NewEvent::json(EventKind::Complete, &json!({})).unwrap();
+        let run = RunId::parse(&format!("nstorm-{r}")).unwrap();
+        let seq = target.publish(&run, vec![ev]).await.unwrap()[0];
+        stored.lock().await[r].push(seq);
+    }
+    let stored = stored.lock().await.clone();
+    let mut to_state = Vec::new();
+    let mut to_event = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        let (seqs, resume) = tokio::time::timeout(Duration::from_secs(60), c)
+            .await
+            .expect("every client sees its run complete")
+            .unwrap();
+        // Clients joined a moment after the publisher started: each must
+        // have everything from its first event on, once, in order.
+        let want = &stored[i % RUNS];
+        let from = want.iter().position(|s| *s == seqs[0]).unwrap();
+        assert_eq!(
+            seqs,
+            want[from..],
+            "client {i}'s events are incomplete, repeated or out of order"
+        );
+        let (state_at, event_at) = resume.unwrap();
+        to_state.push(state_at - killed_at);
+        to_event.push(event_at - killed_at);
+    }
+    to_state.sort();
+    to_event.sort();
+    let pct = |v: &[Duration], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    let requests: u64 = api.values().sum();
+    eprintln!(
+        "storm on NATS: {CLIENTS} clients of a killed gateway, {RUNS} runs, resumed on 2 others \
+         in {all_back:?}; time to resume (state) p50 {:?} p99 {:?}; to first event p50 {:?} p99 {:?}; \
+         history reads sent {reads_sent} (joined {reads_joined}); JetStream API requests {requests}: {api:?}",
+        pct(&to_state, 0.5),
+        pct(&to_state, 0.99),
+        pct(&to_event, 0.5),
+        pct(&to_event, 0.99),
+    );
+    // About one read per run and gateway, not one per client.
+    assert!(
+        reads_sent <= (4 * RUNS) as f64,
+        "{reads_sent} history reads for {RUNS} runs on 2 gateways"
+    );
+    assert!(
+        requests < (CLIENTS / 2) as u64,
+        "the storm cost JetStream {requests} requests for {CLIENTS} clients: {api:?}"
+    );
+    sniffer.abort();
+    drop(nats);
+}

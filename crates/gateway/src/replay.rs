@@ -132,7 +132,10 @@ impl<'a> Replay<'a> {
                 events += 1;
             }
         }
-        if events == 0 || self.next > page.head {
+        // A page whose head is short of the known one came from a lagging
+        // replica or a read a moment old (a bus may share those): read on
+        // from its head rather than stop there, until a read brings nothing.
+        if events == 0 || self.next > page.head.max(self.known_head) {
             self.done = true;
         }
         Ok(())

@@ -40,6 +40,12 @@ const STATE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most cached run states.
 const STATE_CACHE_MAX: usize = 10_000;
 
+/// How long a finished history read answers later reads it covers.
+const RECENT_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most runs with a recent read kept, and the largest page kept.
+const RECENT_MAX: usize = 4096;
+const RECENT_PAGE_BYTES: usize = 1 << 20;
+
 /// How often readiness asks JetStream whether the stream answers.
 const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -73,6 +79,71 @@ struct Inner {
     /// Reads sent to JetStream, and reads answered by joining one in flight.
     reads_sent: std::sync::atomic::AtomicU64,
     reads_joined: std::sync::atomic::AtomicU64,
+    /// The last finished read of each run, for a moment (see `Recent`).
+    recent: Mutex<std::collections::HashMap<RunId, Recent>>,
+    /// The stream's oldest seq, as last read (see `Bus::gone_before`).
+    gone_before: Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+/// A finished history read, kept for [`RECENT_TTL`]. Clients resuming
+/// after a gateway died do not all arrive while the first read of their
+/// run is in flight: they come over a second or so, and with cursors a
+/// seq or two apart. Any read that starts inside what this page covers is
+/// answered from it. A page a moment old is as safe as a shared one: what
+/// came after its head reaches the session live, and the session reads
+/// again when a live frame's predecessor is past its cursor.
+struct Recent {
+    at: std::time::Instant,
+    from: u64,
+    /// Every event of the run in `from..=covered` is in `page`.
+    covered: u64,
+    page: Page,
+}
+
+impl Recent {
+    fn new(from: u64, limit: usize, page: &Page) -> Self {
+        let covered = if page.events.len() < limit {
+            page.head
+        } else {
+            page.events.last().map_or(page.head, |e| e.seq)
+        };
+        Self {
+            at: std::time::Instant::now(),
+            from,
+            covered,
+            page: page.clone(),
+        }
+    }
+
+    /// The page for a read of `limit` events from `from`, if this one holds
+    /// all of it and the run's live feed has seen nothing past its head
+    /// (`seen`; `None` when the run is not watched here, and then a page a
+    /// moment old could hide a finished run's last events: no live copy
+    /// would come to show them).
+    fn answer(&self, from: u64, limit: usize, seen: Option<u64>) -> Option<Page> {
+        if self.at.elapsed() >= RECENT_TTL
+            || seen.is_none_or(|s| s > self.page.head)
+            || from < self.from
+            || from > self.covered + 1
+        {
+            return None;
+        }
+        let events: Vec<_> = self
+            .page
+            .events
+            .iter()
+            .filter(|e| e.seq >= from)
+            .take(limit)
+            .cloned()
+            .collect();
+        // A shorter page means "nothing more up to the head": only when
+        // this page reached the head.
+        (events.len() == limit || self.covered == self.page.head).then(|| Page {
+            events,
+            first: self.page.first,
+            head: self.page.head,
+        })
+    }
 }
 
 /// A history read: run, first seq, page size.
@@ -150,6 +221,8 @@ impl NatsBus {
             reads: Mutex::new(std::collections::HashMap::new()),
             reads_sent: Default::default(),
             reads_joined: Default::default(),
+            recent: Default::default(),
+            gone_before: Default::default(),
         });
         let setup = {
             let inner = inner.clone();
@@ -318,6 +391,21 @@ impl NatsBus {
 }
 
 impl Inner {
+    fn remember(&self, run: &RunId, from: u64, limit: usize, page: &Page) {
+        if limit == 0 || page.events.iter().map(|e| e.size()).sum::<usize>() > RECENT_PAGE_BYTES {
+            return;
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded like the state cache: expired pages go when it is full.
+        if recent.len() >= RECENT_MAX && !recent.contains_key(run) {
+            recent.retain(|_, r| r.at.elapsed() < RECENT_TTL);
+            if recent.len() >= RECENT_MAX {
+                recent.clear();
+            }
+        }
+        recent.insert(run.clone(), Recent::new(from, limit, page));
+    }
+
     /// A state read less than `STATE_TTL` ago. A slightly old state is
     /// safe: a subscriber's cursor starts at its seq and the session replays
     /// whatever came after from history, so it only costs a replay, never a
@@ -454,6 +542,16 @@ impl Bus for NatsBus {
         use futures_util::FutureExt;
         use std::sync::atomic::Ordering::Relaxed;
         let key: ReadKey = (run.clone(), from, limit);
+        // A head-only read (limit 0) checks a cursor against the run's
+        // current head: never from a page a moment old.
+        if limit > 0 {
+            let recent = self.inner.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = self.inner.live.seen(run);
+            if let Some(page) = recent.get(run).and_then(|r| r.answer(from, limit, seen)) {
+                self.inner.reads_joined.fetch_add(1, Relaxed);
+                return Ok(page);
+            }
+        }
         let (read, guard) = {
             let mut reads = self.inner.reads.lock().unwrap_or_else(|p| p.into_inner());
             match reads.get(&key) {
@@ -464,7 +562,11 @@ impl Bus for NatsBus {
                 None => {
                     self.inner.reads_sent.fetch_add(1, Relaxed);
                     let (bus, run) = (self.clone(), run.clone());
-                    let read = async move { bus.read_page(&run, from, limit).await }
+                    let read = async move {
+                        let page = bus.read_page(&run, from, limit).await?;
+                        bus.inner.remember(&run, from, limit, &page);
+                        Ok(page)
+                    }
                         .boxed()
                         .shared();
                     reads.insert(key.clone(), read.clone());
@@ -510,10 +612,23 @@ impl Bus for NatsBus {
 
     /// The stream's oldest retained seq: limits retention drops messages
     /// oldest first, so every seq below it is gone.
+    ///
+    /// Reused for [`RECENT_TTL`]: every resuming session whose page ends
+    /// before the state it was told asks this, and an older (lower) answer
+    /// only ever proves less gone, never announces a gap that is not one.
     async fn gone_before(&self) -> Result<u64, BusError> {
+        let cached = *self.inner.gone_before.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, first)) = cached
+            && at.elapsed() < RECENT_TTL
+        {
+            return Ok(first);
+        }
         let stream = self.stream()?;
         let info = patiently(|| async { stream.get_info().await.map_err(unavailable) }).await?;
-        Ok(info.state.first_sequence)
+        let first = info.state.first_sequence;
+        *self.inner.gone_before.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::Instant::now(), first));
+        Ok(first)
     }
 
     /// From the mirrored bucket: runs appear once folded, a moment after

@@ -94,6 +94,10 @@ pub(crate) struct LiveShared {
     checks: Semaphore,
     pub(crate) checks_made: AtomicU64,
     pub(crate) resyncs: AtomicU64,
+    /// For each watched run, the highest seq its feed has seen or covered
+    /// (shared by the feeds of one run): how the bus tells whether a history
+    /// page it read a moment ago may still be handed out.
+    seen: std::sync::Mutex<HashMap<RunId, Arc<AtomicU64>>>,
 }
 
 impl Default for LiveShared {
@@ -103,11 +107,33 @@ impl Default for LiveShared {
             checks: Semaphore::new(CHECKS_IN_FLIGHT),
             checks_made: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
+            seen: Default::default(),
         }
     }
 }
 
 impl LiveShared {
+    /// The highest seq a feed of `run` has seen, if the run is watched.
+    pub(crate) fn seen(&self, run: &RunId) -> Option<u64> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(run).map(|s| s.load(Ordering::Acquire))
+    }
+
+    fn track(&self, run: &RunId, head: u64) -> Arc<AtomicU64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let s = seen.entry(run.clone()).or_default().clone();
+        s.fetch_max(head, Ordering::AcqRel);
+        s
+    }
+
+    fn untrack(&self, run: &RunId, s: &Arc<AtomicU64>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and this feed's: no other feed of the run is left.
+        if seen.get(run).is_some_and(|m| Arc::ptr_eq(m, s)) && Arc::strong_count(s) == 2 {
+            seen.remove(run);
+        }
+    }
+
     /// What the NATS client reports: a (re)connection or a subscription the
     /// client had to drop messages for means messages may be gone.
     pub(crate) fn on_client_event(&self, event: &async_nats::Event) {
@@ -135,6 +161,10 @@ pub(crate) struct RunFeed {
     chains: HashMap<String, u64>,
     /// The highest seq handed out (or covered by a resync).
     last: u64,
+    /// `last`, for the bus (see `LiveShared::seen`); set before the fan-out
+    /// gets the copy, so a session that joins the fan-out afterwards and
+    /// then reads history never gets a page from before it.
+    seen: Arc<AtomicU64>,
     /// When to check the run's last seq against the stream.
     check_at: Option<Instant>,
     /// After this check, one more at `GRACE` (a reconnect).
@@ -169,7 +199,9 @@ impl RunFeed {
     ) -> Self {
         let lost = shared.lost.subscribe();
         let connects = stats.connects.load(Ordering::Relaxed);
+        let seen = shared.track(run, head);
         Self {
+            seen,
             sub,
             run: run.clone(),
             prefix: prefix.to_owned(),
@@ -218,6 +250,7 @@ impl RunFeed {
         self.shared.resyncs.fetch_add(1, Ordering::Relaxed);
         self.base = upto;
         self.last = self.last.max(upto);
+        self.seen.fetch_max(self.last, Ordering::AcqRel);
         self.chains.clear();
     }
 
@@ -275,6 +308,7 @@ impl RunFeed {
             },
         );
         self.last = seq;
+        self.seen.fetch_max(seq, Ordering::AcqRel);
         if !chained || (self.chains.len() >= MAX_CHAINS && !self.chains.contains_key(&stored_on)) {
             if !chained {
                 tracing::debug!(run = %self.run, seq, prev, "a live copy's predecessor never arrived; resyncing from history");
@@ -291,6 +325,12 @@ impl RunFeed {
         } else {
             Live::Event(event)
         })
+    }
+}
+
+impl Drop for RunFeed {
+    fn drop(&mut self) {
+        self.shared.untrack(&self.run, &self.seen);
     }
 }
 

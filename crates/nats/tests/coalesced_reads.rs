@@ -101,3 +101,80 @@ async fn a_caller_that_gives_up_does_not_spoil_the_read_for_the_others() {
     assert_eq!(bus.stats().history_reads, sent + 1, "a fresh read");
     assert_eq!(bus.stats().history_reads_joined, joined);
 }
+
+/// Resuming clients arrive over a second or so, not all while the first
+/// read of their run is in flight: a finished read answers the reads it
+/// covers for a moment, but only while the run's live feed has seen nothing
+/// past its head (a page a moment old must not hide a finished run's last
+/// events), and never for a run this gateway does not watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_read_answers_what_it_covers_until_the_feed_sees_more() {
+    let nats = NatsServer::start().await;
+    let bus = bus(&nats).await;
+    let run = RunId::parse("resumers").unwrap();
+    let events = (0..20)
+        .map(|i| NewEvent::json(EventKind::Log, &i).unwrap())
+        .collect();
+    let seqs = bus.publish(&run, events).await.unwrap();
+    let head = *seqs.last().unwrap();
+    let mut watch = bus.watch(&run).await.unwrap();
+    assert_eq!(watch.head, head);
+
+    let s0 = bus.stats();
+    let page = bus.read(&run, seqs[0], 500).await.unwrap();
+    assert_eq!(page.events.len(), 20);
+    // Later cursors inside the page, and the cursor at its head: answered.
+    let later = bus.read(&run, seqs[10], 500).await.unwrap();
+    let got: Vec<u64> = later.events.iter().map(|e| e.seq).collect();
+    assert_eq!(got, seqs[10..]);
+    let short = bus.read(&run, seqs[3], 2).await.unwrap();
+    let got: Vec<u64> = short.events.iter().map(|e| e.seq).collect();
+    assert_eq!(got, seqs[3..5]);
+    let none = bus.read(&run, head + 1, 500).await.unwrap();
+    assert!(none.events.is_empty());
+    assert_eq!(none.head, head);
+    let s1 = bus.stats();
+    assert_eq!(s1.history_reads - s0.history_reads, 1, "one read sent");
+    assert_eq!(s1.history_reads_joined - s0.history_reads_joined, 3);
+    // A head-only read (a cursor checked against the head) is never a stale one.
+    bus.read(&run, head + 1, 0).await.unwrap();
+    assert_eq!(bus.stats().history_reads - s1.history_reads, 1);
+
+    // Once the feed has seen a newer event, the page is stale: read again.
+    let more = bus
+        .publish(&run, vec![NewEvent::json(EventKind::Log, &"late").unwrap()])
+        .await
+        .unwrap()[0];
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match watch.feed.next().await.unwrap() {
+                runcast_bus::Live::Event(e) | runcast_bus::Live::Unproven(e) => break e.seq,
+                runcast_bus::Live::Lagged => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen, more);
+    let s2 = bus.stats();
+    let fresh = bus.read(&run, head + 1, 500).await.unwrap();
+    assert_eq!(fresh.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [more]);
+    assert_eq!(bus.stats().history_reads - s2.history_reads, 1);
+
+    // A run nobody watches here: every read goes to JetStream.
+    let other = RunId::parse("unwatched").unwrap();
+    bus.publish(&other, vec![NewEvent::json(EventKind::Log, &1).unwrap()])
+        .await
+        .unwrap();
+    let s3 = bus.stats();
+    bus.read(&other, 1, 500).await.unwrap();
+    bus.read(&other, 1, 500).await.unwrap();
+    assert_eq!(bus.stats().history_reads - s3.history_reads, 2);
+
+    // Once the watch is gone, so is the shortcut.
+    drop(watch);
+    let s4 = bus.stats();
+    bus.read(&run, head + 1, 500).await.unwrap();
+    bus.read(&run, head + 1, 500).await.unwrap();
+    assert_eq!(bus.stats().history_reads - s4.history_reads, 2);
+}
