@@ -315,7 +315,7 @@ async fn five_thousand_clients_of_a_killed_nats_gateway_resume_on_the_others() {
         wait_http_ok(*a, "/readyz", "runcast gateway").await;
     }
 
-    let client = connect(&NatsConfig::with_urls(&nats.url()), false)
+    let client = connect(&NatsConfig::with_urls(nats.url()), false)
         .await
         .unwrap();
     let target = Arc::new(
@@ -390,7 +390,11 @@ async fn five_thousand_clients_of_a_killed_nats_gateway_resume_on_the_others() {
                     let (mut tx, mut rx) = ws.split();
                     let since = seqs.last().copied().unwrap_or(0);
                     let sub = json!({"type": "subscribe", "run": run, "since": since});
-                    if tx.send(Message::Text(sub.to_string().into())).await.is_err() {
+                    if tx
+                        .send(Message::Text(sub.to_string().into()))
+                        .await
+                        .is_err()
+                    {
                         continue;
                     }
                     let mut state_at = None;
@@ -466,7 +470,8 @@ async fn five_thousand_clients_of_a_killed_nats_gateway_resume_on_the_others() {
     let mut reads_joined = 0.0;
     for a in &addrs[1..] {
         let (_, _, m) = http(*a, "GET", "/metrics", &[], "").await;
-        reads_sent += metric(&m, r#"runcast_bus_history_reads_total{outcome="sent"}"#).unwrap_or(0.0);
+        reads_sent +=
+            metric(&m, r#"runcast_bus_history_reads_total{outcome="sent"}"#).unwrap_or(0.0);
         reads_joined +=
             metric(&m, r#"runcast_bus_history_reads_total{outcome="joined"}"#).unwrap_or(0.0);
     }

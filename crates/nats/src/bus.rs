@@ -138,7 +138,7 @@ impl Recent {
             .collect();
         // A shorter page means "nothing more up to the head": only when
         // this page reached the head.
-        (events.len() == limit || self.covered == self.page.head).then(|| Page {
+        (events.len() == limit || self.covered == self.page.head).then_some(Page {
             events,
             first: self.page.first,
             head: self.page.head,
@@ -567,8 +567,8 @@ impl Bus for NatsBus {
                         bus.inner.remember(&run, from, limit, &page);
                         Ok(page)
                     }
-                        .boxed()
-                        .shared();
+                    .boxed()
+                    .shared();
                     reads.insert(key.clone(), read.clone());
                     (read.clone(), Some(read))
                 }
@@ -617,7 +617,11 @@ impl Bus for NatsBus {
     /// before the state it was told asks this, and an older (lower) answer
     /// only ever proves less gone, never announces a gap that is not one.
     async fn gone_before(&self) -> Result<u64, BusError> {
-        let cached = *self.inner.gone_before.lock().unwrap_or_else(|p| p.into_inner());
+        let cached = *self
+            .inner
+            .gone_before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some((at, first)) = cached
             && at.elapsed() < RECENT_TTL
         {
@@ -626,8 +630,11 @@ impl Bus for NatsBus {
         let stream = self.stream()?;
         let info = patiently(|| async { stream.get_info().await.map_err(unavailable) }).await?;
         let first = info.state.first_sequence;
-        *self.inner.gone_before.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((std::time::Instant::now(), first));
+        *self
+            .inner
+            .gone_before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), first));
         Ok(first)
     }
 

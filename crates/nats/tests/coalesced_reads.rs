@@ -158,7 +158,10 @@ async fn a_finished_read_answers_what_it_covers_until_the_feed_sees_more() {
     assert_eq!(seen, more);
     let s2 = bus.stats();
     let fresh = bus.read(&run, head + 1, 500).await.unwrap();
-    assert_eq!(fresh.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [more]);
+    assert_eq!(
+        fresh.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [more]
+    );
     assert_eq!(bus.stats().history_reads - s2.history_reads, 1);
 
     // A run nobody watches here: every read goes to JetStream.

@@ -222,6 +222,25 @@ impl NatsServer {
         }
     }
 
+    /// Sends a signal by PID (`kill -s <sig>`), e.g. `USR2`: lame duck mode,
+    /// what the NATS Helm chart's preStop hook does before a pod goes.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("nats-server running").id();
+        let ok = Command::new("kill")
+            .args(["-s", sig, &pid.to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -s {sig} {pid}");
+    }
+
+    /// Like [`restart`](Self::restart), without waiting: a caller that keeps
+    /// working meanwhile calls [`wait_healthy`](Self::wait_healthy) later.
+    pub fn respawn(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
     /// Starts the process again with the same ports and storage.
     pub async fn restart(&mut self) {
         self.kill();
