@@ -169,6 +169,10 @@ pub struct BusStats {
     /// history (NATS: a broken chain of republished copies, or a check that
     /// found the stream ahead).
     pub live_resyncs: u64,
+    /// Messages a live feed found lost only after later events of the run
+    /// had gone out, so clients did not get them live (NATS: a check that
+    /// found a subject's last message never seen). They are in history.
+    pub live_missed: u64,
     /// History reads sent to the bus's storage (NATS: a page read from
     /// JetStream, a few requests each).
     pub history_reads: u64,

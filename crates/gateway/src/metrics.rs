@@ -49,6 +49,7 @@ pub struct Metrics {
     pub bus_reconnects: IntCounter,
     pub bus_live_checks: IntCounter,
     pub bus_live_resyncs: IntCounter,
+    pub bus_live_missed: IntCounter,
     pub bus_history_reads: IntCounterVec,
     /// Live feeds that fell behind and were repaired from history.
     pub feed_repairs: IntCounter,
@@ -105,6 +106,10 @@ impl Metrics {
             bus_live_resyncs: m.counter(
                 "runcast_bus_live_resyncs_total",
                 "Live feeds that found they had missed a message (NATS: a broken chain of republished copies, or a check that found the stream ahead) and resynced from history.",
+            ),
+            bus_live_missed: m.counter(
+                "runcast_bus_live_missed_total",
+                "Events whose live copy was lost and found missing only after later events of their run had been sent, so subscribers did not get them live (they are in history). Should stay 0; see docs/kubernetes.md.",
             ),
             bus_history_reads: m.counter_vec(
                 "runcast_bus_history_reads_total",
@@ -221,6 +226,7 @@ impl Metrics {
         catch_up(&self.bus_reconnects, stats.reconnects);
         catch_up(&self.bus_live_checks, stats.live_checks);
         catch_up(&self.bus_live_resyncs, stats.live_resyncs);
+        catch_up(&self.bus_live_missed, stats.live_missed);
         catch_up(
             &self.bus_history_reads.with_label_values(&["sent"]),
             stats.history_reads,

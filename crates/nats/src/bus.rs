@@ -261,6 +261,28 @@ impl NatsBus {
                     settings.state_bucket.clone(),
                 );
                 let mirror = inner.mirror.clone().follow(kv);
+                // A new stream leader may not have republished what the old
+                // one stored last (copies in flight on a route when it
+                // died): no connection event shows that, JetStream's
+                // advisory does. Every feed checks its run, as after a
+                // reconnect.
+                let leaders = async {
+                    let subject = format!(
+                        "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
+                        settings.name
+                    );
+                    match inner.client.subscribe(subject.clone()).await {
+                        Ok(mut elected) => {
+                            while futures_util::StreamExt::next(&mut elected).await.is_some() {
+                                tracing::info!(stream = %settings.name, "the stream has a new leader; checking every live feed");
+                                inner.live.may_have_lost();
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, %subject, "cannot follow stream leader changes")
+                        }
+                    }
+                };
                 let probe = async {
                     loop {
                         tokio::time::sleep(PROBE_EVERY).await;
@@ -287,7 +309,7 @@ impl NatsBus {
                         });
                     }
                 };
-                tokio::join!(probe, folder, mirror);
+                tokio::join!(probe, folder, mirror, leaders);
             })
         };
         let target = Arc::new(publisher(&inner));
@@ -461,7 +483,7 @@ impl NatsBus {
                 &self.inner.prefix,
                 stream,
                 self.inner.live.clone(),
-                self.inner.client.statistics(),
+                self.inner.client.clone(),
             )),
         })
     }
@@ -658,6 +680,7 @@ impl Bus for NatsBus {
             reconnects: connects.saturating_sub(1),
             live_checks: load(&live.checks_made),
             live_resyncs: load(&live.resyncs),
+            live_missed: load(&live.missed),
             history_reads: load(&self.inner.reads_sent),
             history_reads_joined: load(&self.inner.reads_joined),
         }

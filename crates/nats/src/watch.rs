@@ -78,6 +78,12 @@ const GRACE: Duration = Duration::from_secs(1);
 /// stream stored them a moment before the check asked), and arrive live,
 /// with their trace, instead of as a history read.
 const CONFIRM: Duration = Duration::from_millis(250);
+/// How often a run that streams without pause is checked all the same
+/// (see `RunFeed::check`): a chain shows a lost copy only when the next one
+/// on its subject arrives, which for a kind published once may be never.
+const VERIFY_EVERY: Duration = Duration::from_secs(5);
+/// How long a check waits for the stream's answer.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// A failed check is tried again after this.
 const CHECK_RETRY: Duration = Duration::from_secs(1);
 /// Checks in flight per gateway (see the module docs).
@@ -94,6 +100,9 @@ pub(crate) struct LiveShared {
     checks: Semaphore,
     pub(crate) checks_made: AtomicU64,
     pub(crate) resyncs: AtomicU64,
+    /// Copies found missing only after later events of their run went out
+    /// (see `RunFeed::check`).
+    pub(crate) missed: AtomicU64,
     /// For each watched run, the highest seq its feed has seen or covered
     /// (shared by the feeds of one run): how the bus tells whether a history
     /// page it read a moment ago may still be handed out.
@@ -107,12 +116,19 @@ impl Default for LiveShared {
             checks: Semaphore::new(CHECKS_IN_FLIGHT),
             checks_made: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
+            missed: AtomicU64::new(0),
             seen: Default::default(),
         }
     }
 }
 
 impl LiveShared {
+    /// Copies may have been lost for every run at once: each feed checks
+    /// its run, and takes its next copy as unproven.
+    pub(crate) fn may_have_lost(&self) {
+        self.lost.send_modify(|n| *n += 1);
+    }
+
     /// The highest seq a feed of `run` has seen, if the run is watched.
     pub(crate) fn seen(&self, run: &RunId) -> Option<u64> {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -137,10 +153,10 @@ impl LiveShared {
     /// What the NATS client reports: a (re)connection or a subscription the
     /// client had to drop messages for means messages may be gone.
     pub(crate) fn on_client_event(&self, event: &async_nats::Event) {
+        // (The stream's leader changing is the same signal: see
+        // `NatsBus::start`, which follows JetStream's advisory.)
         match event {
-            async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {
-                self.lost.send_modify(|n| *n += 1);
-            }
+            async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => self.may_have_lost(),
             _ => {}
         }
     }
@@ -149,6 +165,8 @@ impl LiveShared {
 /// One run's live events: a core subscription to its republished copies.
 pub(crate) struct RunFeed {
     sub: async_nats::Subscriber,
+    /// For checks that read several messages at once.
+    client: async_nats::Client,
     run: RunId,
     prefix: String,
     stream: Stream,
@@ -167,6 +185,8 @@ pub(crate) struct RunFeed {
     seen: Arc<AtomicU64>,
     /// When to check the run's last seq against the stream.
     check_at: Option<Instant>,
+    /// The latest a run that keeps streaming is checked (`VERIFY_EVERY`).
+    verify_at: Instant,
     /// After this check, one more at `GRACE` (a reconnect).
     check_again: bool,
     /// A seq a check found stored, and when to resync if its copy has not
@@ -195,13 +215,16 @@ impl RunFeed {
         prefix: &str,
         stream: Stream,
         shared: Arc<LiveShared>,
-        stats: Arc<async_nats::Statistics>,
+        client: async_nats::Client,
     ) -> Self {
+        let stats = client.statistics();
         let lost = shared.lost.subscribe();
         let connects = stats.connects.load(Ordering::Relaxed);
         let seen = shared.track(run, head);
         Self {
             seen,
+            client,
+            verify_at: Instant::now() + VERIFY_EVERY,
             sub,
             run: run.clone(),
             prefix: prefix.to_owned(),
@@ -221,27 +244,113 @@ impl RunFeed {
         }
     }
 
-    /// Asks the stream for the run's last seq; when it is past `last`, the
-    /// feed expects its copy within `CONFIRM`.
+    /// Asks the stream for the last seq of each of the run's subjects (one
+    /// batched direct get). A subject whose last seq is past `last` is
+    /// expected within `CONFIRM`. One whose last seq is at or before `last`
+    /// but was never seen had its copy lost while later events of the run,
+    /// on other subjects, went out: the chains cannot show that (they link
+    /// one subject's messages), and the fan-out cannot put it back in order.
+    /// It is counted (`runcast_bus_live_missed_total`) and logged with its
+    /// seq; the event is in history, and docs/kubernetes.md says what that
+    /// means for clients.
     async fn check(&mut self) -> Result<(), BusError> {
-        let head = {
+        let lasts = {
             let _permit = self.shared.checks.acquire().await;
             self.shared.checks_made.fetch_add(1, Ordering::Relaxed);
             let filter = subject::run_wildcard(&self.prefix, &self.run);
-            let stream = &self.stream;
-            patiently(|| async {
-                match stream.direct_get_last_for_subject(filter.as_str()).await {
-                    Ok(m) => Ok(m.sequence),
-                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
-                    Err(e) => Err(BusError::Unavailable(format!("reading {filter}: {e}"))),
+            match self.subject_lasts(&filter).await {
+                Ok(lasts) => lasts,
+                // A server without batched direct gets (before 2.11): the
+                // run's last seq alone covers its tail.
+                Err(why) => {
+                    tracing::debug!(run = %self.run, %why, "no batched direct get; checking the run's last seq only");
+                    let stream = &self.stream;
+                    let head = patiently(|| async {
+                        match stream.direct_get_last_for_subject(filter.as_str()).await {
+                            Ok(m) => Ok(m.sequence),
+                            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
+                            Err(e) => {
+                                Err(BusError::Unavailable(format!("reading {filter}: {e}")))
+                            }
+                        }
+                    })
+                    .await?;
+                    vec![(String::new(), head)]
                 }
-            })
-            .await?
+            }
         };
+        self.verify_at = Instant::now() + VERIFY_EVERY;
+        let mut head = 0;
+        for (subject, seq) in lasts {
+            head = head.max(seq);
+            if subject.is_empty() || seq > self.last || seq <= self.base {
+                continue;
+            }
+            if self.chains.get(&subject).is_none_or(|&s| s < seq) {
+                self.shared.missed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    run = %self.run,
+                    seq,
+                    subject = %subject,
+                    "a live copy was lost and later events of the run were already sent; clients of this run did not get this event live (it is in history)"
+                );
+                if self.chains.len() < MAX_CHAINS {
+                    self.chains.insert(subject, seq);
+                }
+            }
+        }
         if head > self.last {
             self.expect = Some((head, Instant::now() + CONFIRM));
         }
         Ok(())
+    }
+
+    /// The last message of each subject matching `filter`: a direct get
+    /// with `multi_last` (nats-server 2.11+), answered with one message per
+    /// subject and an end-of-batch status.
+    async fn subject_lasts(&self, filter: &str) -> Result<Vec<(String, u64)>, String> {
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = serde_json::json!({"multi_last": [filter], "batch": MAX_CHAINS + 1});
+        let name = &self.stream.cached_info().config.name;
+        self.client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{name}"),
+                inbox,
+                request.to_string().into(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        let deadline = Instant::now() + CHECK_TIMEOUT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, answers.next())
+                .await
+                .map_err(|_| format!("no answer within {CHECK_TIMEOUT:?}"))?
+                .ok_or("subscription closed")?;
+            match msg.status.map(|s| s.as_u16()) {
+                // End of the batch; or no message matches (no events yet).
+                Some(204) | Some(404) => return Ok(out),
+                Some(code) if code != 200 => {
+                    return Err(format!("status {code} {:?}", msg.description));
+                }
+                _ => {}
+            }
+            let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name));
+            let subject = header("Nats-Subject").map(|v| v.as_str().to_owned());
+            let seq = header("Nats-Sequence").and_then(|v| v.as_str().parse::<u64>().ok());
+            match (subject, seq) {
+                (Some(subject), Some(seq)) => out.push((subject, seq)),
+                _ => return Err("an answer without Nats-Subject or Nats-Sequence".into()),
+            }
+            if out.len() > MAX_CHAINS + 1 {
+                return Ok(out);
+            }
+        }
     }
 
     /// From here on, everything up to `upto` counts as covered: the fan-out
@@ -275,7 +384,7 @@ impl RunFeed {
         let prev = header("Nats-Last-Sequence")
             .and_then(|s| s.parse::<u64>().ok())
             .unwrap_or(0);
-        self.check_at = Some(Instant::now() + QUIET);
+        self.check_at = Some((Instant::now() + QUIET).min(self.verify_at));
         // Read here, not only from the client's (asynchronous) event: the
         // count goes up before the resubscriptions are sent, so no copy
         // after a reconnect is taken before this sees it.
@@ -318,9 +427,16 @@ impl RunFeed {
             self.pending = event;
             return Some(Live::Lagged);
         }
+        let unproven = std::mem::take(&mut self.unproven);
+        if unproven {
+            // The fan-out reads history up to this copy: what lies before
+            // it counts as covered, as after a resync.
+            self.base = self.base.max(seq - 1);
+            self.chains.clear();
+        }
         self.chains.insert(stored_on, seq);
         let event = Arc::new(event?);
-        Some(if std::mem::take(&mut self.unproven) {
+        Some(if unproven {
             Live::Unproven(event)
         } else {
             Live::Event(event)
@@ -351,6 +467,7 @@ impl Feed for RunFeed {
                 biased;
                 changed = self.lost.changed() => {
                     changed.ok()?;
+                    self.unproven = true;
                     self.check_at = Some(Instant::now());
                     self.check_again = true;
                 }

@@ -201,3 +201,58 @@ async fn a_republish_rule_edited_away_while_running_makes_the_gateway_not_ready(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The limit of the chains: a copy lost with no signal (no reconnect, no
+/// slow consumer, no leader change), followed only by events of *other*
+/// kinds, cannot be put back in order: later events already went out. The
+/// feed's check finds it once the run goes quiet (or within 5 s while it
+/// streams) and counts it, so it is never silent; the event is in history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_lost_behind_events_of_other_kinds_is_counted_not_silent() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("behind", None).await;
+    let publisher = Publisher::on_bus(gw.bus(), "behind").unwrap();
+    publisher.log("one").await.unwrap();
+    event_frames(&mut c, 1, Duration::from_secs(5)).await;
+    let missed = |gw: &TestGateway| {
+        let addr = gw.addr;
+        async move {
+            let (_, _, m) = http(addr, "GET", "/metrics", &[], "").await;
+            metric(&m, "runcast_bus_live_missed_total").unwrap_or(-1.0)
+        }
+    };
+    assert_eq!(missed(&gw).await, 0.0);
+
+    let mut rule = None;
+    republishing(&nats, false, &mut rule).await;
+    let lost = publisher.log("two, never republished").await.unwrap();
+    republishing(&nats, true, &mut rule).await;
+    publisher.progress(1, 2).await.unwrap();
+    publisher.progress(2, 2).await.unwrap();
+    let live = event_frames(&mut c, 2, Duration::from_secs(5)).await;
+    assert!(live.iter().all(|f| f["kind"] == "progress"), "{live:?}");
+
+    let t = std::time::Instant::now();
+    while missed(&gw).await < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "the lost copy was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(missed(&gw).await, 1.0, "counted once");
+    // Still in history, where a client can read it.
+    let (status, _, body) = http(gw.addr, "GET", "/v1/runs/behind/events?since=0", &[], "").await;
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["seq"] == lost),
+        "{page}"
+    );
+}
