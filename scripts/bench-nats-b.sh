@@ -2,11 +2,13 @@
 # Scenario B of issue 15, side by side in one run: 5,000 WebSocket clients,
 # 500 runs, 1,000 events/s of 256 B (10,000 deliveries/s). The server side (gateway, and
 # nats-server where there is one) is pinned to core 0, the load generator
-# (`runcast bench --target`) to core 1. Three setups, alternating for ROUNDS
-# rounds: `runcast up` (embedded bus), and `runcast gateway` on a fresh
-# single nats-server with this tree's binary and, when a revision is given,
-# with that revision's binary (cached by scripts/bench-compare.sh's layout
-# in target/bench-base/<rev>/runcast).
+# (`runcast bench --target`) to core 1. The setups alternate for ROUNDS
+# rounds: `runcast up` (embedded bus); `runcast gateway` on a fresh single
+# nats-server with this tree's binary and, when a revision is given, with
+# that revision's binary (cached by scripts/bench-compare.sh's layout in
+# target/bench-base/<rev>/runcast); and the peer, nats-server's own
+# websocket listener with the same clients speaking the NATS protocol and
+# the bench publishing with core NATS (`runcast bench --scenario nats-ws`).
 #   bash scripts/bench-nats-b.sh               # this tree only
 #   ROUNDS=2 bash scripts/bench-nats-b.sh 2fe9ae1
 # Every run is bounded (10 s of publishing, 300 s hard limit) and stays on
@@ -38,10 +40,24 @@ wait_ready() {
 }
 load="--clients 5000 --runs 500 --rate 1000 --payload 256 --duration 10s"
 
-run_one() { # name binary nats(yes|no) round
+run_one() { # name binary nats(yes|no|ws) round
   local name=$1 bin=$2 with_nats=$3 round=$4 gw nats_pid="" nats_dir="" nats_args=() url="" gw_pid
+  local scenario=fanout
   gw=127.0.0.1:$(port)
-  if [ "$with_nats" = yes ]; then
+  if [ "$with_nats" = ws ]; then
+    # The peer: nats-server is the server under test, on core 0.
+    nats_dir=$(mktemp -d)
+    local np; np=$(port)
+    printf 'listen: 127.0.0.1:%s\nwebsocket { listen: "%s", no_tls: true }\nmax_connections: 10000\n' \
+      "$np" "$gw" >"$nats_dir/ws.conf"
+    taskset -c 0 "$nats_bin" -c "$nats_dir/ws.conf" >"$nats_dir/log" 2>&1 &
+    nats_pid=$!
+    gw_pid=$nats_pid
+    url=nats://127.0.0.1:$np
+    nats_args=(--nats "$url")
+    scenario=nats-ws
+    for _ in $(seq 1 100); do curl -s "http://$gw" >/dev/null 2>&1 && break; sleep 0.05; done
+  elif [ "$with_nats" = yes ]; then
     nats_dir=$(mktemp -d)
     local np; np=$(port)
     taskset -c 0 "$nats_bin" -a 127.0.0.1 -p "$np" -js -sd "$nats_dir" >"$nats_dir/log" 2>&1 &
@@ -56,10 +72,10 @@ run_one() { # name binary nats(yes|no) round
     taskset -c 0 "$bin" up --listen "$gw" --log warn --max-connections 6000 </dev/null &
     gw_pid=$!
   fi
-  wait_ready "$gw"
+  [ "$with_nats" = ws ] || wait_ready "$gw"
   local n0 t0; n0=$([ -n "$nats_pid" ] && cpu "$nats_pid" || echo 0); t0=$(date +%s.%N)
   # shellcheck disable=SC2086
-  timeout 300 taskset -c 1 "$after" bench $load --target "$gw" --server-pid "$gw_pid" "${nats_args[@]}" \
+  timeout 300 taskset -c 1 "$after" bench --scenario "$scenario" $load --target "$gw" --server-pid "$gw_pid" "${nats_args[@]}" \
     --out "$out/$name-$round.json" >/dev/null 2>&1 || echo "warning: $name round $round failed" >&2
   local n1 t1; n1=$([ -n "$nats_pid" ] && cpu "$nats_pid" || echo 0); t1=$(date +%s.%N)
   # nats-server's CPU over the whole bench (connecting 5,000 clients
@@ -72,8 +88,10 @@ r = json.load(open(p))
 r["nats_cpu_cores"] = (n1 - n0) / 100.0 / (t1 - t0)
 json.dump(r, open(p, "w"))
 EOF
-  kill "$gw_pid" 2>/dev/null || true
-  wait "$gw_pid" 2>/dev/null || true
+  if [ "$gw_pid" != "$nats_pid" ]; then
+    kill "$gw_pid" 2>/dev/null || true
+    wait "$gw_pid" 2>/dev/null || true
+  fi
   if [ -n "$nats_pid" ]; then
     kill "$nats_pid" 2>/dev/null || true
     wait "$nats_pid" 2>/dev/null || true
@@ -81,17 +99,18 @@ EOF
   fi
 }
 
-names=(embedded nats)
+names=(embedded nats nats-websocket)
 [ -n "$before" ] && names+=(nats-before)
 for round in $(seq 1 "$rounds"); do
   run_one embedded "$after" no "$round"
   run_one nats "$after" yes "$round"
   [ -n "$before" ] && run_one nats-before "$before" yes "$round"
+  run_one nats-websocket "$after" ws "$round"
 done
 python3 - "$out" "$rounds" "${names[@]}" <<'EOF'
 import json, sys
 out, rounds, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-print("| setup | delivered msg/s | lost / dup | p50 / p99 ms | gateway CPU (publishing) | nats-server CPU (whole run) |")
+print("| setup | delivered msg/s | lost / dup | p50 / p99 ms | server CPU (publishing: the gateway, or nats-server for the peer) | nats-server CPU (whole run) |")
 print("| --- | --- | --- | --- | --- | --- |")
 for name in names:
     rs = []

@@ -266,20 +266,93 @@ async fn connect_and_subscribe(url: &str, run: &str) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
+/// The peer: a client of nats-server's own websocket listener, speaking the
+/// NATS protocol, subscribed to `bench.<run>` (what the runcast client does
+/// with a `subscribe` frame). Returns once the server answered a PING, so
+/// the subscription is in place.
+async fn connect_nats_ws(url: &str, run: &str) -> anyhow::Result<Ws> {
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 << 10);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        .await
+        .context("websocket connect to nats-server")?;
+    let hello = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\nSUB bench.{run} 1\r\nPING\r\n"
+    );
+    ws.send(Message::Binary(hello.into_bytes().into())).await?;
+    let mut text = String::new();
+    while !text.contains("PONG\r\n") {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => text.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Ok(Message::Text(t)))) => text.push_str(&t),
+            Ok(Some(Ok(_))) => {}
+            other => bail!("nats-server websocket: {other:?}"),
+        }
+        if text.contains("-ERR") {
+            bail!("nats-server refused: {text}");
+        }
+    }
+    Ok(ws)
+}
+
+/// Splits what nats-server sends over a websocket into `MSG` payloads. Its
+/// frames carry protocol text, any number of messages in one frame and a
+/// message split over two.
+#[derive(Default)]
+struct NatsWsReader {
+    buf: Vec<u8>,
+}
+
+impl NatsWsReader {
+    /// Appends `data`; returns the payloads now complete, and whether the
+    /// server sent a PING (to be answered with a PONG).
+    fn feed(&mut self, data: &[u8]) -> (Vec<String>, bool) {
+        self.buf.extend_from_slice(data);
+        let (mut out, mut ping, mut at) = (Vec::new(), false, 0);
+        while let Some(nl) = self.buf[at..].windows(2).position(|w| w == b"\r\n") {
+            let line = &self.buf[at..at + nl];
+            if let Some(rest) = line.strip_prefix(b"MSG ") {
+                // MSG <subject> <sid> [reply] <size>
+                let size: usize = std::str::from_utf8(rest)
+                    .ok()
+                    .and_then(|r| r.split(' ').next_back()?.parse().ok())
+                    .unwrap_or(0);
+                let start = at + nl + 2;
+                if self.buf.len() < start + size + 2 {
+                    break;
+                }
+                out.push(String::from_utf8_lossy(&self.buf[start..start + size]).into_owned());
+                at = start + size + 2;
+            } else {
+                ping |= line == b"PING";
+                at += nl + 2;
+            }
+        }
+        self.buf.drain(..at);
+        (out, ping)
+    }
+}
+
 /// Client `i` watches run `i mod runs` through gateway `i mod gateways`.
 async fn connect_all(
     addrs: &[SocketAddr],
     clients: usize,
     runs: &[String],
+    peer: bool,
 ) -> anyhow::Result<Vec<Ws>> {
     let gate = Arc::new(Semaphore::new(100));
     let mut set = JoinSet::new();
     for i in 0..clients {
-        let url = format!("ws://{}/v1/ws", addrs[i % addrs.len()]);
         let (run, gate) = (runs[i % runs.len()].clone(), gate.clone());
+        let addr = addrs[i % addrs.len()];
         set.spawn(async move {
             let _p = gate.acquire_owned().await;
-            (i, connect_and_subscribe(&url, &run).await)
+            let ws = if peer {
+                connect_nats_ws(&format!("ws://{addr}"), &run).await
+            } else {
+                connect_and_subscribe(&format!("ws://{addr}/v1/ws"), &run).await
+            };
+            (i, ws)
         });
     }
     let mut out: Vec<Option<Ws>> = (0..clients).map(|_| None).collect();
@@ -303,11 +376,13 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         None => start_fleet(&a).await?,
     };
     let report = match a.scenario.as_str() {
-        "fanout" => fanout(&a, &fleet).await?,
+        "fanout" | "nats-ws" => fanout(&a, &fleet).await?,
         "idle" => idle(&a, &fleet).await?,
         "ingest" => ingest(&a, &fleet).await?,
         "interest" => interest(&a, &fleet).await?,
-        other => bail!("unknown scenario {other:?}; use fanout, idle, ingest or interest"),
+        other => {
+            bail!("unknown scenario {other:?}; use fanout, nats-ws, idle, ingest or interest")
+        }
     };
     drop(fleet);
     print_report(&report);
@@ -333,7 +408,15 @@ fn run_names(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// `fanout`, and `nats-ws`: the same load on the peer, nats-server's own
+/// websocket listener (`--target`), published with core NATS (`--nats`).
+/// The peer's events carry their per-run number in the payload, where
+/// runcast's carry the seq it assigned.
 async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
+    let peer = a.scenario == "nats-ws";
+    if peer && (a.nats.is_none() || a.target.is_none()) {
+        bail!("the nats-ws scenario needs --target (nats-server's websocket listener) and --nats");
+    }
     let runs = run_names(a.runs);
     crate::say!(
         "connecting {} clients over {} runs to {:?} ...",
@@ -341,7 +424,7 @@ async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
         runs.len(),
         fleet.addrs
     );
-    let clients = connect_all(&fleet.addrs, a.clients, &runs).await?;
+    let clients = connect_all(&fleet.addrs, a.clients, &runs, peer).await?;
     let rss_before = fleet.rss_mib();
 
     // Receivers: each counts, checks order and records latency.
@@ -353,6 +436,7 @@ async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
         receivers.spawn(async move {
             let mut st = ClientStats::default();
             let mut last = 0u64;
+            let mut reader = NatsWsReader::default();
             loop {
                 let deadline = stop_at.load(Ordering::Relaxed);
                 let wait = if deadline == u64::MAX {
@@ -364,21 +448,36 @@ async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
                     Ok(Some(Ok(m))) => m,
                     _ => break,
                 };
-                let Message::Text(t) = msg else { continue };
                 let recv = now_nanos();
-                let (Some(seq), Some(sent)) =
-                    (number_after(&t, r#""seq":"#), number_after(&t, r#""t":"#))
-                else {
-                    continue;
+                let texts = match msg {
+                    Message::Text(t) if !peer => vec![t.as_str().to_owned()],
+                    Message::Binary(b) if peer => {
+                        let (texts, ping) = reader.feed(&b);
+                        if ping {
+                            let pong = Message::Binary(b"PONG\r\n".to_vec().into());
+                            if ws.send(pong).await.is_err() {
+                                break;
+                            }
+                        }
+                        texts
+                    }
+                    _ => continue,
                 };
-                if seq <= last {
-                    st.duplicated += 1;
-                    continue;
+                for t in texts {
+                    let (Some(seq), Some(sent)) =
+                        (number_after(&t, r#""seq":"#), number_after(&t, r#""t":"#))
+                    else {
+                        continue;
+                    };
+                    if seq <= last {
+                        st.duplicated += 1;
+                        continue;
+                    }
+                    last = seq;
+                    st.received += 1;
+                    st.latencies_us
+                        .push((recv.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
                 }
-                last = seq;
-                st.received += 1;
-                st.latencies_us
-                    .push((recv.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
                 if deadline != u64::MAX && now_nanos() > deadline {
                     break;
                 }
@@ -395,6 +494,13 @@ async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
     let errors = Arc::new(AtomicU64::new(0));
     let cpu_before = fleet.cpu_seconds();
     let target = publish_target(a, fleet).await?;
+    let core = match (&a.nats, peer) {
+        (Some(url), true) => Some(
+            runcast_nats::connect(&runcast_nats::NatsConfig::with_urls(url.as_str()), false)
+                .await?,
+        ),
+        _ => None,
+    };
     let bench_cpu_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let mut pubs = JoinSet::new();
@@ -407,7 +513,7 @@ async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
             .map(|(i, r)| (i, RunId::parse(r).expect("valid")))
             .collect();
         let share = a.rate as f64 / tasks as f64;
-        let target = target.clone();
+        let (target, core) = (target.clone(), core.clone());
         let (published, errors, pad, duration) =
             (published.clone(), errors.clone(), pad.clone(), a.duration);
         pubs.spawn(async move {
@@ -421,6 +527,17 @@ async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
                     let (idx, run) = &mine[next % mine.len()];
                     next += 1;
                     sent += 1;
+                    if let Some(core) = &core {
+                        // Core NATS, as a worker publishes to the raw broker.
+                        let n = published[*idx].load(Ordering::Relaxed) + 1;
+                        let data =
+                            format!(r#"{{"seq":{n},"t":{},"pad":"{pad}"}}"#, now_nanos());
+                        match core.publish(format!("bench.{run}"), data.into()).await {
+                            Ok(()) => published[*idx].fetch_add(1, Ordering::Relaxed),
+                            Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                        };
+                        continue;
+                    }
                     let data = format!(r#"{{"t":{},"pad":"{pad}"}}"#, now_nanos());
                     let ev = NewEvent::new(
                         EventKind::Progress,
@@ -450,8 +567,11 @@ async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
     // Let in-flight events land, then tell receivers to stop once idle.
     stop_at.store(now_nanos() + 5_000_000_000, Ordering::Relaxed);
 
+    if let Some(core) = &core {
+        core.flush().await?;
+    }
     let mut report = Report {
-        scenario: "fanout".into(),
+        scenario: a.scenario.clone(),
         clients: a.clients,
         runs: runs.len(),
         rate: a.rate,
@@ -516,7 +636,7 @@ async fn idle(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
         a.clients,
         runs.len()
     );
-    let clients = connect_all(&fleet.addrs, a.clients, &runs).await?;
+    let clients = connect_all(&fleet.addrs, a.clients, &runs, false).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = fleet.rss_mib();
     // Prove they are alive: one event per run must reach every client.
@@ -980,6 +1100,18 @@ fn print_report(r: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nats_ws_frames_are_split_into_payloads_across_frame_boundaries() {
+        let mut r = NatsWsReader::default();
+        let (got, ping) = r.feed(b"INFO {}\r\nMSG bench.a 1 5\r\nhello\r\nMSG bench.a 1 11\r\nhel");
+        assert_eq!(got, ["hello"]);
+        assert!(!ping);
+        let (got, ping) = r.feed(b"lo world\r\nPING\r\nMSG bench.a 1 r 2\r\nok\r\n");
+        assert_eq!(got, ["hello world", "ok"]);
+        assert!(ping);
+        assert!(r.buf.is_empty());
+    }
 
     #[test]
     fn numbers_are_found_without_parsing() {
