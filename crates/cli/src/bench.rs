@@ -530,8 +530,7 @@ async fn fanout(a: &BenchArgs, fleet: &Fleet) -> anyhow::Result<Report> {
                     if let Some(core) = &core {
                         // Core NATS, as a worker publishes to the raw broker.
                         let n = published[*idx].load(Ordering::Relaxed) + 1;
-                        let data =
-                            format!(r#"{{"seq":{n},"t":{},"pad":"{pad}"}}"#, now_nanos());
+                        let data = format!(r#"{{"seq":{n},"t":{},"pad":"{pad}"}}"#, now_nanos());
                         match core.publish(format!("bench.{run}"), data.into()).await {
                             Ok(()) => published[*idx].fetch_add(1, Ordering::Relaxed),
                             Err(_) => errors.fetch_add(1, Ordering::Relaxed),

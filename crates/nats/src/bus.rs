@@ -267,10 +267,8 @@ impl NatsBus {
                 // advisory does. Every feed checks its run, as after a
                 // reconnect.
                 let leaders = async {
-                    let subject = format!(
-                        "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
-                        settings.name
-                    );
+                    let subject =
+                        format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}", settings.name);
                     match inner.client.subscribe(subject.clone()).await {
                         Ok(mut elected) => {
                             while futures_util::StreamExt::next(&mut elected).await.is_some() {

@@ -156,7 +156,9 @@ impl LiveShared {
         // (The stream's leader changing is the same signal: see
         // `NatsBus::start`, which follows JetStream's advisory.)
         match event {
-            async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => self.may_have_lost(),
+            async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {
+                self.may_have_lost()
+            }
             _ => {}
         }
     }
@@ -272,9 +274,7 @@ impl RunFeed {
                         match stream.direct_get_last_for_subject(filter.as_str()).await {
                             Ok(m) => Ok(m.sequence),
                             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
-                            Err(e) => {
-                                Err(BusError::Unavailable(format!("reading {filter}: {e}")))
-                            }
+                            Err(e) => Err(BusError::Unavailable(format!("reading {filter}: {e}"))),
                         }
                     })
                     .await?;
