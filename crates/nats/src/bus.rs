@@ -398,15 +398,7 @@ impl NatsBus {
     /// disappear from history behind it. Its seq is a skipped number, which
     /// readers already take in stride.
     async fn last_seq(&self, subject: &str) -> Result<Option<u64>, BusError> {
-        let stream = self.stream()?;
-        patiently(|| async {
-            match stream.direct_get_last_for_subject(subject).await {
-                Ok(m) => Ok(Some(m.sequence)),
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-                Err(e) => Err(unavailable(format!("reading {subject}: {e}"))),
-            }
-        })
-        .await
+        crate::message::last_seq(self.stream()?, subject).await
     }
 }
 

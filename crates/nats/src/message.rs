@@ -70,3 +70,19 @@ pub(crate) fn delivered_event(
         },
     )
 }
+
+/// The stream sequence of the last message on `subject` (may be a
+/// wildcard), if any is retained; read through [`patiently`].
+pub(crate) async fn last_seq(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+) -> Result<Option<u64>, BusError> {
+    patiently(|| async {
+        match stream.direct_get_last_for_subject(subject).await {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BusError::Unavailable(format!("reading {subject}: {e}"))),
+        }
+    })
+    .await
+}

@@ -48,10 +48,7 @@ use std::{
     time::Duration,
 };
 
-use async_nats::jetstream::{
-    message::StreamMessage,
-    stream::{DirectGetErrorKind, Stream},
-};
+use async_nats::jetstream::{message::StreamMessage, stream::Stream};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use runcast_bus::{BusError, Feed, Live};
@@ -61,7 +58,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::message::{patiently, to_event};
+use crate::message::to_event;
 
 /// How long a run must be quiet before its feed checks that it has the
 /// run's last event. Longer than the gap between events of a run that is
@@ -269,15 +266,9 @@ impl RunFeed {
                 // run's last seq alone covers its tail.
                 Err(why) => {
                     tracing::debug!(run = %self.run, %why, "no batched direct get; checking the run's last seq only");
-                    let stream = &self.stream;
-                    let head = patiently(|| async {
-                        match stream.direct_get_last_for_subject(filter.as_str()).await {
-                            Ok(m) => Ok(m.sequence),
-                            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
-                            Err(e) => Err(BusError::Unavailable(format!("reading {filter}: {e}"))),
-                        }
-                    })
-                    .await?;
+                    let head = crate::message::last_seq(&self.stream, &filter)
+                        .await?
+                        .unwrap_or(0);
                     vec![(String::new(), head)]
                 }
             }
