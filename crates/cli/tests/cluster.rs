@@ -270,21 +270,6 @@ async fn history_and_state_survive_a_restart_of_the_whole_nats_cluster() {
     );
 }
 
-/// The longest wait between two consecutive events a client received
-/// within `window` after `at`: how long live delivery stalled.
-fn stall_after(
-    arrivals: &[std::time::Instant],
-    at: std::time::Instant,
-    window: Duration,
-) -> Duration {
-    arrivals
-        .windows(2)
-        .filter(|w| w[1] > at && w[0] < at + window)
-        .map(|w| w[1] - w[0].max(at))
-        .max()
-        .unwrap_or(window)
-}
-
 /// Which node leads the events stream, by its server name (`n1`, …).
 async fn stream_leader(nats: &NatsCluster) -> usize {
     for _ in 0..100 {
@@ -337,7 +322,10 @@ async fn a_lost_nats_node_stalls_live_delivery_briefly_and_loses_nothing() {
             let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
                 .await
                 .unwrap();
-            let sub = serde_json::json!({"type": "subscribe", "run": run});
+            // From seq 0: a subscription without a cursor starts at the
+            // head it finds, and on a loaded machine the first events can
+            // be stored before the gateway has opened the watch.
+            let sub = serde_json::json!({"type": "subscribe", "run": run, "since": 0});
             ws.send(Message::Text(sub.to_string().into()))
                 .await
                 .unwrap();
@@ -366,13 +354,11 @@ async fn a_lost_nats_node_stalls_live_delivery_briefly_and_loses_nothing() {
     // is JetStream not storing (no leader yet), not the gateway.
     let mut stored = Vec::new();
     let mut ldm = None;
-    let mut pauses = Vec::new();
     for i in 0..500u64 {
         if i == 350 {
             nats.nodes[home].respawn();
         }
         if i == 395 {
-            pauses.push(std::time::Instant::now());
             nats.nodes[home].wait_healthy().await;
         }
         if i == 400 {
@@ -396,7 +382,6 @@ async fn a_lost_nats_node_stalls_live_delivery_briefly_and_loses_nothing() {
             nats.nodes[leader].respawn();
         }
         if i == 280 {
-            pauses.push(std::time::Instant::now());
             nats.nodes[leader].wait_healthy().await;
         }
         if i == 290 && stream_leader(&nats).await == home {
@@ -432,37 +417,49 @@ async fn a_lost_nats_node_stalls_live_delivery_briefly_and_loses_nothing() {
         got.push(seq);
     }
     assert_eq!(got, published, "every event exactly once, in order");
-    for (what, at) in kills {
-        // Up to the publisher's next wait for a node, which is no stall.
-        let window = pauses
+    // Measured per event, not as gaps between arrivals: a gap also counts
+    // the moments the publisher itself paused (waiting for a restarted node
+    // before the next fault), which are no stall of delivery, and it once
+    // failed this test for a 2.2 s wait that was the publisher's.
+    for (k, (what, at)) in kills.iter().enumerate() {
+        let until = kills
             .iter()
-            .find(|p| **p > at)
-            .map_or(Duration::from_secs(10), |p| {
-                (*p - at).min(Duration::from_secs(10))
-            });
-        let stall = stall_after(&arrivals, at, window);
-        let longest_store = stored
+            .map(|(_, t)| *t)
+            .filter(|t| t > at)
+            .min()
+            .unwrap_or(*at + Duration::from_secs(10))
+            .min(*at + Duration::from_secs(10));
+        // The events whose delivery the fault could touch: from a moment
+        // before it (their copies may have been in flight) until the next.
+        let touched = stored
             .iter()
-            .filter(|(sent, _)| {
-                *sent + Duration::from_secs(10) > at && *sent < at + Duration::from_secs(10)
-            })
-            .map(|(sent, acked)| *acked - *sent)
-            .max()
-            .unwrap_or_default();
+            .zip(&arrivals)
+            .filter(|((sent, _), _)| *sent + Duration::from_millis(200) > *at && sent < &until);
+        let (mut delivery, mut store, mut added) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        for ((sent, acked), arrived) in touched {
+            // Sent to received: what a watcher waited.
+            delivery = delivery.max(arrived.saturating_duration_since(*sent));
+            // Sent to acknowledged: JetStream storing nothing without a
+            // leader (an election after a kill -9 takes nats-server seconds).
+            store = store.max(*acked - *sent);
+            // Stored to received: what the gateway and the copy's route add.
+            added = added.max(arrived.saturating_duration_since(*acked));
+        }
         eprintln!(
-            "failover: killing {what} stalled live delivery for {} ms; the longest publish (sent to acknowledged) took {} ms",
-            stall.as_millis(),
-            longest_store.as_millis()
+            "failover {k}: after killing {what}, events took up to {} ms from publish to client; JetStream took up to {} ms to store one; the gateway added up to {} ms after storing",
+            delivery.as_millis(),
+            store.as_millis(),
+            added.as_millis()
         );
-        // What the gateway adds to what JetStream itself takes to store
-        // again (a new leader's election after a kill -9 takes nats-server
-        // seconds). Loose bounds, so that a loaded CI machine does not fail
-        // them; the measured figures are in docs/benchmarks.md.
-        let added = stall.saturating_sub(longest_store);
+        // Loose bounds, so that a loaded CI machine does not fail them; the
+        // measured figures are in docs/benchmarks.md.
         assert!(
             added < Duration::from_secs(2),
-            "{what}: the gateway added {added:?} to a {stall:?} stall"
+            "{what}: an event reached the client {added:?} after JetStream stored it"
         );
-        assert!(stall < Duration::from_secs(15), "{what}: stalled {stall:?}");
+        assert!(
+            delivery < Duration::from_secs(15),
+            "{what}: an event took {delivery:?}"
+        );
     }
 }
