@@ -264,9 +264,14 @@ async fn five_thousand_clients_reconnect_at_once_and_resume_without_loss() {
             "RSS {a:.1} MiB after a storm vs {baseline_mib:.1} MiB before"
         );
     }
+    // Judged against what the clients' sessions take (baseline − idle): a
+    // leak of every session adds all of it per storm; allocator noise
+    // between storms was measured at up to 5.6 MiB (a CI run with a 45.7
+    // MiB baseline failed a check of 10% of the baseline on it).
     let growth = after[after.len() - 1] - after[after.len() - 2];
+    let sessions_mib = baseline_mib - idle_mib;
     assert!(
-        growth < baseline_mib * 0.1,
+        growth < sessions_mib * 0.4,
         "RSS still grows by {growth:.1} MiB per storm: {after:.1?}"
     );
     let t = Instant::now();
