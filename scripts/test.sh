@@ -77,6 +77,15 @@ export PATH="$tools_dir:$PATH"
 helm version --short
 kubectl version --client
 
+# A real Kubernetes control plane (kube-apiserver, controller-manager,
+# scheduler 1.20 from Debian's source package, and etcd) for the chart and
+# operator tests in crates/cli/tests/kubernetes.rs. Built once per machine,
+# about 8 minutes on 2 cores, and cached outside the repo
+# (~/.cache/runcast/k8s/<version>; see scripts/k8s-control-plane.sh).
+step "Kubernetes control plane (built once, cached)"
+bash scripts/k8s-control-plane.sh build
+etcd --version | head -1
+
 step "protocol schema"
 python3 scripts/check_proto.py
 

@@ -5,12 +5,10 @@
 use std::{sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::{
-    apps::v1::Deployment, coordination::v1::Lease, core::v1::Service,
-    policy::v1::PodDisruptionBudget,
-};
+use k8s_openapi::api::{apps::v1::Deployment, coordination::v1::Lease, core::v1::Service};
 use kube::{
     Api, Client,
+    api::DynamicObject,
     runtime::{Controller, watcher},
 };
 
@@ -19,6 +17,7 @@ use crate::{
     lease::LeaderElector,
     metrics::OperatorMetrics,
     reconcile::{Context, PodClient, error_policy, reconcile},
+    served::Served,
 };
 
 /// Where the operator works and how it elects a leader.
@@ -76,23 +75,35 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let owned = |c: &Client| match &settings.namespace {
+    let (deployments, services) = match &settings.namespace {
         Some(ns) => (
-            Api::<Deployment>::namespaced(c.clone(), ns),
-            Api::<Service>::namespaced(c.clone(), ns),
-            Api::<PodDisruptionBudget>::namespaced(c.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
         ),
-        None => (
-            Api::all(c.clone()),
-            Api::all(c.clone()),
-            Api::all(c.clone()),
-        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let (deployments, services, pdbs) = owned(&client);
-    let controller = Controller::new(clusters, watcher::Config::default())
+    let mut controller = Controller::new(clusters, watcher::Config::default())
         .owns(deployments, watcher::Config::default())
-        .owns(services, watcher::Config::default())
-        .owns(pdbs, watcher::Config::default())
+        .owns(services, watcher::Config::default());
+    // PodDisruptionBudgets in the version the server serves (policy/v1beta1
+    // before Kubernetes 1.21); a watch of an API the server lacks would
+    // only fail and retry forever.
+    match Served::discover(&client).await {
+        Ok(Served { pdb: Some(ar), .. }) => {
+            let pdbs = match &settings.namespace {
+                Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+                None => Api::all_with(client.clone(), &ar),
+            };
+            controller = controller.owns_with(pdbs, ar, watcher::Config::default());
+        }
+        Ok(_) => tracing::warn!(
+            "this cluster serves no PodDisruptionBudget API; gateways run without one"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "API discovery failed; not watching PodDisruptionBudgets (the periodic resync still repairs them)")
+        }
+    }
+    let controller = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {

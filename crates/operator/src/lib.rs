@@ -6,7 +6,8 @@
 //! added.
 //!
 //! Layers: [`crd`] (the resource), [`policy`] (pure scaling decisions),
-//! [`resources`] (the objects a cluster owns), [`reconcile`] (one cluster's
+//! [`resources`] (the objects a cluster owns), [`served`] (which optional APIs
+//! the cluster serves), [`reconcile`] (one cluster's
 //! reconcile), [`lease`] (leader election) and [`controller`] (wiring).
 
 use kube::CustomResourceExt;
@@ -24,3 +25,4 @@ pub mod metrics;
 pub mod policy;
 pub mod reconcile;
 pub mod resources;
+pub mod served;

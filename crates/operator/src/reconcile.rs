@@ -13,17 +13,13 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{ConfigMap, Pod, Secret, Service},
-        networking::v1::Ingress,
-        policy::v1::PodDisruptionBudget,
     },
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{
-        ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
-    },
+    api::{DynamicObject, ListParams, Patch, PatchParams, PostParams},
     runtime::controller::Action,
 };
 use runcast_core::admin::{Drain, PodStats, Shed};
@@ -35,6 +31,7 @@ use crate::{
     metrics::OperatorMetrics,
     policy::{self, History, PodLoad, Targets},
     resources::{self, ADMIN_TOKEN_KEY},
+    served::{self, Served},
 };
 
 /// The field manager of every server-side apply.
@@ -75,6 +72,12 @@ pub struct Context {
     /// Consecutive failures per cluster, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
     started: Instant,
+    /// What the API server serves of the optional kinds (see [`served`]).
+    served: served::Cache,
+    /// Optional objects a cluster's spec does not want and that are known
+    /// to be absent (checked, or deleted), per cluster and kind: a spec
+    /// that turns one off costs one GET, not one per reconcile.
+    absent: Mutex<std::collections::HashSet<(String, &'static str)>>,
 }
 
 impl Context {
@@ -87,7 +90,16 @@ impl Context {
             history: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            served: served::Cache::default(),
+            absent: Mutex::new(Default::default()),
         }
+    }
+
+    /// Takes `served` as the API server's answer instead of asking it (for
+    /// tests against a scripted server).
+    pub fn assume_served(self, served: Served) -> Self {
+        self.served.pin(served);
+        self
     }
 }
 
@@ -146,13 +158,16 @@ async fn reconcile_inner(rc: &RuncastCluster, ctx: &Context) -> Result<Action, E
         ns,
         apply: PatchParams::apply(MANAGER).force(),
     };
+    let served = ctx.served.get(&ctx.client).await?;
     let token = pass.admin_token().await?;
     let config_hash = pass.apply_config().await?;
     let fleet = pass.observe(&token).await?;
     let plan = pass.decide(&fleet);
-    pass.apply_objects(plan.replicas, &config_hash).await?;
+    let missing = pass
+        .apply_objects(plan.replicas, &config_hash, &served)
+        .await?;
     pass.move_clients(&token, &plan, &fleet.addrs).await?;
-    pass.report(&fleet, &plan).await?;
+    pass.report(&fleet, &plan, &missing).await?;
     let busy = !plan.drain.is_empty() || !plan.shed.is_empty() || plan.replicas != fleet.current;
     Ok(Action::requeue(if busy {
         // Follow a drain or rebalance closely.
@@ -329,8 +344,16 @@ impl Pass<'_> {
         plan
     }
 
-    /// Step 4: apply the Deployment at the planned size, and the rest.
-    async fn apply_objects(&self, replicas: i32, config_hash: &str) -> Result<(), Error> {
+    /// Step 4: apply the Deployment at the planned size, and the rest:
+    /// the optional kinds the server serves, and a delete of those the spec
+    /// no longer wants. Returns what the spec wants that the server does
+    /// not serve (the `APIsAvailable` condition says so).
+    async fn apply_objects(
+        &self,
+        replicas: i32,
+        config_hash: &str,
+        served: &Served,
+    ) -> Result<Vec<String>, Error> {
         let (rc, apply) = (self.rc, &self.apply);
         self.api::<Deployment>()
             .patch(
@@ -346,34 +369,88 @@ impl Pass<'_> {
                 &Patch::Apply(&resources::service(rc)),
             )
             .await?;
-        self.api::<PodDisruptionBudget>()
-            .patch(
-                &resources::gateway_name(rc),
-                apply,
-                &Patch::Apply(&resources::pdb(rc)),
-            )
-            .await?;
-        if let Some(i) = resources::ingress(rc) {
-            self.api::<Ingress>()
-                .patch(&rc.name_any(), apply, &Patch::Apply(&i))
-                .await?;
-        }
-        for (obj, kind) in [
-            (resources::service_monitor(rc), "ServiceMonitor"),
-            (resources::prometheus_rule(rc), "PrometheusRule"),
-        ] {
-            if let Some(obj) = obj {
-                let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
-                    "monitoring.coreos.com",
-                    "v1",
-                    kind,
-                ));
-                Api::<DynamicObject>::namespaced_with(self.ctx.client.clone(), &self.ns, &ar)
-                    .patch(&rc.name_any(), apply, &Patch::Apply(&obj))
-                    .await?;
+        let optional = [
+            (
+                "PodDisruptionBudget",
+                &served.pdb,
+                resources::gateway_name(rc),
+                Some(resources::pdb(rc)),
+            ),
+            (
+                "Ingress",
+                &served.ingress,
+                rc.name_any(),
+                resources::ingress(rc),
+            ),
+            (
+                "ServiceMonitor",
+                &served.service_monitor,
+                rc.name_any(),
+                resources::service_monitor(rc),
+            ),
+            (
+                "PrometheusRule",
+                &served.prometheus_rule,
+                rc.name_any(),
+                resources::prometheus_rule(rc),
+            ),
+        ];
+        let mut wanted = Vec::new();
+        for (kind, ar, name, body) in optional {
+            if body.is_some() {
+                wanted.push(kind);
+            }
+            let Some(ar) = ar else { continue };
+            let api = Api::<DynamicObject>::namespaced_with(self.ctx.client.clone(), &self.ns, ar);
+            let memo = (key(rc), kind);
+            match body {
+                Some(mut body) => {
+                    self.ctx
+                        .absent
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&memo);
+                    // The version the server serves (policy/v1beta1 before
+                    // Kubernetes 1.21: the same fields).
+                    body["apiVersion"] = json!(ar.api_version);
+                    api.patch(&name, apply, &Patch::Apply(&body)).await?;
+                }
+                None => {
+                    if self
+                        .ctx
+                        .absent
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&memo)
+                    {
+                        continue;
+                    }
+                    // Server-side apply never removes an object that an
+                    // apply no longer sends: turned off, it is deleted
+                    // here, if it is this cluster's.
+                    if let Some(obj) = api.get_opt(&name).await? {
+                        let ours = obj
+                            .metadata
+                            .owner_references
+                            .iter()
+                            .flatten()
+                            .any(|o| Some(&o.uid) == rc.metadata.uid.as_ref());
+                        if ours {
+                            api.delete(&name, &Default::default()).await?;
+                            tracing::info!(cluster = %key(rc), kind, %name, "deleted: the spec no longer asks for it");
+                        } else {
+                            tracing::warn!(cluster = %key(rc), kind, %name, "not deleting an object of the same name that this cluster does not own");
+                        }
+                    }
+                    self.ctx
+                        .absent
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(memo);
+                }
             }
         }
-        Ok(())
+        Ok(served.missing(&wanted))
     }
 
     /// Step 5: move clients: drain before removal, shed to rebalance.
@@ -423,9 +500,14 @@ impl Pass<'_> {
     }
 
     /// Step 6: status, and the per-cluster metrics.
-    async fn report(&self, fleet: &Fleet, plan: &policy::Plan) -> Result<(), Error> {
+    async fn report(
+        &self,
+        fleet: &Fleet,
+        plan: &policy::Plan,
+        missing: &[String],
+    ) -> Result<(), Error> {
         let rc = self.rc;
-        let status = status(rc, &fleet.loads, plan, fleet.current);
+        let status = status(rc, &fleet.loads, plan, fleet.current, missing);
         self.ctx.metrics.record(&key(rc), &status);
         self.api::<RuncastCluster>()
             .patch_status(
@@ -484,6 +566,7 @@ fn status(
     loads: &[PodLoad],
     plan: &policy::Plan,
     current: i32,
+    missing: &[String],
 ) -> RuncastClusterStatus {
     let gen_ = rc.metadata.generation;
     let ready = loads.iter().filter(|p| p.ready).count() as i32;
@@ -563,6 +646,24 @@ fn status(
                     "ready pods whose stats did not answer: [{}]",
                     silent.join(", ")
                 ),
+                gen_,
+            ),
+            condition(
+                "APIsAvailable",
+                missing.is_empty(),
+                if missing.is_empty() {
+                    "AllServed"
+                } else {
+                    "NotServed"
+                },
+                if missing.is_empty() {
+                    "every API this cluster's spec uses is served".into()
+                } else {
+                    format!(
+                        "skipped, everything else reconciled: {}",
+                        missing.join("; ")
+                    )
+                },
                 gen_,
             ),
         ],

@@ -21,6 +21,7 @@ use runcast_operator::{
     lease::LeaderElector,
     metrics::OperatorMetrics,
     reconcile::{Context, PodClient, reconcile, status_of},
+    served::Served,
 };
 use runcast_test_support::{TestGateway, WsClient};
 use serde_json::{Value, json};
@@ -177,11 +178,17 @@ fn start(
 ) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, NS);
-    let ctx = Arc::new(Context::new(
-        client,
-        PodClient::new(port),
-        Arc::new(OperatorMetrics::new()),
-    ));
+    // A current cluster with the Prometheus Operator: what 1.20 cannot
+    // show (policy/v1) is tested here; discovery itself, and a cluster
+    // without those APIs, against a real API server (cli/tests/kubernetes.rs).
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            PodClient::new(port),
+            Arc::new(OperatorMetrics::new()),
+        )
+        .assume_served(Served::everything()),
+    );
     let task = tokio::spawn(reconcile(Arc::new(rc), ctx.clone()));
     (Api(handle), task, ctx)
 }
@@ -221,8 +228,29 @@ async fn reads(api: &mut Api, replicas: i32, pods: (u16, Value)) -> Value {
     cm
 }
 
-/// The SSA calls every reconcile makes after reading, in order.
-async fn applies(api: &mut Api) -> (Value, Value) {
+/// The SSA calls every reconcile makes after reading, in order; with
+/// `monitoring` the caller takes the ServiceMonitor and PrometheusRule
+/// applies, without it they are looked for (to delete) and not found. The
+/// Ingress, off in every test here, is looked for too.
+async fn applies(api: &mut Api, monitoring: bool) -> (Value, Value) {
+    let out = core_applies(api, true).await;
+    if !monitoring {
+        for kind in ["servicemonitors", "prometheusrules"] {
+            api.expect(
+                "GET",
+                &format!("/apis/monitoring.coreos.com/v1/namespaces/{NS}/{kind}/demo"),
+                |_| not_found(),
+            )
+            .await;
+        }
+    }
+    out
+}
+
+/// The Deployment, Service and PodDisruptionBudget applies, and (unless a
+/// reconcile before found none) the look for an Ingress, off in every test
+/// here.
+async fn core_applies(api: &mut Api, ingress: bool) -> (Value, Value) {
     let (q, dep) = api
         .expect(
             "PATCH",
@@ -250,6 +278,14 @@ async fn applies(api: &mut Api) -> (Value, Value) {
         .await;
     let pdb: PodDisruptionBudget = serde_json::from_value(pdb).unwrap();
     assert!(pdb.spec.unwrap().max_unavailable.is_some());
+    if ingress {
+        api.expect(
+            "GET",
+            &format!("/apis/networking.k8s.io/v1/namespaces/{NS}/ingresses/demo"),
+            |_| not_found(),
+        )
+        .await;
+    }
     (dep, svc)
 }
 
@@ -358,7 +394,7 @@ async fn create_applies_every_owned_object_with_owner_references() {
             || q.contains("app.kubernetes.io/instance=demo"),
         "{q}"
     );
-    let (dep, svc) = applies(&mut api).await;
+    let (dep, svc) = applies(&mut api, true).await;
     let sm = api
         .expect(
             "PATCH",
@@ -416,6 +452,56 @@ async fn create_applies_every_owned_object_with_owner_references() {
     assert_eq!(ready.status, "False");
 }
 
+/// Server-side apply never deletes an object that an apply stops sending:
+/// a ServiceMonitor the spec turned off is deleted if this cluster owns
+/// it, a PrometheusRule of the same name owned by something else is left
+/// alone, and the next reconcile looks for neither again.
+#[tokio::test]
+async fn an_optional_object_turned_off_is_deleted_only_if_the_cluster_owns_it() {
+    let rc = cluster(spec(json!({})), 2);
+    let (mut api, task, ctx) = start(rc.clone(), 1);
+    let owned_by = |uid: &str, kind: &str| {
+        (
+            200,
+            json!({
+                "apiVersion": "monitoring.coreos.com/v1", "kind": kind,
+                "metadata": {"name": "demo", "namespace": NS, "ownerReferences": [{
+                    "apiVersion": "runcast.dev/v1alpha1", "kind": "RuncastCluster",
+                    "name": "demo", "uid": uid, "controller": true,
+                }]},
+            }),
+        )
+    };
+    reads(&mut api, 2, pods(&[])).await;
+    core_applies(&mut api, true).await;
+    let sm_path = format!("/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors/demo");
+    api.expect("GET", &sm_path, |_| owned_by("uid-1", "ServiceMonitor"))
+        .await;
+    api.expect("DELETE", &sm_path, |_| {
+        (
+            200,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        )
+    })
+    .await;
+    api.expect(
+        "GET",
+        &format!("/apis/monitoring.coreos.com/v1/namespaces/{NS}/prometheusrules/demo"),
+        |_| owned_by("someone-else", "PrometheusRule"),
+    )
+    .await;
+    status_patch(&mut api, &rc).await;
+    task.await.unwrap().unwrap();
+    api.nothing_more().await;
+
+    let task = tokio::spawn(reconcile(Arc::new(rc.clone()), ctx));
+    reads(&mut api, 2, pods(&[])).await;
+    core_applies(&mut api, false).await;
+    status_patch(&mut api, &rc).await;
+    task.await.unwrap().unwrap();
+    api.nothing_more().await;
+}
+
 #[tokio::test]
 async fn update_rolls_the_new_spec_out_at_the_current_size() {
     let mut s = spec(json!({}));
@@ -443,7 +529,7 @@ async fn update_rolls_the_new_spec_out_at_the_current_size() {
         ]),
     )
     .await;
-    let (dep, _) = applies(&mut api).await;
+    let (dep, _) = applies(&mut api, false).await;
     let status = status_patch(&mut api, &rc).await;
     task.await.unwrap().unwrap();
     api.nothing_more().await;
@@ -512,7 +598,7 @@ async fn scale_up_then_rebalance_onto_the_new_pod() {
         pods(&[("gw-a", "127.0.0.1", true), ("gw-b", "127.0.0.2", true)]),
     )
     .await;
-    let (dep, _) = applies(&mut api).await;
+    let (dep, _) = applies(&mut api, false).await;
     let status = status_patch(&mut api, &rc).await;
     task.await.unwrap().unwrap();
     api.nothing_more().await;
@@ -538,7 +624,7 @@ async fn scale_up_then_rebalance_onto_the_new_pod() {
         ]),
     )
     .await;
-    let (dep, _) = applies(&mut api).await;
+    let (dep, _) = applies(&mut api, false).await;
     status_patch(&mut api, &rc).await;
     task.await.unwrap().unwrap();
     api.nothing_more().await;
@@ -581,7 +667,7 @@ async fn scale_down_drains_first_then_removes_exactly_the_drained_pods() {
         ("gw-c", "127.0.0.3", true),
     ];
     reads(&mut api, 3, pods(&three)).await;
-    let (dep, _) = applies(&mut api).await;
+    let (dep, _) = applies(&mut api, false).await;
     for pod in ["gw-a", "gw-b"] {
         let (_, patch) = api
             .expect(
@@ -626,7 +712,7 @@ async fn scale_down_drains_first_then_removes_exactly_the_drained_pods() {
     // (Stabilization windows are 0 here, so a fresh context decides the same.)
     let (mut api, task, _) = start(rc.clone(), port);
     reads(&mut api, 3, pods(&three)).await;
-    let (dep, _) = applies(&mut api).await;
+    let (dep, _) = applies(&mut api, false).await;
     let status = status_patch(&mut api, &rc).await;
     task.await.unwrap().unwrap();
     api.nothing_more().await;
@@ -731,7 +817,7 @@ async fn pod_stats_are_fetched_concurrently() {
     reads(&mut api, N as i32, pods(&list)).await;
     let listed = std::time::Instant::now();
     // The next API call comes once every pod has answered.
-    let (dep, _) = applies(&mut api).await;
+    let (dep, _) = applies(&mut api, false).await;
     let waited = listed.elapsed();
     let status = status_patch(&mut api, &rc).await;
     task.await.unwrap().unwrap();

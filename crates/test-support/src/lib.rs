@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod bus_conformance;
+pub mod k8s;
 pub mod nats;
 pub mod nginx;
 pub mod otlp;

@@ -1,0 +1,498 @@
+//! The chart and the operator against a real Kubernetes control plane:
+//! etcd, kube-apiserver (TLS, token auth, RBAC), controller-manager and
+//! scheduler (and the persistent volume binder), built from Debian's source package (1.20.2, the only
+//! Kubernetes source these machines reach; see scripts/k8s-control-plane.sh).
+//!
+//! What cannot run here is a kubelet and a container runtime: the
+//! scheduler binds pods to a fake Node and nothing starts them. Where a test
+//! needs running pods it plays the kubelet: it sets the pods Running and
+//! Ready with a 127.0.0.0/8 podIP and starts a real `runcast gateway` on
+//! that address, and it finishes the deletion of pods the API server marked
+//! terminating (a kubelet deletes them with grace period 0 once their
+//! containers stopped).
+
+use std::time::Duration;
+
+use runcast_test_support::k8s::{ControlPlane, wait_for};
+use serde_json::Value;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/runcast");
+
+/// (kubectl resource, name, namespace) of every object in a rendered manifest.
+fn objects(manifest: &str) -> Vec<(String, String, Option<String>)> {
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(manifest) {
+        let v = Value::deserialize(doc).expect("manifest YAML");
+        if v.is_null() {
+            continue;
+        }
+        let kind = v["kind"].as_str().expect("kind");
+        let api = v["apiVersion"].as_str().expect("apiVersion");
+        // kubectl's TYPE.VERSION.GROUP names the exact API the chart used.
+        let resource = match api.split_once('/') {
+            Some((group, version)) => format!("{kind}.{version}.{group}"),
+            None => kind.to_owned(),
+        };
+        out.push((
+            resource,
+            v["metadata"]["name"].as_str().expect("name").to_owned(),
+            v["metadata"]["namespace"].as_str().map(str::to_owned),
+        ));
+    }
+    out
+}
+
+fn get_object(
+    cp: &ControlPlane,
+    (resource, name, ns): &(String, String, Option<String>),
+) -> Option<Value> {
+    match ns {
+        Some(ns) => cp.get(&[resource, name, "-n", ns]),
+        None => cp.get(&[resource, name]),
+    }
+}
+
+/// What a kubelet would do for pods the API server marked for deletion:
+/// confirm it (grace period 0) once the containers are gone, which here
+/// they always are.
+fn reap_terminating_pods(cp: &ControlPlane, ns: &str) {
+    let Some(pods) = cp.get(&["pods", "-n", ns]) else {
+        return;
+    };
+    for p in pods["items"].as_array().into_iter().flatten() {
+        if p["metadata"]["deletionTimestamp"].is_string() {
+            let name = p["metadata"]["name"].as_str().unwrap();
+            let _ = cp.kubectl(&[
+                "delete",
+                "pod",
+                name,
+                "-n",
+                ns,
+                "--grace-period=0",
+                "--force",
+            ]);
+        }
+    }
+}
+
+fn established(cp: &ControlPlane, crd: &str) -> bool {
+    cp.get(&["crd", crd]).is_some_and(|c| {
+        c["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Established" && c["status"] == "True")
+    })
+}
+
+/// `helm install` of the chart with the default values and with each CI
+/// value set: every object is accepted by a real API server (schema,
+/// admission, the API versions it serves), the CRD becomes Established,
+/// and `helm uninstall` leaves nothing behind, pods included.
+#[test]
+fn the_chart_installs_on_a_real_api_server_and_uninstalls_without_a_trace() {
+    let cp = ControlPlane::start();
+    let mut sets = vec![("default", None)];
+    let mut ci: Vec<_> = std::fs::read_dir(format!("{CHART}/ci"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    ci.sort();
+    for path in &ci {
+        let stem = path.file_stem().unwrap().to_str().unwrap();
+        sets.push((stem.trim_end_matches("-values"), Some(path.clone())));
+    }
+    for (name, values) in &sets {
+        let ns = format!("chart-{name}");
+        let release = format!("rc-{name}");
+        let mut args = vec!["install", &release, CHART, "-n", &ns, "--create-namespace"];
+        let values_path;
+        if let Some(v) = values {
+            values_path = v.display().to_string();
+            args.extend_from_slice(&["-f", &values_path]);
+        }
+        // Volumes for the bundled NATS StatefulSet's claims, as a
+        // cluster's provisioner would make them (none runs here).
+        for i in 0..3 {
+            cp.apply(&format!(
+                "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: pv-{name}-{i}}}\nspec:\n  capacity: {{storage: 10Gi}}\n  accessModes: [ReadWriteOnce]\n  hostPath: {{path: /tmp/runcast-pv-{name}-{i}}}\n"
+            ));
+        }
+        let out = cp.helm(&args);
+        assert!(
+            out.status.success(),
+            "helm install with {name} values: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            wait_for(Duration::from_secs(30), || established(
+                &cp,
+                "runcastclusters.runcast.dev"
+            )
+            .then_some(()))
+            .is_some(),
+            "the RuncastCluster CRD is not Established"
+        );
+        let manifest = cp.helm(&["get", "manifest", &release, "-n", &ns]);
+        assert!(manifest.status.success());
+        let objs = objects(&String::from_utf8_lossy(&manifest.stdout));
+        assert!(objs.len() > 5, "{name}: only {} objects", objs.len());
+        for o in &objs {
+            assert!(
+                get_object(&cp, o).is_some(),
+                "{name}: {o:?} was not created"
+            );
+        }
+        // The controllers turned the workloads into pods, and the
+        // scheduler bound them to the node.
+        let bound = wait_for(Duration::from_secs(30), || {
+            let pods = cp.get(&["pods", "-n", &ns])?;
+            let items = pods["items"].as_array()?.clone();
+            (!items.is_empty() && items.iter().all(|p| p["spec"]["nodeName"] == "fake-node"))
+                .then_some(items.len())
+        });
+        assert!(
+            bound.is_some(),
+            "{name}: no pods, or pods left unscheduled:\n{}",
+            cp.logs()
+        );
+
+        let out = cp.helm(&["uninstall", &release, "-n", &ns]);
+        assert!(
+            out.status.success(),
+            "helm uninstall {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for o in &objs {
+            let gone = wait_for(Duration::from_secs(30), || {
+                get_object(&cp, o).is_none().then_some(())
+            });
+            assert!(
+                gone.is_some(),
+                "{name}: {o:?} is still there after uninstall"
+            );
+        }
+        // The garbage collector removes what the workloads owned
+        // (ReplicaSets, pods).
+        let clean = wait_for(Duration::from_secs(60), || {
+            reap_terminating_pods(&cp, &ns);
+            let left: Vec<String> = ["pods", "replicasets", "controllerrevisions"]
+                .iter()
+                .flat_map(|r| {
+                    cp.get(&[r, "-n", &ns])
+                        .map(|l| {
+                            l["items"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .map(|i| {
+                                    format!("{r}/{}", i["metadata"]["name"].as_str().unwrap_or(""))
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect();
+            left.is_empty().then_some(()).or_else(|| {
+                std::thread::sleep(Duration::from_millis(400));
+                None
+            })
+        });
+        assert!(
+            clean.is_some(),
+            "{name}: objects left after uninstall:\n{}",
+            cp.logs()
+        );
+    }
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_runcast");
+const NS: &str = "apps";
+
+/// A process killed (by PID) when dropped.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port_on(ips: &[String]) -> u16 {
+    'retry: for _ in 0..20 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        for ip in ips {
+            if std::net::TcpListener::bind((ip.as_str(), port)).is_err() {
+                continue 'retry;
+            }
+        }
+        return port;
+    }
+    panic!("no port free on {ips:?}");
+}
+
+/// `runcast operator` as the chart deploys it, but as a process here:
+/// authenticated with the token of the chart's own ServiceAccount, so the
+/// chart's RBAC decides what it may do.
+fn operator(
+    cp: &ControlPlane,
+    release: &str,
+    identity: &str,
+    gateway_port: u16,
+) -> (Proc, std::path::PathBuf) {
+    let sa = format!("{release}-operator");
+    let kubeconfig = cp.service_account_kubeconfig(NS, &sa);
+    let log = cp.dir().join(format!("operator-{identity}.log"));
+    let child = std::process::Command::new(BIN)
+        .arg("operator")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUNCAST_WATCH_NAMESPACE", NS)
+        .env("POD_NAMESPACE", NS)
+        .env("POD_NAME", identity)
+        .env("RUNCAST_LEASE_NAME", &sa)
+        .env("RUNCAST_LEASE_DURATION", "6s")
+        .env("RUNCAST_GATEWAY_PORT", gateway_port.to_string())
+        .env("RUNCAST_METRICS_LISTEN", "127.0.0.1:0")
+        .env("RUNCAST_LOG", "info,runcast_operator=debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .expect("start runcast operator");
+    (Proc(child), log)
+}
+
+fn operator_log(log: &std::path::Path) -> String {
+    let mut s = std::fs::read_to_string(log).unwrap_or_default();
+    s.push_str(&std::fs::read_to_string(log.with_extension("err")).unwrap_or_default());
+    s
+}
+
+/// Plays the kubelet for every gateway pod the ReplicaSet made that has no
+/// process yet: starts a real `runcast gateway` on the pod's own address
+/// (127.0.0.<10+n>), configured exactly as the pod would be, from the
+/// ConfigMap the operator applied and the admin token Secret it made, then
+/// reports the pod Running and Ready with that podIP.
+fn run_gateway_pods(
+    cp: &ControlPlane,
+    cluster: &str,
+    port: u16,
+    running: &mut std::collections::BTreeMap<String, (String, Proc)>,
+) {
+    let pods = cp
+        .get(&[
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            &format!("app.kubernetes.io/instance={cluster},app.kubernetes.io/component=gateway"),
+        ])
+        .unwrap();
+    let config = cp
+        .get(&["configmap", &format!("{cluster}-gateway"), "-n", NS])
+        .expect("the operator applied the gateways' ConfigMap");
+    let secret = cp
+        .get(&["secret", &format!("{cluster}-admin"), "-n", NS])
+        .expect("the operator made the admin token Secret");
+    let token = {
+        let b64 = secret["data"]["token"].as_str().unwrap();
+        let out = std::process::Command::new("bash")
+            .args(["-c", &format!("echo {b64} | base64 -d")])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for p in pods["items"].as_array().unwrap() {
+        let name = p["metadata"]["name"].as_str().unwrap().to_owned();
+        if running.contains_key(&name) || p["metadata"]["deletionTimestamp"].is_string() {
+            continue;
+        }
+        assert_eq!(
+            p["spec"]["nodeName"], "fake-node",
+            "{name} is not scheduled"
+        );
+        let used: Vec<&str> = running.values().map(|(ip, _)| ip.as_str()).collect();
+        let ip = (10..250)
+            .map(|n| format!("127.0.0.{n}"))
+            .find(|ip| !used.contains(&ip.as_str()))
+            .unwrap();
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.arg("gateway");
+        for (k, v) in config["data"].as_object().unwrap() {
+            cmd.env(k, v.as_str().unwrap());
+        }
+        // The pod's own address instead of 0.0.0.0 (every "pod" shares
+        // this machine), and the Secret's token as the pod spec maps it.
+        cmd.env("RUNCAST_LISTEN", format!("{ip}:{port}"))
+            .env("RUNCAST_ADMIN_TOKEN", &token)
+            .env("RUNCAST_LOG", "warn")
+            .stdin(std::process::Stdio::null());
+        let child = Proc(cmd.spawn().expect("start runcast gateway"));
+        let ready = wait_for(Duration::from_secs(30), || {
+            std::net::TcpStream::connect((ip.as_str(), port)).ok()
+        });
+        assert!(
+            ready.is_some(),
+            "gateway for {name} did not listen on {ip}:{port}"
+        );
+        cp.set_pod_running(NS, &name, &ip);
+        running.insert(name, (ip, child));
+    }
+}
+
+fn condition(rc: &Value, type_: &str) -> Option<(String, String, String)> {
+    rc["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or("").to_owned(),
+                c["reason"].as_str().unwrap_or("").to_owned(),
+                c["message"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+}
+
+/// The operator as it runs in the cluster, with the chart's RBAC: it turns
+/// the chart's RuncastCluster into a Deployment, whose ReplicaSet's pods
+/// the real scheduler binds; with those pods running (real gateways on
+/// their podIPs) it reads their load through the admin API and reports it.
+/// On 1.20 the PodDisruptionBudget is applied as policy/v1beta1, and the
+/// status says so. `helm uninstall` deletes the RuncastCluster, and the
+/// garbage collector removes everything the operator made for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_reconciles_the_charts_cluster_with_the_charts_permissions() {
+    let nats = runcast_test_support::nats::NatsServer::start().await;
+    let cp = ControlPlane::start();
+    let release = "rc";
+    let out = cp.helm(&[
+        "install",
+        release,
+        CHART,
+        "-n",
+        NS,
+        "--create-namespace",
+        "--set",
+        "nats.bundled=false",
+        "--set",
+        &format!("nats.url={}", nats.url()),
+        "--set",
+        "nats.streamReplicas=1",
+        "--set",
+        "demo.enabled=false",
+        "--set",
+        "operator.replicas=1",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ips: Vec<String> = (10..20).map(|n| format!("127.0.0.{n}")).collect();
+    let port = free_port_on(&ips);
+    let (_op, log) = operator(&cp, release, "operator-0", port);
+
+    // Deployment → ReplicaSet → pods bound to the node by the scheduler.
+    let bound = wait_for(Duration::from_secs(60), || {
+        let d = cp.get(&["deployment", "runcast-gateway", "-n", NS])?;
+        let pods = cp.get(&[
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/component=gateway",
+        ])?;
+        let items = pods["items"].as_array()?;
+        (d["spec"]["replicas"] == 2
+            && items.len() == 2
+            && items.iter().all(|p| p["spec"]["nodeName"] == "fake-node"))
+        .then_some(())
+    });
+    assert!(
+        bound.is_some(),
+        "no 2 bound gateway pods:\n{}\n{}",
+        operator_log(&log),
+        cp.logs()
+    );
+
+    let mut running = std::collections::BTreeMap::new();
+    run_gateway_pods(&cp, "runcast", port, &mut running);
+
+    // Every pod ready and reporting its load through the admin API.
+    let status = wait_for(Duration::from_secs(60), || {
+        let rc = cp.get(&["runcastcluster", "runcast", "-n", NS])?;
+        let ready = condition(&rc, "Ready")?;
+        let degraded = condition(&rc, "Degraded")?;
+        (rc["status"]["readyReplicas"] == 2 && ready.0 == "True" && degraded.0 == "False")
+            .then_some(rc)
+    });
+    let rc =
+        status.unwrap_or_else(|| panic!("the cluster never became Ready:\n{}", operator_log(&log)));
+    assert_eq!(
+        rc["status"]["pods"].as_array().map(Vec::len),
+        Some(2),
+        "{rc}"
+    );
+    assert_eq!(
+        rc["status"]["observedGeneration"],
+        rc["metadata"]["generation"]
+    );
+    // 1.20 serves PodDisruptionBudgets only as policy/v1beta1.
+    assert!(
+        cp.get(&[
+            "poddisruptionbudgets.v1beta1.policy",
+            "runcast-gateway",
+            "-n",
+            NS
+        ])
+        .is_some(),
+        "no PodDisruptionBudget:\n{}",
+        operator_log(&log)
+    );
+    let apis = condition(&rc, "APIsAvailable").expect("APIsAvailable condition");
+    assert_eq!(apis.0, "True", "{apis:?}");
+
+    // The chart's RBAC refused nothing the operator asked for.
+    let text = operator_log(&log);
+    assert!(
+        !text.contains("forbidden") && !text.contains("Forbidden"),
+        "the API server refused the operator something:\n{text}"
+    );
+
+    // Uninstall deletes the RuncastCluster; the garbage collector deletes
+    // what the operator made for it (owner references).
+    let out = cp.helm(&["uninstall", release, "-n", NS]);
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let owned = [
+        ("deployment", "runcast-gateway"),
+        ("service", "runcast"),
+        ("configmap", "runcast-gateway"),
+        ("secret", "runcast-admin"),
+        ("poddisruptionbudgets.v1beta1.policy", "runcast-gateway"),
+    ];
+    let gone = wait_for(Duration::from_secs(60), || {
+        reap_terminating_pods(&cp, NS);
+        let left: Vec<_> = owned
+            .iter()
+            .filter(|(r, n)| cp.get(&[r, n, "-n", NS]).is_some())
+            .collect();
+        let pods = cp.get(&["pods", "-n", NS])?;
+        (left.is_empty() && pods["items"].as_array()?.is_empty()).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the operator's objects outlived their cluster:\n{}",
+        cp.logs()
+    );
+}
