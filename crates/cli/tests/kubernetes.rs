@@ -459,6 +459,35 @@ async fn the_operator_reconciles_the_charts_cluster_with_the_charts_permissions(
     let apis = condition(&rc, "APIsAvailable").expect("APIsAvailable condition");
     assert_eq!(apis.0, "True", "{apis:?}");
 
+    // A ServiceMonitor asked for on a cluster without the Prometheus
+    // Operator's CRDs: said in the status, and the rest still reconciled
+    // (the ready pods keep reporting).
+    cp.kubectl_ok(&[
+        "patch",
+        "runcastcluster",
+        "runcast",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"observability":{"serviceMonitor":true}}}"#,
+    ]);
+    let said = wait_for(Duration::from_secs(60), || {
+        let rc = cp.get(&["runcastcluster", "runcast", "-n", NS])?;
+        let apis = condition(&rc, "APIsAvailable")?;
+        (apis.0 == "False" && rc["status"]["observedGeneration"] == rc["metadata"]["generation"])
+            .then_some((apis, rc))
+    });
+    let (apis, rc) =
+        said.unwrap_or_else(|| panic!("no APIsAvailable=False:\n{}", operator_log(&log)));
+    assert_eq!(apis.1, "NotServed");
+    assert!(
+        apis.2
+            .contains("monitoring.coreos.com/v1 ServiceMonitor is not served"),
+        "{apis:?}"
+    );
+    assert_eq!(condition(&rc, "Ready").unwrap().0, "True", "{rc}");
+
     // The chart's RBAC refused nothing the operator asked for.
     let text = operator_log(&log);
     assert!(
@@ -494,5 +523,233 @@ async fn the_operator_reconciles_the_charts_cluster_with_the_charts_permissions(
         gone.is_some(),
         "the operator's objects outlived their cluster:\n{}",
         cp.logs()
+    );
+}
+
+/// ServiceMonitor and PrometheusRule CRDs as the Prometheus Operator
+/// installs them, reduced to what the API server needs to serve them.
+fn monitoring_crds() -> String {
+    let crd = |kind: &str, plural: &str| {
+        format!(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: {plural}.monitoring.coreos.com}}\nspec:\n  group: monitoring.coreos.com\n  scope: Namespaced\n  names: {{kind: {kind}, plural: {plural}, listKind: {kind}List, singular: {}}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}\n",
+            kind.to_lowercase()
+        )
+    };
+    format!(
+        "{}---\n{}",
+        crd("ServiceMonitor", "servicemonitors"),
+        crd("PrometheusRule", "prometheusrules")
+    )
+}
+
+fn patch_cluster(cp: &ControlPlane, patch: &str) -> std::process::Output {
+    cp.kubectl(&[
+        "patch",
+        "runcastcluster",
+        "runcast",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        patch,
+    ])
+}
+
+/// Waits until the operator has reconciled the cluster's current spec.
+fn reconciled(cp: &ControlPlane, log: &std::path::Path) -> Value {
+    wait_for(Duration::from_secs(60), || {
+        let rc = cp.get(&["runcastcluster", "runcast", "-n", NS])?;
+        (rc["status"]["observedGeneration"] == rc["metadata"]["generation"]).then_some(rc)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the operator did not reconcile the new spec:\n{}",
+            operator_log(log)
+        )
+    })
+}
+
+/// Spec changes against the real API server, with the chart's RBAC: a new
+/// image or config rolls the Deployment (a new ReplicaSet); an Ingress,
+/// ServiceMonitor and PrometheusRule appear when asked for and are deleted
+/// when turned off (server-side apply alone leaves them behind); the CRD's
+/// schema refuses what it can, and a spec it cannot refuse (min above max)
+/// is refused in the status, without a crash loop and without touching
+/// what runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_changes_roll_the_fleet_and_turned_off_objects_are_deleted() {
+    let cp = ControlPlane::start();
+    cp.apply(&monitoring_crds());
+    for crd in [
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+    ] {
+        assert!(
+            wait_for(Duration::from_secs(30), || established(&cp, crd)
+                .then_some(()))
+            .is_some(),
+            "{crd} not Established"
+        );
+    }
+    let out = cp.helm(&[
+        "install",
+        "rc",
+        CHART,
+        "-n",
+        NS,
+        "--create-namespace",
+        "--set",
+        "nats.bundled=false",
+        "--set",
+        "nats.url=nats://127.0.0.1:4222",
+        "--set",
+        "demo.enabled=false",
+        "--set",
+        "operator.replicas=1",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_op, log) = operator(&cp, "rc", "operator-0", 18080);
+    reconciled(&cp, &log);
+    let template = |cp: &ControlPlane| {
+        let d = cp
+            .get(&["deployment", "runcast-gateway", "-n", NS])
+            .unwrap();
+        (
+            d["spec"]["template"]["metadata"]["annotations"]["runcast.dev/config-hash"].clone(),
+            d["spec"]["template"]["spec"]["containers"][0]["image"].clone(),
+        )
+    };
+    let replicasets = |cp: &ControlPlane| {
+        cp.get(&[
+            "replicasets",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/component=gateway",
+        ])
+        .and_then(|l| l["items"].as_array().map(Vec::len))
+        .unwrap_or(0)
+    };
+    let (hash0, _) = template(&cp);
+    assert!(hash0.is_string());
+    assert!(
+        wait_for(Duration::from_secs(30), || (replicasets(&cp) == 1)
+            .then_some(()))
+        .is_some(),
+        "no ReplicaSet for the gateways"
+    );
+
+    // Config and image changes roll the pods: a new ReplicaSet each.
+    let out = patch_cluster(
+        &cp,
+        r#"{"spec":{"gateway":{"env":{"RUNCAST_MAX_CONNECTIONS":"1234"}}}}"#,
+    );
+    assert!(out.status.success());
+    reconciled(&cp, &log);
+    let (hash1, _) = template(&cp);
+    assert_ne!(hash0, hash1, "a config change must change the pod template");
+    let out = patch_cluster(
+        &cp,
+        r#"{"spec":{"gateway":{"image":"registry.example/runcast:next"}}}"#,
+    );
+    assert!(out.status.success());
+    reconciled(&cp, &log);
+    assert_eq!(template(&cp).1, "registry.example/runcast:next");
+    assert!(
+        wait_for(Duration::from_secs(30), || (replicasets(&cp) == 3)
+            .then_some(()))
+        .is_some(),
+        "each change is a rollout: {} ReplicaSets",
+        replicasets(&cp)
+    );
+
+    // Optional objects: on, then off.
+    let on = r#"{"spec":{"ingress":{"host":"progress.example.com","className":"nginx"},"observability":{"serviceMonitor":true,"prometheusRule":true}}}"#;
+    assert!(patch_cluster(&cp, on).status.success());
+    let optional = [
+        ("ingresses.v1.networking.k8s.io", "runcast"),
+        ("servicemonitors.v1.monitoring.coreos.com", "runcast"),
+        ("prometheusrules.v1.monitoring.coreos.com", "runcast"),
+    ];
+    let made = wait_for(Duration::from_secs(90), || {
+        optional
+            .iter()
+            .all(|(r, n)| cp.get(&[r, n, "-n", NS]).is_some())
+            .then_some(())
+    });
+    assert!(
+        made.is_some(),
+        "optional objects not created:\n{}",
+        operator_log(&log)
+    );
+    let rc = reconciled(&cp, &log);
+    assert_eq!(condition(&rc, "APIsAvailable").unwrap().0, "True", "{rc}");
+    let off = r#"{"spec":{"ingress":null,"observability":{"serviceMonitor":false,"prometheusRule":false}}}"#;
+    assert!(patch_cluster(&cp, off).status.success());
+    let gone = wait_for(Duration::from_secs(60), || {
+        optional
+            .iter()
+            .all(|(r, n)| cp.get(&[r, n, "-n", NS]).is_none())
+            .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "turned-off objects left behind:\n{}",
+        operator_log(&log)
+    );
+
+    // The CRD's schema refuses a minimum of 0 at the API server.
+    let out = patch_cluster(&cp, r#"{"spec":{"replicas":{"min":0,"max":3}}}"#);
+    assert!(!out.status.success(), "replicas.min 0 was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("spec.replicas.min"), "{err}");
+    // min above max passes the schema; the operator refuses it.
+    let before = template(&cp);
+    let replicas = |cp: &ControlPlane| {
+        cp.get(&["deployment", "runcast-gateway", "-n", NS])
+            .unwrap()["spec"]["replicas"]
+            .clone()
+    };
+    let size = replicas(&cp);
+    assert!(
+        patch_cluster(&cp, r#"{"spec":{"replicas":{"min":5,"max":2}}}"#)
+            .status
+            .success()
+    );
+    let refused = wait_for(Duration::from_secs(60), || {
+        let rc = cp.get(&["runcastcluster", "runcast", "-n", NS])?;
+        condition(&rc, "Ready").filter(|c| c.1 == "InvalidSpec")
+    });
+    let refused =
+        refused.unwrap_or_else(|| panic!("no InvalidSpec condition:\n{}", operator_log(&log)));
+    assert!(refused.2.contains("replicas.min"), "{refused:?}");
+    assert_eq!(
+        (template(&cp), replicas(&cp)),
+        (before, size),
+        "an invalid spec changed the fleet"
+    );
+    // Fixed, it is reconciled again: the operator did not crash or give up.
+    assert!(
+        patch_cluster(&cp, r#"{"spec":{"replicas":{"min":3,"max":6}}}"#)
+            .status
+            .success()
+    );
+    reconciled(&cp, &log);
+    let grown = wait_for(Duration::from_secs(30), || {
+        (replicas(&cp) == 3).then_some(())
+    });
+    assert!(
+        grown.is_some(),
+        "the fixed spec was not applied:\n{}",
+        operator_log(&log)
+    );
+    let text = operator_log(&log);
+    assert!(
+        !text.contains("orbidden"),
+        "the chart's RBAC refused the operator:\n{text}"
     );
 }

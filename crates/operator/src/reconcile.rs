@@ -151,7 +151,30 @@ pub async fn reconcile(rc: Arc<RuncastCluster>, ctx: Arc<Context>) -> Result<Act
 
 async fn reconcile_inner(rc: &RuncastCluster, ctx: &Context) -> Result<Action, Error> {
     let ns = rc.namespace().ok_or(Error::NoNamespace)?;
-    check_spec(rc)?;
+    if let Err(Error::Spec(why)) = check_spec(rc) {
+        // Refused where the user looks (`kubectl get`/`describe`), once
+        // per change of the spec: retrying cannot fix it, so there is no
+        // backoff loop, and nothing of the last good spec is touched.
+        tracing::warn!(cluster = %key(rc), %why, "invalid spec; waiting for a change");
+        Api::<RuncastCluster>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(
+                &rc.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"conditions": [condition(
+                    "Ready",
+                    false,
+                    "InvalidSpec",
+                    why,
+                    rc.metadata.generation,
+                )]}})),
+            )
+            .await?;
+        ctx.metrics
+            .reconcile_errors
+            .with_label_values(&["spec"])
+            .inc();
+        return Ok(Action::await_change());
+    }
     let pass = Pass {
         rc,
         ctx,

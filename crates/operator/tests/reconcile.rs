@@ -847,13 +847,28 @@ async fn pod_stats_are_fetched_concurrently() {
 }
 
 #[tokio::test]
-async fn a_bad_spec_is_an_error_without_api_calls() {
+async fn a_bad_spec_is_refused_in_its_status_without_touching_anything() {
     let mut s = spec(json!({}));
     s["replicas"] = json!({"min": 4, "max": 2});
-    let (mut api, task, _) = start(cluster(s, 1), 1);
-    let err = task.await.unwrap().unwrap_err();
-    assert!(err.to_string().contains("replicas.min"), "{err}");
+    let rc = cluster(s, 1);
+    let (mut api, task, _) = start(rc.clone(), 1);
+    let status = status_patch(&mut api, &rc).await;
+    let action = task.await.unwrap().unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::await_change(),
+        "no retry loop"
+    );
     api.nothing_more().await;
+    let ready = &status["status"]["conditions"][0];
+    assert_eq!(
+        (&ready["type"], &ready["status"], &ready["reason"]),
+        (&json!("Ready"), &json!("False"), &json!("InvalidSpec"))
+    );
+    assert!(
+        ready["message"].as_str().unwrap().contains("replicas.min"),
+        "{ready}"
+    );
 }
 
 fn lease(holder: &str, renewed_secs_ago: i64) -> (u16, Value) {
