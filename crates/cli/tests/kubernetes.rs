@@ -753,3 +753,100 @@ async fn spec_changes_roll_the_fleet_and_turned_off_objects_are_deleted() {
         "the chart's RBAC refused the operator:\n{text}"
     );
 }
+
+/// Leader election on a real Lease: of two operator processes (each with
+/// the chart's ServiceAccount token) one leads; `kill -9` of it, and the
+/// other takes the Lease once it expires (6 s here, renewed every 2 s, so
+/// within 6-8 s of the kill) and reconciles: a spec change made after the
+/// kill is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_within_the_lease_duration() {
+    let cp = ControlPlane::start();
+    let out = cp.helm(&[
+        "install",
+        "rc",
+        CHART,
+        "-n",
+        NS,
+        "--create-namespace",
+        "--set",
+        "nats.bundled=false",
+        "--set",
+        "nats.url=nats://127.0.0.1:4222",
+        "--set",
+        "demo.enabled=false",
+        "--set",
+        "operator.replicas=1",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, log_a) = operator(&cp, "rc", "operator-a", 18080);
+    let (b, log_b) = operator(&cp, "rc", "operator-b", 18080);
+    let holder = |cp: &ControlPlane| {
+        let l = cp.get(&["lease", "rc-operator", "-n", NS])?;
+        Some((
+            l["spec"]["holderIdentity"].as_str()?.to_owned(),
+            l["spec"]["leaseTransitions"].as_i64().unwrap_or(0),
+        ))
+    };
+    let (first, transitions) =
+        wait_for(Duration::from_secs(30), || holder(&cp)).expect("nobody took the Lease");
+    reconciled(&cp, &log_a);
+    let mut procs = std::collections::HashMap::from([("operator-a", a), ("operator-b", b)]);
+    let other = if first == "operator-a" {
+        "operator-b"
+    } else {
+        "operator-a"
+    };
+    // The follower does not act: only the leader says it leads.
+    let (leader_log, follower_log) = if first == "operator-a" {
+        (&log_a, &log_b)
+    } else {
+        (&log_b, &log_a)
+    };
+    assert!(operator_log(leader_log).contains("leading"));
+    assert!(
+        !operator_log(follower_log).contains("leading"),
+        "two leaders"
+    );
+
+    let killed = std::time::Instant::now();
+    drop(procs.remove(first.as_str()).unwrap()); // kill -9, by PID
+    assert!(
+        patch_cluster(&cp, r#"{"spec":{"replicas":{"min":3,"max":6}}}"#)
+            .status
+            .success()
+    );
+    let took = wait_for(Duration::from_secs(30), || {
+        holder(&cp)
+            .filter(|(h, _)| h == other)
+            .map(|(_, t)| (killed.elapsed(), t))
+    });
+    let (after, t) = took.unwrap_or_else(|| {
+        panic!(
+            "{other} never took the Lease:\n{}",
+            operator_log(follower_log)
+        )
+    });
+    eprintln!(
+        "leader election: {other} took the Lease {} ms after {first} was killed",
+        after.as_millis()
+    );
+    assert_eq!(t, transitions + 1, "one transition");
+    assert!(
+        after <= Duration::from_secs(8) + Duration::from_millis(500),
+        "took {after:?}"
+    );
+    let grown = wait_for(Duration::from_secs(30), || {
+        let d = cp.get(&["deployment", "runcast-gateway", "-n", NS])?;
+        (d["spec"]["replicas"] == 3).then_some(())
+    });
+    assert!(
+        grown.is_some(),
+        "the new leader did not reconcile:\n{}",
+        operator_log(follower_log)
+    );
+}
