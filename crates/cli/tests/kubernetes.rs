@@ -294,9 +294,16 @@ fn run_gateway_pods(
             &format!("app.kubernetes.io/instance={cluster},app.kubernetes.io/component=gateway"),
         ])
         .unwrap();
+    let new_pods = pods["items"].as_array().unwrap().iter().any(|p| {
+        !running.contains_key(p["metadata"]["name"].as_str().unwrap())
+            && !p["metadata"]["deletionTimestamp"].is_string()
+    });
+    if !new_pods {
+        return;
+    }
     let config = cp
         .get(&["configmap", &format!("{cluster}-gateway"), "-n", NS])
-        .expect("the operator applied the gateways' ConfigMap");
+        .expect("pods exist, so the operator applied the gateways' ConfigMap");
     let secret = cp
         .get(&["secret", &format!("{cluster}-admin"), "-n", NS])
         .expect("the operator made the admin token Secret");
@@ -848,5 +855,426 @@ async fn a_killed_leader_is_replaced_within_the_lease_duration() {
         grown.is_some(),
         "the new leader did not reconcile:\n{}",
         operator_log(follower_log)
+    );
+}
+
+/// The kubelet's part for the gateway pods, in a loop: starts a real
+/// gateway for each new pod (`run_gateway_pods`), mirrors each gateway's
+/// `/readyz` into its pod's Ready condition (the readiness probe), and for a
+/// pod marked for deletion sends its process SIGTERM, waits for it to exit
+/// and confirms the deletion. What it sees is shared with the test: the
+/// ready endpoints (what a Service would route to) and the pods it deleted.
+struct Kubelet {
+    endpoints: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    deleted: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Kubelet {
+    fn start(cp: std::sync::Arc<ControlPlane>, port: u16) -> Self {
+        use std::sync::{Arc, Mutex, atomic::AtomicBool};
+        let endpoints = Arc::new(Mutex::new(Vec::new()));
+        let deleted = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (e, d, s) = (endpoints.clone(), deleted.clone(), stop.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let mut running = std::collections::BTreeMap::new();
+            let mut ready_seen: std::collections::HashMap<String, bool> = Default::default();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                run_gateway_pods(&cp, "runcast", port, &mut running);
+                let pods = cp
+                    .get(&[
+                        "pods",
+                        "-n",
+                        NS,
+                        "-l",
+                        "app.kubernetes.io/component=gateway",
+                    ])
+                    .unwrap();
+                let mut ready_addrs = Vec::new();
+                for p in pods["items"].as_array().unwrap() {
+                    let name = p["metadata"]["name"].as_str().unwrap().to_owned();
+                    let Some((ip, _)) = running.get(&name) else {
+                        continue;
+                    };
+                    let ip = ip.clone();
+                    if p["metadata"]["deletionTimestamp"].is_string() {
+                        let (_, mut proc_) = running.remove(&name).unwrap();
+                        let pid = proc_.0.id().to_string();
+                        let _ = std::process::Command::new("kill")
+                            .args(["-TERM", &pid])
+                            .status();
+                        let exited = wait_for(Duration::from_secs(20), || {
+                            proc_.0.try_wait().ok().flatten()
+                        });
+                        assert!(exited.is_some(), "gateway of {name} ignored SIGTERM");
+                        let _ = cp.kubectl(&[
+                            "delete",
+                            "pod",
+                            &name,
+                            "-n",
+                            NS,
+                            "--grace-period=0",
+                            "--force",
+                        ]);
+                        d.lock().unwrap().push(name);
+                        continue;
+                    }
+                    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+                    let ready = std::process::Command::new("curl")
+                        .args(["-fsS", "-o", "/dev/null", "--max-time", "1"])
+                        .arg(format!("http://{addr}/readyz"))
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    if ready_seen.get(&name) != Some(&ready) {
+                        cp.set_pod_status(NS, &name, &ip, ready);
+                        ready_seen.insert(name, ready);
+                    }
+                    if ready {
+                        ready_addrs.push(addr);
+                    }
+                }
+                *e.lock().unwrap() = ready_addrs;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        Self {
+            endpoints,
+            deleted,
+            stop,
+            task: Some(task),
+        }
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A client behind a Service: connects to one of the ready endpoints
+/// (round robin, as kube-proxy spreads connections), follows `run` from
+/// its cursor, and on a close (a drain or rebalance hint, 1001) connects
+/// again and resumes. Returns every seq received, in order, at `complete`.
+async fn service_client(
+    run: String,
+    endpoints: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    pick: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> (Vec<u64>, usize) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut seqs, mut moves) = (Vec::<u64>::new(), 0usize);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{run}: never completed"
+        );
+        let addr = {
+            let e = endpoints.lock().unwrap();
+            if e.is_empty() {
+                None
+            } else {
+                Some(e[pick.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % e.len()])
+            }
+        };
+        let Some(addr) = addr else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut sub = serde_json::json!({"type": "subscribe", "run": run, "since": 0});
+        if let Some(s) = seqs.last() {
+            sub["since"] = (*s).into();
+        }
+        if ws
+            .send(Message::Text(sub.to_string().into()))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        while let Some(Ok(m)) = ws.next().await {
+            let Message::Text(t) = m else { continue };
+            let f: Value = serde_json::from_str(&t).unwrap();
+            match f["type"].as_str() {
+                Some("event") => {
+                    seqs.push(f["seq"].as_u64().unwrap());
+                    if f["kind"] == "complete" {
+                        return (seqs, moves);
+                    }
+                }
+                Some("error" | "gap") => panic!("{run}: {f}"),
+                _ => {}
+            }
+        }
+        moves += 1;
+    }
+}
+
+/// Publishes one event to `run` through any ready gateway's HTTP API (a
+/// draining one answers 503 and the next is tried); returns its seq.
+async fn publish_via_service(
+    run: &str,
+    kind: &str,
+    endpoints: &std::sync::Mutex<Vec<std::net::SocketAddr>>,
+) -> u64 {
+    for attempt in 0..100 {
+        let addrs = endpoints.lock().unwrap().clone();
+        if !addrs.is_empty() {
+            let addr = addrs[attempt % addrs.len()];
+            let body = serde_json::json!({"kind": kind, "data": {"n": attempt}}).to_string();
+            let (status, _, text) = runcast_test_support::http(
+                addr,
+                "POST",
+                &format!("/v1/runs/{run}/events"),
+                &[],
+                body,
+            )
+            .await;
+            if status == 200 {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                return v["seqs"][0]
+                    .as_u64()
+                    .or(v["seq"].as_u64())
+                    .unwrap_or_else(|| panic!("{text}"));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no gateway took an event for {run}");
+}
+
+/// Scaling with real objects: load on two gateway pods makes the operator
+/// add a third; the ReplicaSet's new pod is bound, started and rebalanced
+/// onto. When the load goes, the operator drains the least-loaded pod and
+/// lowers the Deployment; the ReplicaSet controller removes exactly that
+/// pod. Clients behind a "Service" follow every move and lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_scales_the_fleet_up_and_down_and_no_client_loses_an_event() {
+    use std::sync::{Arc, atomic::AtomicUsize};
+    let nats = runcast_test_support::nats::NatsServer::start().await;
+    let cp = Arc::new(ControlPlane::start());
+    let out = cp.helm(&[
+        "install",
+        "rc",
+        CHART,
+        "-n",
+        NS,
+        "--create-namespace",
+        "--set",
+        "nats.bundled=false",
+        "--set",
+        &format!("nats.url={}", nats.url()),
+        "--set",
+        "nats.streamReplicas=1",
+        "--set",
+        "demo.enabled=false",
+        "--set",
+        "operator.replicas=1",
+        "--set",
+        "cluster.replicas.min=2",
+        "--set",
+        "cluster.replicas.max=3",
+        "--set",
+        "cluster.scaling.connectionsPerPod=40",
+        "--set",
+        "cluster.scaling.scaleUpStabilizationSeconds=0",
+        "--set",
+        "cluster.scaling.scaleDownStabilizationSeconds=0",
+        "--set",
+        "cluster.drain.rate=50",
+        "--set",
+        "cluster.drain.jitterMs=200",
+        "--set",
+        "cluster.drain.gracePeriodSeconds=15",
+        "--set",
+        "cluster.auth.allowAnonymousPublish=true",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ips: Vec<String> = (10..20).map(|n| format!("127.0.0.{n}")).collect();
+    let port = free_port_on(&ips);
+    let (_op, log) = operator(&cp, "rc", "operator-0", port);
+    let kubelet = Kubelet::start(cp.clone(), port);
+    let two = wait_for(Duration::from_secs(60), || {
+        (kubelet.endpoints.lock().unwrap().len() == 2).then_some(())
+    });
+    assert!(
+        two.is_some(),
+        "2 gateway pods never ran:\n{}",
+        operator_log(&log)
+    );
+
+    // 120 clients on 6 runs: 60 per pod, 40 is the target.
+    let pick = Arc::new(AtomicUsize::new(0));
+    let runs: Vec<String> = (0..6).map(|r| format!("scale-{r}")).collect();
+    let mut clients = Vec::new();
+    for i in 0..120 {
+        let run = runs[i % runs.len()].clone();
+        clients.push(tokio::spawn(service_client(
+            run,
+            kubelet.endpoints.clone(),
+            pick.clone(),
+        )));
+    }
+    let publisher = {
+        let (runs, endpoints) = (runs.clone(), kubelet.endpoints.clone());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut published: std::collections::HashMap<String, Vec<u64>> = Default::default();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                for run in &runs {
+                    let seq = publish_via_service(run, "progress", &endpoints).await;
+                    published.entry(run.clone()).or_default().push(seq);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            published
+        });
+        (stop, task)
+    };
+
+    // Up: a third pod, and clients moved onto it.
+    let status = |cp: &ControlPlane| cp.get(&["runcastcluster", "runcast", "-n", NS]).unwrap();
+    let rebalanced = wait_for(Duration::from_secs(120), || {
+        let rc = status(&cp);
+        let pods = rc["status"]["pods"].as_array()?.clone();
+        (pods.len() == 3
+            && pods
+                .iter()
+                .all(|p| p["connections"].as_u64().unwrap_or(0) >= 25))
+        .then_some(pods)
+    });
+    let pods = rebalanced.unwrap_or_else(|| {
+        panic!(
+            "no rebalance onto a third pod: {}\n{}",
+            status(&cp)["status"],
+            operator_log(&log)
+        )
+    });
+    eprintln!("scaled up and rebalanced: {pods:?}");
+
+    // Down: two thirds of the clients finish; 40 connections fit in one
+    // pod, but min is 2, so one pod is drained and removed.
+    let (stop, task) = publisher;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut published = task.await.unwrap();
+    for run in &runs[..4] {
+        let seq = publish_via_service(run, "complete", &kubelet.endpoints).await;
+        published.get_mut(run).unwrap().push(seq);
+    }
+    let before: Vec<String> = cp
+        .get(&[
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/component=gateway",
+        ])
+        .unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    // Which pods the operator marks (deletion cost) before it drains.
+    let mut marked = std::collections::BTreeSet::new();
+    let removed = wait_for(Duration::from_secs(120), || {
+        for p in cp.get(&[
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/component=gateway",
+        ])?["items"]
+            .as_array()?
+        {
+            if p["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
+                .is_string()
+            {
+                marked.insert(p["metadata"]["name"].as_str()?.to_owned());
+            }
+        }
+        let d = cp.get(&["deployment", "runcast-gateway", "-n", NS])?;
+        let deleted = kubelet.deleted.lock().unwrap().clone();
+        (d["spec"]["replicas"] == 2 && deleted.len() == 1).then_some(deleted)
+    });
+    let removed = removed.unwrap_or_else(|| {
+        panic!(
+            "no scale-down to 2: {}\n{}",
+            status(&cp)["status"],
+            operator_log(&log)
+        )
+    });
+    assert_eq!(
+        marked.iter().cloned().collect::<Vec<_>>(),
+        removed,
+        "the ReplicaSet removed another pod than the one the operator drained"
+    );
+    let text = operator_log(&log);
+    assert!(text.contains("scaling"), "{text}");
+    let still: Vec<String> = cp
+        .get(&[
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/component=gateway",
+        ])
+        .unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(still.len(), 2, "{still:?}");
+    assert!(before.contains(&removed[0]) && !still.contains(&removed[0]));
+    for p in &still {
+        let pod = cp.get(&["pod", p, "-n", NS]).unwrap();
+        assert!(
+            pod["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"].is_null(),
+            "a pod marked for removal was kept: {p}"
+        );
+    }
+    eprintln!("scaled down: removed {removed:?}, kept {still:?}");
+
+    // The rest finish; every client got every event of its run once, in order.
+    for run in &runs[4..] {
+        let seq = publish_via_service(run, "complete", &kubelet.endpoints).await;
+        published.get_mut(run).unwrap().push(seq);
+    }
+    let mut moves = 0;
+    for (i, c) in clients.into_iter().enumerate() {
+        let run = &runs[i % runs.len()];
+        let (seqs, m) = tokio::time::timeout(Duration::from_secs(120), c)
+            .await
+            .unwrap()
+            .unwrap();
+        moves += m;
+        assert_eq!(&seqs, &published[run], "client {i} of {run}");
+    }
+    eprintln!("120 clients, {moves} moves between pods, no event lost or repeated");
+    assert!(
+        moves >= 10,
+        "the rebalance and the drain moved only {moves} clients"
     );
 }

@@ -205,7 +205,13 @@ impl ControlPlane {
     /// Plays the kubelet for one pod: Running and Ready, with `ip` as its
     /// podIP (a 127.0.0.0/8 address where the test runs the real process).
     pub fn set_pod_running(&self, ns: &str, pod: &str, ip: &str) {
+        self.set_pod_status(ns, pod, ip, true);
+    }
+
+    /// Running with `ip`, and Ready as its readiness probe says.
+    pub fn set_pod_status(&self, ns: &str, pod: &str, ip: &str, ready: bool) {
         let now = "2026-01-01T00:00:00Z";
+        let ready = if ready { "True" } else { "False" };
         let patch = serde_json::json!({"status": {
             "phase": "Running",
             "podIP": ip,
@@ -215,8 +221,8 @@ impl ControlPlane {
             "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
                 {"type": "Initialized", "status": "True", "lastTransitionTime": now},
-                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
-                {"type": "Ready", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": ready, "lastTransitionTime": now},
+                {"type": "Ready", "status": ready, "lastTransitionTime": now},
             ],
         }});
         let patch = patch.to_string();
