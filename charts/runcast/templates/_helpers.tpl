@@ -10,12 +10,30 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
+{{/* The prefix of every object's name: the release name, or
+     fullnameOverride, or the release name and nameOverride. Labels and
+     selectors keep app.kubernetes.io/name=runcast: the operator labels the
+     gateway pods with it. */}}
+{{- define "runcast.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else if .Values.nameOverride -}}
+{{- printf "%s-%s" .Release.Name .Values.nameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "runcast.operatorName" -}}
-{{ .Release.Name }}-operator
+{{ include "runcast.fullname" . }}-operator
+{{- end -}}
+
+{{- define "runcast.operatorServiceAccount" -}}
+{{ .Values.operator.serviceAccount.name | default (include "runcast.operatorName" .) }}
 {{- end -}}
 
 {{- define "runcast.natsName" -}}
-{{ .Release.Name }}-nats
+{{ include "runcast.fullname" . }}-nats
 {{- end -}}
 
 {{/* Where the gateways and workers find NATS. Short names (same

@@ -93,6 +93,9 @@ fn established(cp: &ControlPlane, crd: &str) -> bool {
 #[test]
 fn the_chart_installs_on_a_real_api_server_and_uninstalls_without_a_trace() {
     let cp = ControlPlane::start();
+    // A cluster with the Prometheus Operator's CRDs, which the monitoring
+    // value set needs (it asks for a ServiceMonitor of the operator).
+    cp.apply(&monitoring_crds());
     let mut sets = vec![("default", None)];
     let mut ci: Vec<_> = std::fs::read_dir(format!("{CHART}/ci"))
         .unwrap()
@@ -672,6 +675,60 @@ async fn spec_changes_roll_the_fleet_and_turned_off_objects_are_deleted() {
         .is_some(),
         "each change is a rollout: {} ReplicaSets",
         replicasets(&cp)
+    );
+
+    // Where and how the pods run: the pod spec's own fields, passed
+    // through (the real API server validates them against the CRD's
+    // schema, and the scheduler still places the pods).
+    let placement = r#"{"spec":{"gateway":{
+        "imagePullSecrets":[{"name":"registry-creds"}],
+        "nodeSelector":{"kubernetes.io/os":"linux"},
+        "tolerations":[{"key":"dedicated","operator":"Equal","value":"runcast","effect":"NoSchedule"}],
+        "topologySpreadConstraints":[{"maxSkew":1,"topologyKey":"kubernetes.io/hostname","whenUnsatisfiable":"ScheduleAnyway","labelSelector":{"matchLabels":{"app.kubernetes.io/component":"gateway"}}}],
+        "podSecurityContext":{"runAsNonRoot":true,"runAsUser":10001,"fsGroup":10001},
+        "priorityClassName":"runcast-gateways"}}}"#;
+    cp.apply("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: runcast-gateways}\nvalue: 1000\n");
+    let out = patch_cluster(&cp, placement);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    reconciled(&cp, &log);
+    let d = cp
+        .get(&["deployment", "runcast-gateway", "-n", NS])
+        .unwrap();
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["imagePullSecrets"][0]["name"], "registry-creds",
+        "{pod}"
+    );
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
+    assert_eq!(pod["tolerations"][0]["key"], "dedicated");
+    assert_eq!(pod["topologySpreadConstraints"][0]["maxSkew"], 1);
+    assert_eq!(pod["securityContext"]["runAsUser"], 10001);
+    assert_eq!(pod["priorityClassName"], "runcast-gateways");
+    let scheduled = wait_for(Duration::from_secs(30), || {
+        let pods = cp.get(&[
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/component=gateway",
+        ])?;
+        pods["items"]
+            .as_array()?
+            .iter()
+            .any(|p| {
+                p["spec"]["priorityClassName"] == "runcast-gateways"
+                    && p["spec"]["nodeName"] == "fake-node"
+            })
+            .then_some(())
+    });
+    assert!(
+        scheduled.is_some(),
+        "no pod of the new template was scheduled:\n{}",
+        cp.logs()
     );
 
     // Optional objects: on, then off.

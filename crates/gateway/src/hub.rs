@@ -217,7 +217,13 @@ impl Hub {
     }
 
     fn try_join(&self, run: &RunId, conn: &Arc<Subscriber>) -> bool {
-        let runs = lock(&self.runs);
+        let mut runs = lock(&self.runs);
+        // A fan-out that ended (it closed its subscribers) is not joined:
+        // the caller opens a new watch.
+        if runs.get(run).is_some_and(|f| f.task.is_finished()) {
+            runs.remove(run);
+            self.metrics.watched_runs.set(runs.len() as i64);
+        }
         match runs.get(run) {
             Some(f) => {
                 lock(&f.subs).insert(conn.id, conn.clone());
@@ -339,8 +345,16 @@ async fn fanout(
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::warn!(error = %e, "history read failed while repairing the live feed");
-                        break;
+                        // Going on would skip what the read should have
+                        // brought, without a word. Subscribers instead
+                        // reconnect and resume from their cursors, which lie
+                        // before the hole; their sessions read it again.
+                        tracing::warn!(error = %e, last, "history read failed while repairing the live feed; closing subscribers so they resume from their cursors");
+                        metrics.feed_repair_failures.inc();
+                        for conn in lock(&subs).values() {
+                            conn.close(CloseCode::InternalError);
+                        }
+                        return;
                     }
                 }
             }
@@ -462,5 +476,76 @@ mod tests {
         );
         assert!(rx.try_recv().is_err(), "nothing extra");
         assert_eq!(metrics.feed_repairs.get(), 1, "the repair is counted");
+    }
+
+    /// A bus whose history reads fail (JetStream not answering), and
+    /// which otherwise is the embedded one.
+    struct FailingReads(EmbeddedBus);
+
+    #[async_trait::async_trait]
+    impl Bus for FailingReads {
+        async fn publish(&self, run: &RunId, events: Vec<NewEvent>) -> Result<Vec<u64>, BusError> {
+            self.0.publish(run, events).await
+        }
+        async fn watch(&self, run: &RunId) -> Result<Watch, BusError> {
+            self.0.watch(run).await
+        }
+        async fn read(&self, _: &RunId, _: u64, _: usize) -> Result<runcast_bus::Page, BusError> {
+            Err(BusError::Unavailable("timed out".into()))
+        }
+        async fn state(&self, run: &RunId) -> Result<Option<runcast_core::RunState>, BusError> {
+            self.0.state(run).await
+        }
+        async fn runs(
+            &self,
+            f: runcast_bus::RunFilter,
+        ) -> Result<Vec<runcast_core::RunState>, BusError> {
+            self.0.runs(f).await
+        }
+        fn health(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// The outside tester's finding: a repair whose history read failed
+    /// went on with the next live event, so the hole was skipped without a
+    /// word and the client's cursor moved past it. Now the subscribers are
+    /// closed (1011) before anything after the hole goes out, and resume
+    /// from their cursors.
+    #[tokio::test]
+    async fn a_repair_whose_read_fails_closes_subscribers_instead_of_skipping() {
+        let inner = EmbeddedBus::new(Retention::default());
+        let run = RunId::parse("hole").unwrap();
+        let mut events = Vec::new();
+        for i in 1..=3u64 {
+            let seq = inner
+                .publish(&run, vec![NewEvent::json(EventKind::Log, &i).unwrap()])
+                .await
+                .unwrap()[0];
+            events.push(inner.read(&run, seq, 1).await.unwrap().events[0].clone());
+        }
+        let script = [
+            Live::Event(events[0].clone()),
+            Live::Lagged,
+            Live::Event(events[2].clone()),
+        ];
+        let watch = Watch {
+            head: 0,
+            feed: Box::new(Scripted(script.into_iter().collect())),
+        };
+        let (conn, mut rx) = Subscriber::new(1, 64, 1 << 20);
+        let subs: Subscribers = Arc::new(Mutex::new(HashMap::from([(1, conn.clone())])));
+        let metrics = Arc::new(Metrics::new("embedded"));
+        let bus: Arc<dyn Bus> = Arc::new(FailingReads(inner));
+        let task = tokio::spawn(fanout(run, watch, subs, bus, metrics.clone(), 2));
+        tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("the fan-out ends")
+            .unwrap();
+        let first = rx.recv().await.unwrap();
+        assert_eq!((first.first, first.last), (1, 1));
+        assert!(rx.try_recv().is_err(), "nothing after the hole went out");
+        assert_eq!(conn.close_code(), Some(CloseCode::InternalError));
+        assert_eq!(metrics.feed_repair_failures.get(), 1);
     }
 }

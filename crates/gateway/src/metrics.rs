@@ -53,6 +53,9 @@ pub struct Metrics {
     pub bus_history_reads: IntCounterVec,
     /// Live feeds that fell behind and were repaired from history.
     pub feed_repairs: IntCounter,
+    /// Repairs whose history read failed: the run's subscribers were closed
+    /// (1011) to resume from their cursors.
+    pub feed_repair_failures: IntCounter,
     /// Frames waiting in a connection's queue when it starts writing a batch.
     pub queue_depth: Histogram,
 }
@@ -120,6 +123,10 @@ impl Metrics {
             feed_repairs: m.counter(
                 "runcast_feed_repairs_total",
                 "Times a run's live feed fell behind and was repaired from history.",
+            ),
+            feed_repair_failures: m.counter(
+                "runcast_feed_repair_failures_total",
+                "Repairs of a live feed whose history read failed: the run's subscribers were closed (1011) to resume from their cursors.",
             ),
             publish_to_receive: latency.with_label_values(&["publish_to_receive"]),
             receive_to_write: latency.with_label_values(&["receive_to_write"]),

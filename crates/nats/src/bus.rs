@@ -483,7 +483,16 @@ impl NatsBus {
     async fn read_page(&self, run: &RunId, from: u64, limit: usize) -> Result<Page, BusError> {
         let stream = self.stream()?;
         let filter = self.filter(run);
-        let head = self.last_seq(&filter).await?.unwrap_or(0);
+        // A head-only read checks a client's cursor before it is refused
+        // as past the head: ask the leader. A direct get may be answered
+        // by a replica still catching up after a failover, and a head a few
+        // events old turned valid cursors into since_out_of_range.
+        let head = if limit == 0 {
+            crate::message::leader_last_seq(stream, &filter).await?
+        } else {
+            self.last_seq(&filter).await?
+        }
+        .unwrap_or(0);
         let first = if head == 0 {
             1
         } else {

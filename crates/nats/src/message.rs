@@ -73,6 +73,27 @@ pub(crate) fn delivered_event(
 
 /// The stream sequence of the last message on `subject` (may be a
 /// wildcard), if any is retained; read through [`patiently`].
+/// Like [`last_seq`], but answered by the stream's leader (a stream
+/// message get, not a direct get, which any replica answers and a lagging
+/// one answers with an old head). For the few reads whose answer refuses
+/// something: a cursor past the head is only bad if the leader says so.
+pub(crate) async fn leader_last_seq(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+) -> Result<Option<u64>, BusError> {
+    use jetstream::stream::LastRawMessageErrorKind as Kind;
+    patiently(|| async {
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e) if e.kind() == Kind::NoMessageFound => Ok(None),
+            Err(e) => Err(BusError::Unavailable(format!(
+                "reading {subject} from the stream leader: {e}"
+            ))),
+        }
+    })
+    .await
+}
+
 pub(crate) async fn last_seq(
     stream: &jetstream::stream::Stream,
     subject: &str,

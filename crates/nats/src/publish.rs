@@ -403,8 +403,13 @@ impl NatsTarget {
 /// What a failed attempt to publish on `subj` says, for the error.
 fn describe(e: &JsPublishError, subj: &str) -> String {
     match e.kind() {
+        // NATS says "no responders" both when no stream captures the
+        // subject and while the stream that does has no leader (an election
+        // after a node was lost): one answer, two causes, both named.
         JsKind::StreamNotFound => format!(
-            "no JetStream stream captures {subj} (gateways and `runcast worker` create it at start-up)"
+            "no JetStream stream answered for {subj}: the stream may be electing a new leader \
+             (after a NATS node was lost; retry), or no stream captures the subject (gateways and \
+             `runcast worker` create it at start-up)"
         ),
         _ => e.to_string(),
     }

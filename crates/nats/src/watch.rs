@@ -274,6 +274,8 @@ impl RunFeed {
             }
         };
         self.verify_at = Instant::now() + VERIFY_EVERY;
+        // A batch cut at its limit may lack the run's highest subject.
+        let lasts_complete = lasts.len() <= MAX_CHAINS;
         let mut head = 0;
         for (subject, seq) in lasts {
             head = head.max(seq);
@@ -295,6 +297,16 @@ impl RunFeed {
         }
         if head > self.last {
             self.expect = Some((head, Instant::now() + CONFIRM));
+        } else if head < self.last && lasts_complete {
+            // The feed handed out a seq the stream does not have for this
+            // run: a message published by hand on the live subject with the
+            // stream's headers. It cannot be taken back; say so loudly.
+            tracing::error!(
+                run = %self.run,
+                handed_out = self.last,
+                stream_head = head,
+                "this run's live feed delivered a seq the events stream does not hold: a forged message on a live subject (deny publishing on <prefix>.live.> to all but the stream; see docs/security.md)"
+            );
         }
         Ok(())
     }
@@ -375,6 +387,12 @@ impl RunFeed {
             tracing::warn!(subject = %msg.subject, "ignoring a message on a live subject that the stream did not republish");
             return None;
         };
+        // A copy the stream made names it; one that names another stream
+        // (or none) was published by hand on the live subject.
+        if header("Nats-Stream") != Some(self.stream.cached_info().config.name.as_str()) {
+            tracing::warn!(subject = %msg.subject, "ignoring a message on a live subject that does not come from the events stream");
+            return None;
+        }
         let prev = header("Nats-Last-Sequence")
             .and_then(|s| s.parse::<u64>().ok())
             .unwrap_or(0);

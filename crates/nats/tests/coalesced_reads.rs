@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use futures_util::{FutureExt, future::join_all};
+use futures_util::{FutureExt, StreamExt, future::join_all};
 use runcast_bus::Bus;
 use runcast_core::{EventKind, NewEvent, RunId};
 use runcast_nats::{NatsBus, NatsConfig, StreamSettings};
@@ -180,4 +180,56 @@ async fn a_finished_read_answers_what_it_covers_until_the_feed_sees_more() {
     bus.read(&run, head + 1, 500).await.unwrap();
     bus.read(&run, head + 1, 500).await.unwrap();
     assert_eq!(bus.stats().history_reads - s4.history_reads, 2);
+}
+
+/// A head-only read (how a gateway checks a cursor before refusing it as
+/// past the head) is answered by the stream's leader, with a stream
+/// message get on the run's wildcard: the outside tester found valid
+/// cursors refused after a failover, because a direct get was answered by
+/// a replica still a few events behind. The head must be right whatever
+/// kinds the run's last events have, and 0 for a run without events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_only_read_asks_the_stream_leader() {
+    let nats = NatsServer::start().await;
+    let bus = bus(&nats).await;
+    let run = RunId::parse("cursor-check").unwrap();
+    let mut last = 0;
+    for kind in [
+        EventKind::Progress,
+        EventKind::Log,
+        EventKind::Status,
+        EventKind::Log,
+    ] {
+        last = bus
+            .publish(&run, vec![NewEvent::json(kind, &1).unwrap()])
+            .await
+            .unwrap()[0];
+    }
+    let sniffer = runcast_nats::async_nats::connect(nats.url()).await.unwrap();
+    let mut api = sniffer.subscribe("$JS.API.>").await.unwrap();
+    sniffer.flush().await.unwrap();
+    let page = bus.read(&run, last + 5, 0).await.unwrap();
+    assert_eq!(page.head, last);
+    assert!(page.events.is_empty());
+    let empty = bus
+        .read(&RunId::parse("never-published").unwrap(), 1, 0)
+        .await
+        .unwrap();
+    assert_eq!(empty.head, 0);
+    let mut subjects = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), api.next()).await {
+        subjects.push(m.subject.to_string());
+    }
+    assert!(
+        subjects
+            .iter()
+            .any(|s| s.starts_with("$JS.API.STREAM.MSG.GET.")),
+        "no leader read: {subjects:?}"
+    );
+    assert!(
+        !subjects
+            .iter()
+            .any(|s| s.starts_with("$JS.API.DIRECT.GET.RUNCAST_EVENTS")),
+        "a head-only read went to a replica: {subjects:?}"
+    );
 }

@@ -256,3 +256,47 @@ async fn a_copy_lost_behind_events_of_other_kinds_is_counted_not_silent() {
         "{page}"
     );
 }
+
+/// The outside tester's finding: a message published by hand on a live
+/// subject with the stream's sequence headers was taken as an event. One
+/// that names another stream in `Nats-Stream` (or none) is now ignored;
+/// the run goes on exactly as stored. (One that copies every header can
+/// only be kept out by permissions: docs/security.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_names_another_stream_is_ignored() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("forged", None).await;
+    let publisher = Publisher::on_bus(gw.bus(), "forged").unwrap();
+    publisher.log("one").await.unwrap();
+    let first = event_frames(&mut c, 1, Duration::from_secs(5)).await;
+    let seq = first[0]["seq"].as_u64().unwrap();
+
+    let forger = runcast_nats::async_nats::connect(nats.url()).await.unwrap();
+    for stream in [Some("OTHER"), None] {
+        let mut h = runcast_nats::async_nats::HeaderMap::new();
+        if let Some(s) = stream {
+            h.insert("Nats-Stream", s);
+        }
+        h.insert("Nats-Subject", "runcast.runs.forged.log");
+        h.insert("Nats-Sequence", (seq + 1000).to_string().as_str());
+        h.insert("Nats-Last-Sequence", seq.to_string().as_str());
+        forger
+            .publish_with_headers("runcast.live.forged.log", h, r#"{"line":"forged"}"#.into())
+            .await
+            .unwrap();
+    }
+    forger.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publisher.log("two").await.unwrap();
+    let rest = event_frames(&mut c, 1, Duration::from_secs(5)).await;
+    assert_eq!(rest[0]["data"]["line"], "two", "the real next event, live");
+    assert!(rest[0]["seq"].as_u64().unwrap() < seq + 1000);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), c.recv())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+}

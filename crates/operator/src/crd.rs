@@ -10,7 +10,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    api::core::v1::{ResourceRequirements, SecretKeySelector},
+    api::core::v1::{
+        Affinity, LocalObjectReference, PodSecurityContext, ResourceRequirements,
+        SecretKeySelector, SecurityContext, Toleration, TopologySpreadConstraint,
+    },
     apimachinery::pkg::apis::meta::v1::Condition,
 };
 use kube::CustomResource;
@@ -117,6 +120,29 @@ pub struct GatewaySpec {
     /// Extra pod annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_annotations: BTreeMap<String, String>,
+    /// Secrets for pulling the image from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Where the pods may run: the pod spec's fields of the same names.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// Replaces the pod's security context (default: non-root UID/GID
+    /// 65532, the RuntimeDefault seccomp profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_security_context: Option<PodSecurityContext>,
+    /// Replaces the container's security context (default: read-only root
+    /// filesystem, no privilege escalation, every capability dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
+    /// A priority class for the gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
 }
 
 impl Default for GatewaySpec {
@@ -127,6 +153,14 @@ impl Default for GatewaySpec {
             resources: None,
             env: BTreeMap::new(),
             pod_annotations: BTreeMap::new(),
+            image_pull_secrets: Vec::new(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            affinity: None,
+            topology_spread_constraints: Vec::new(),
+            pod_security_context: None,
+            security_context: None,
+            priority_class_name: None,
         }
     }
 }

@@ -204,6 +204,43 @@ pub fn deployment(rc: &RuncastCluster, replicas: i32, config_hash: &str) -> Valu
     if let Some(r) = &s.gateway.resources {
         container["resources"] = json!(r);
     }
+    if let Some(c) = &s.gateway.security_context {
+        container["securityContext"] = json!(c);
+    }
+    let pod_security = match &s.gateway.pod_security_context {
+        Some(c) => json!(c),
+        None => json!({
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }),
+    };
+    let mut pod = json!({
+        "terminationGracePeriodSeconds": s.drain.grace_period_seconds,
+        "securityContext": pod_security,
+        "containers": [container],
+        "volumes": volumes,
+    });
+    let g = &s.gateway;
+    if !g.image_pull_secrets.is_empty() {
+        pod["imagePullSecrets"] = json!(g.image_pull_secrets);
+    }
+    if !g.node_selector.is_empty() {
+        pod["nodeSelector"] = json!(g.node_selector);
+    }
+    if !g.tolerations.is_empty() {
+        pod["tolerations"] = json!(g.tolerations);
+    }
+    if let Some(a) = &g.affinity {
+        pod["affinity"] = json!(a);
+    }
+    if !g.topology_spread_constraints.is_empty() {
+        pod["topologySpreadConstraints"] = json!(g.topology_spread_constraints);
+    }
+    if let Some(p) = &g.priority_class_name {
+        pod["priorityClassName"] = json!(p);
+    }
     json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -218,17 +255,7 @@ pub fn deployment(rc: &RuncastCluster, replicas: i32, config_hash: &str) -> Valu
             },
             "template": {
                 "metadata": {"labels": labels(rc), "annotations": annotations},
-                "spec": {
-                    "terminationGracePeriodSeconds": s.drain.grace_period_seconds,
-                    "securityContext": {
-                        "runAsNonRoot": true,
-                        "runAsUser": 65532,
-                        "runAsGroup": 65532,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [container],
-                    "volumes": volumes,
-                },
+                "spec": pod,
             },
         },
     })

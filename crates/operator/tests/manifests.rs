@@ -121,6 +121,19 @@ fn check(v: &Value) -> String {
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => strict::<ClusterRole>(v),
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => strict::<ClusterRoleBinding>(v),
         ("runcast.dev/v1alpha1", "RuncastCluster") => strict::<RuncastCluster>(v),
+        // The Prometheus Operator's type, not in k8s-openapi: the fields the
+        // chart sets, checked by hand (the real API server accepts it in
+        // cli/tests/kubernetes.rs).
+        ("monitoring.coreos.com/v1", "ServiceMonitor") => {
+            let e = &v["spec"]["endpoints"][0];
+            if v["spec"]["selector"]["matchLabels"].is_object() && e["port"].is_string() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ServiceMonitor without a selector or endpoint port: {v}"
+                ))
+            }
+        }
         other => Err(format!("no type for {other:?}")),
     };
     if let Err(e) = r {
