@@ -213,6 +213,32 @@ fn the_chart_installs_on_a_real_api_server_and_uninstalls_without_a_trace() {
 const BIN: &str = env!("CARGO_BIN_EXE_runcast");
 const NS: &str = "apps";
 
+/// `helm install rc` of the chart into [`NS`], as the operator tests use
+/// it: NATS from `nats_url` instead of the bundled one, no demo workers,
+/// one operator replica (the tests run the operator themselves), plus
+/// `sets` (`key=value` each).
+fn install_chart(cp: &ControlPlane, nats_url: &str, sets: &[&str]) {
+    let url = format!("nats.url={nats_url}");
+    let mut args = vec!["install", "rc", CHART, "-n", NS, "--create-namespace"];
+    for set in [
+        "nats.bundled=false",
+        url.as_str(),
+        "demo.enabled=false",
+        "operator.replicas=1",
+    ]
+    .iter()
+    .chain(sets)
+    {
+        args.extend_from_slice(&["--set", set]);
+    }
+    let out = cp.helm(&args);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A process killed (by PID) when dropped.
 struct Proc(std::process::Child);
 
@@ -382,29 +408,7 @@ async fn the_operator_reconciles_the_charts_cluster_with_the_charts_permissions(
     let nats = runcast_test_support::nats::NatsServer::start().await;
     let cp = ControlPlane::start();
     let release = "rc";
-    let out = cp.helm(&[
-        "install",
-        release,
-        CHART,
-        "-n",
-        NS,
-        "--create-namespace",
-        "--set",
-        "nats.bundled=false",
-        "--set",
-        &format!("nats.url={}", nats.url()),
-        "--set",
-        "nats.streamReplicas=1",
-        "--set",
-        "demo.enabled=false",
-        "--set",
-        "operator.replicas=1",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    install_chart(&cp, &nats.url(), &["nats.streamReplicas=1"]);
     let ips: Vec<String> = (10..20).map(|n| format!("127.0.0.{n}")).collect();
     let port = free_port_on(&ips);
     let (_op, log) = operator(&cp, release, "operator-0", port);
@@ -601,27 +605,7 @@ async fn spec_changes_roll_the_fleet_and_turned_off_objects_are_deleted() {
             "{crd} not Established"
         );
     }
-    let out = cp.helm(&[
-        "install",
-        "rc",
-        CHART,
-        "-n",
-        NS,
-        "--create-namespace",
-        "--set",
-        "nats.bundled=false",
-        "--set",
-        "nats.url=nats://127.0.0.1:4222",
-        "--set",
-        "demo.enabled=false",
-        "--set",
-        "operator.replicas=1",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    install_chart(&cp, "nats://127.0.0.1:4222", &[]);
     let (_op, log) = operator(&cp, "rc", "operator-0", 18080);
     reconciled(&cp, &log);
     let template = |cp: &ControlPlane| {
@@ -826,27 +810,7 @@ async fn spec_changes_roll_the_fleet_and_turned_off_objects_are_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_replaced_within_the_lease_duration() {
     let cp = ControlPlane::start();
-    let out = cp.helm(&[
-        "install",
-        "rc",
-        CHART,
-        "-n",
-        NS,
-        "--create-namespace",
-        "--set",
-        "nats.bundled=false",
-        "--set",
-        "nats.url=nats://127.0.0.1:4222",
-        "--set",
-        "demo.enabled=false",
-        "--set",
-        "operator.replicas=1",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    install_chart(&cp, "nats://127.0.0.1:4222", &[]);
     let (a, log_a) = operator(&cp, "rc", "operator-a", 18080);
     let (b, log_b) = operator(&cp, "rc", "operator-b", 18080);
     let holder = |cp: &ControlPlane| {
@@ -1126,46 +1090,21 @@ async fn load_scales_the_fleet_up_and_down_and_no_client_loses_an_event() {
     use std::sync::{Arc, atomic::AtomicUsize};
     let nats = runcast_test_support::nats::NatsServer::start().await;
     let cp = Arc::new(ControlPlane::start());
-    let out = cp.helm(&[
-        "install",
-        "rc",
-        CHART,
-        "-n",
-        NS,
-        "--create-namespace",
-        "--set",
-        "nats.bundled=false",
-        "--set",
-        &format!("nats.url={}", nats.url()),
-        "--set",
-        "nats.streamReplicas=1",
-        "--set",
-        "demo.enabled=false",
-        "--set",
-        "operator.replicas=1",
-        "--set",
-        "cluster.replicas.min=2",
-        "--set",
-        "cluster.replicas.max=3",
-        "--set",
-        "cluster.scaling.connectionsPerPod=40",
-        "--set",
-        "cluster.scaling.scaleUpStabilizationSeconds=0",
-        "--set",
-        "cluster.scaling.scaleDownStabilizationSeconds=0",
-        "--set",
-        "cluster.drain.rate=50",
-        "--set",
-        "cluster.drain.jitterMs=200",
-        "--set",
-        "cluster.drain.gracePeriodSeconds=15",
-        "--set",
-        "cluster.auth.allowAnonymousPublish=true",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
+    install_chart(
+        &cp,
+        &nats.url(),
+        &[
+            "nats.streamReplicas=1",
+            "cluster.replicas.min=2",
+            "cluster.replicas.max=3",
+            "cluster.scaling.connectionsPerPod=40",
+            "cluster.scaling.scaleUpStabilizationSeconds=0",
+            "cluster.scaling.scaleDownStabilizationSeconds=0",
+            "cluster.drain.rate=50",
+            "cluster.drain.jitterMs=200",
+            "cluster.drain.gracePeriodSeconds=15",
+            "cluster.auth.allowAnonymousPublish=true",
+        ],
     );
     let ips: Vec<String> = (10..20).map(|n| format!("127.0.0.{n}")).collect();
     let port = free_port_on(&ips);
