@@ -128,6 +128,8 @@ pub trait Bus: Send + Sync + 'static {
     async fn watch(&self, run: &RunId) -> Result<Watch, BusError>;
 
     /// Reads retained history of `run` from seq `from` (inclusive).
+    /// `limit` 0 asks for the head alone: a bus may then report `first` as
+    /// 1 without looking it up, which claims that nothing is gone.
     async fn read(&self, run: &RunId, from: u64, limit: usize) -> Result<Page, BusError>;
 
     /// The current state of `run`; `None` if it has no retained events.

@@ -79,6 +79,12 @@ pub struct OperatorArgs {
     /// Name of the leader-election Lease.
     #[arg(long, env = "RUNCAST_LEASE_NAME", default_value = "runcast-operator")]
     pub lease_name: String,
+    /// Create the Lease when it is missing. The chart makes the Lease
+    /// itself and turns this off, so that `helm uninstall` removes it for
+    /// good: an operator still running in its grace period cannot make it
+    /// again (it waits, or stops leading, until the Lease exists).
+    #[arg(long, env = "RUNCAST_LEASE_CREATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub lease_create: bool,
     /// This replica's identity in the Lease (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,

@@ -145,6 +145,13 @@ async fn gateway(a: args::GatewayRoleArgs) -> anyhow::Result<()> {
 }
 
 async fn operator(a: args::OperatorArgs) -> anyhow::Result<()> {
+    // The leader renews every third of it: a zero renews in a busy loop,
+    // and the Lease counts whole seconds.
+    anyhow::ensure!(
+        a.lease_duration >= std::time::Duration::from_secs(1),
+        "--lease-duration (RUNCAST_LEASE_DURATION) must be at least 1s, not {:?}",
+        a.lease_duration
+    );
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API: run in a pod with a service account, or with a kubeconfig")?;
@@ -167,6 +174,7 @@ async fn operator(a: args::OperatorArgs) -> anyhow::Result<()> {
         namespace: a.namespace,
         lease_namespace: a.lease_namespace,
         lease_name: a.lease_name,
+        lease_create: a.lease_create,
         identity,
         lease_duration: a.lease_duration,
         gateway_port: a.gateway_port,

@@ -275,6 +275,20 @@ fn operator(
     identity: &str,
     gateway_port: u16,
 ) -> (Proc, std::path::PathBuf) {
+    operator_with(cp, release, identity, gateway_port, None, "127.0.0.1:0")
+}
+
+/// [`operator`], on the Lease `lease` (made by the operator) instead of
+/// the chart's (which the chart makes, so the operator does not), with its
+/// metrics on `metrics`.
+fn operator_with(
+    cp: &ControlPlane,
+    release: &str,
+    identity: &str,
+    gateway_port: u16,
+    lease: Option<&str>,
+    metrics: &str,
+) -> (Proc, std::path::PathBuf) {
     let sa = format!("{release}-operator");
     let kubeconfig = cp.service_account_kubeconfig(NS, &sa);
     let log = cp.dir().join(format!("operator-{identity}.log"));
@@ -284,10 +298,11 @@ fn operator(
         .env("RUNCAST_WATCH_NAMESPACE", NS)
         .env("POD_NAMESPACE", NS)
         .env("POD_NAME", identity)
-        .env("RUNCAST_LEASE_NAME", &sa)
+        .env("RUNCAST_LEASE_NAME", lease.unwrap_or(&sa))
+        .env("RUNCAST_LEASE_CREATE", lease.is_some().to_string())
         .env("RUNCAST_LEASE_DURATION", "6s")
         .env("RUNCAST_GATEWAY_PORT", gateway_port.to_string())
-        .env("RUNCAST_METRICS_LISTEN", "127.0.0.1:0")
+        .env("RUNCAST_METRICS_LISTEN", metrics)
         .env("RUNCAST_LOG", "info,runcast_operator=debug")
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
@@ -295,6 +310,21 @@ fn operator(
         .spawn()
         .expect("start runcast operator");
     (Proc(child), log)
+}
+
+/// The body of `GET /metrics` at `addr` ("" when it does not answer).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = c.write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n");
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }
 
 fn operator_log(log: &std::path::Path) -> String {
@@ -411,7 +441,10 @@ async fn the_operator_reconciles_the_charts_cluster_with_the_charts_permissions(
     install_chart(&cp, &nats.url(), &["nats.streamReplicas=1"]);
     let ips: Vec<String> = (10..20).map(|n| format!("127.0.0.{n}")).collect();
     let port = free_port_on(&ips);
-    let (_op, log) = operator(&cp, release, "operator-0", port);
+    let metrics_port = free_port_on(&["127.0.0.1".to_owned()]);
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let (_op, log) = operator_with(&cp, release, "operator-0", port, None, &metrics_addr);
+    let metrics = || scrape(&metrics_addr);
 
     // Deployment → ReplicaSet → pods bound to the node by the scheduler.
     let bound = wait_for(Duration::from_secs(60), || {
@@ -472,6 +505,15 @@ async fn the_operator_reconciles_the_charts_cluster_with_the_charts_permissions(
     );
     let apis = condition(&rc, "APIsAvailable").expect("APIsAvailable condition");
     assert_eq!(apis.0, "True", "{apis:?}");
+    let applied = condition(&rc, "Reconciled").expect("Reconciled condition");
+    assert_eq!(
+        (applied.0.as_str(), applied.1.as_str()),
+        ("True", "Applied")
+    );
+    // Claimed by this operator: the namespace and name of its Lease.
+    assert_eq!(rc["status"]["operator"], format!("{NS}/{release}-operator"));
+    let series = format!("runcast_operator_replicas{{cluster=\"{NS}/runcast\"}}");
+    assert!(metrics().contains(&series), "{}", metrics());
 
     // A ServiceMonitor asked for on a cluster without the Prometheus
     // Operator's CRDs: said in the status, and the rest still reconciled
@@ -537,6 +579,23 @@ async fn the_operator_reconciles_the_charts_cluster_with_the_charts_permissions(
         gone.is_some(),
         "the operator's objects outlived their cluster:\n{}",
         cp.logs()
+    );
+    // The chart's Lease went with the release, and the operator (still
+    // running here, as a pod in its grace period would) did not make it
+    // again; nor does it go on reporting the deleted cluster.
+    let after = wait_for(Duration::from_secs(30), || {
+        (!metrics().contains(&series)).then_some(())
+    });
+    assert!(
+        after.is_some(),
+        "a deleted cluster's series stayed:\n{}",
+        metrics()
+    );
+    assert!(
+        cp.get(&["lease", &format!("{release}-operator"), "-n", NS])
+            .is_none(),
+        "the leader Lease outlived the release:\n{}",
+        operator_log(&log)
     );
 }
 
@@ -795,6 +854,109 @@ async fn spec_changes_roll_the_fleet_and_turned_off_objects_are_deleted() {
         "the fixed spec was not applied:\n{}",
         operator_log(&log)
     );
+
+    // The schema's bounds (an outside tester's values, each accepted
+    // before and then read by nobody, or stopping every list).
+    for bad in [
+        r#"{"spec":{"drain":{"rate":0}}}"#,
+        r#"{"spec":{"drain":{"gracePeriodSeconds":-5}}}"#,
+        r#"{"spec":{"nats":{"streamReplicas":7}}}"#,
+        r#"{"spec":{"scaling":{"connectionsPerPod":99999999999999999}}}"#,
+    ] {
+        let out = patch_cluster(&cp, bad);
+        assert!(!out.status.success(), "accepted: {bad}");
+    }
+
+    // gateway.env may not undo what the operator sets: refused in the
+    // status, naming the key and the spec field to use.
+    let before = (template(&cp), replicas(&cp));
+    assert!(
+        patch_cluster(
+            &cp,
+            r#"{"spec":{"gateway":{"env":{"RUNCAST_LISTEN":"0.0.0.0:9999"}}}}"#
+        )
+        .status
+        .success()
+    );
+    let refused = wait_for(Duration::from_secs(60), || {
+        let rc = cp.get(&["runcastcluster", "runcast", "-n", NS])?;
+        condition(&rc, "Ready").filter(|c| c.1 == "InvalidSpec")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "RUNCAST_LISTEN in gateway.env was not refused:\n{}",
+            operator_log(&log)
+        )
+    });
+    assert!(refused.2.contains("RUNCAST_LISTEN"), "{refused:?}");
+    assert_eq!((template(&cp), replicas(&cp)), before);
+    assert!(
+        patch_cluster(
+            &cp,
+            r#"{"spec":{"gateway":{"env":{"RUNCAST_LISTEN":null}}}}"#
+        )
+        .status
+        .success()
+    );
+    reconciled(&cp, &log);
+
+    // A spec the CRD's schema accepts but the API server refuses to turn
+    // into a Deployment (a node selector key that is no label key): the
+    // API server's words reach the status, as Reconciled=False.
+    assert!(
+        patch_cluster(
+            &cp,
+            r#"{"spec":{"gateway":{"nodeSelector":{"not a label!":"x"}}}}"#
+        )
+        .status
+        .success()
+    );
+    let failed = wait_for(Duration::from_secs(60), || {
+        let rc = cp.get(&["runcastcluster", "runcast", "-n", NS])?;
+        condition(&rc, "Reconciled").filter(|c| c.0 == "False")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the refused apply never reached the status:\n{}",
+            operator_log(&log)
+        )
+    });
+    assert_eq!(failed.1, "KubernetesAPIError");
+    assert!(failed.2.contains("nodeSelector"), "{failed:?}");
+    assert!(
+        patch_cluster(
+            &cp,
+            r#"{"spec":{"gateway":{"nodeSelector":{"not a label!":null}}}}"#
+        )
+        .status
+        .success()
+    );
+    let mended = wait_for(Duration::from_secs(60), || {
+        let rc = cp.get(&["runcastcluster", "runcast", "-n", NS])?;
+        condition(&rc, "Reconciled").filter(|c| c.0 == "True")
+    });
+    assert!(
+        mended.is_some(),
+        "Reconciled stayed False:\n{}",
+        operator_log(&log)
+    );
+
+    // The admin token Secret deleted: the operator makes a new token, and
+    // the pods must roll to it (they read it when they start), or every
+    // stats request carries a token the running gateways refuse.
+    let (hash_before, _) = template(&cp);
+    cp.kubectl_ok(&["delete", "secret", "runcast-admin", "-n", NS]);
+    let rolled = wait_for(Duration::from_secs(60), || {
+        cp.get(&["secret", "runcast-admin", "-n", NS])?;
+        let (hash, _) = template(&cp);
+        (hash != hash_before).then_some(())
+    });
+    assert!(
+        rolled.is_some(),
+        "a new admin token did not change the pod template:\n{}",
+        operator_log(&log)
+    );
+
     let text = operator_log(&log);
     assert!(
         !text.contains("orbidden"),
@@ -876,6 +1038,61 @@ async fn a_killed_leader_is_replaced_within_the_lease_duration() {
         grown.is_some(),
         "the new leader did not reconcile:\n{}",
         operator_log(follower_log)
+    );
+
+    // A second operator, on a Lease of its own (another release, say,
+    // watching the same namespace): it leaves the cluster to the operator
+    // named in its status while that one's Lease is held, and takes it
+    // over once that Lease expires.
+    let (_c, log_c) = operator_with(
+        &cp,
+        "rc",
+        "elsewhere-0",
+        18080,
+        Some("elsewhere"),
+        "127.0.0.1:0",
+    );
+    let left = wait_for(Duration::from_secs(30), || {
+        operator_log(&log_c)
+            .contains("another operator reconciles this cluster")
+            .then_some(())
+    });
+    assert!(
+        left.is_some(),
+        "no word of leaving it:\n{}",
+        operator_log(&log_c)
+    );
+    let claimed = |cp: &ControlPlane| {
+        cp.get(&["runcastcluster", "runcast", "-n", NS])
+            .and_then(|rc| rc["status"]["operator"].as_str().map(str::to_owned))
+    };
+    assert_eq!(
+        claimed(&cp).as_deref(),
+        Some(format!("{NS}/rc-operator").as_str())
+    );
+    let ignored = wait_for(Duration::from_secs(12), || {
+        (claimed(&cp).as_deref() != Some(format!("{NS}/rc-operator").as_str())).then_some(())
+    });
+    assert!(
+        ignored.is_none(),
+        "the second operator took a cluster whose operator runs"
+    );
+    drop(procs.remove(other)); // the first operator is gone altogether
+    assert!(
+        patch_cluster(&cp, r#"{"spec":{"replicas":{"min":4,"max":6}}}"#)
+            .status
+            .success()
+    );
+    let taken = wait_for(Duration::from_secs(40), || {
+        let d = cp.get(&["deployment", "runcast-gateway", "-n", NS])?;
+        (claimed(&cp).as_deref() == Some(format!("{NS}/elsewhere").as_str())
+            && d["spec"]["replicas"] == 4)
+            .then_some(())
+    });
+    assert!(
+        taken.is_some(),
+        "the second operator did not take the orphaned cluster over:\n{}",
+        operator_log(&log_c)
     );
 }
 

@@ -493,7 +493,10 @@ impl NatsBus {
             self.last_seq(&filter).await?
         }
         .unwrap_or(0);
-        let first = if head == 0 {
+        // A head-only read wants nothing but the head, and a first of 1
+        // claims nothing is gone (the trait allows it): spare the stream
+        // info that `complete_from` costs on every cursor check.
+        let first = if head == 0 || limit == 0 {
             1
         } else {
             self.complete_from(stream, &filter).await?

@@ -188,6 +188,8 @@ async fn a_finished_read_answers_what_it_covers_until_the_feed_sees_more() {
 /// cursors refused after a failover, because a direct get was answered by
 /// a replica still a few events behind. The head must be right whatever
 /// kinds the run's last events have, and 0 for a run without events.
+/// It is one request: the stream info that finds where history starts is
+/// for pages with events, not for a cursor check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_only_read_asks_the_stream_leader() {
     let nats = NatsServer::start().await;
@@ -231,5 +233,17 @@ async fn a_head_only_read_asks_the_stream_leader() {
             .iter()
             .any(|s| s.starts_with("$JS.API.DIRECT.GET.RUNCAST_EVENTS")),
         "a head-only read went to a replica: {subjects:?}"
+    );
+    // And it costs one request per check: a head-only read does not ask
+    // for the stream's info to find where the run's history starts.
+    // (The state bucket's requests come from folding the publishes.)
+    let on_events: Vec<_> = subjects
+        .iter()
+        .filter(|s| !s.contains("KV_RUNCAST_RUNS"))
+        .collect();
+    assert_eq!(
+        on_events.len(),
+        2,
+        "one request per head-only read: {subjects:?}"
     );
 }

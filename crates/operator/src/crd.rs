@@ -173,11 +173,14 @@ fn default_image() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicasSpec {
+    // Bounded so that the API server refuses what the operator could not
+    // read: an out-of-range integer in one stored object made every list
+    // of RuncastClusters fail, stopping the operator for all of them.
     #[serde(default = "default_min")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 10000))]
     pub min: i32,
     #[serde(default = "default_max")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 10000))]
     pub max: i32,
 }
 
@@ -203,15 +206,19 @@ fn default_max() -> i32 {
 pub struct ScalingSpec {
     /// Target open connections per pod.
     #[serde(default = "default_connections")]
+    #[schemars(range(min = 1, max = 100000000))]
     pub connections_per_pod: u64,
     /// Target delivered event frames per second per pod.
     #[serde(default = "default_messages")]
+    #[schemars(range(min = 1.0, max = 1.0e9))]
     pub messages_per_second_per_pod: f64,
     /// A higher replica count must be recommended this long before scaling up.
     #[serde(default = "default_up_window")]
+    #[schemars(range(max = 86400))]
     pub scale_up_stabilization_seconds: u64,
     /// A lower replica count must be recommended this long before scaling down.
     #[serde(default = "default_down_window")]
+    #[schemars(range(max = 86400))]
     pub scale_down_stabilization_seconds: u64,
     /// After a scale-up, move clients from pods above the fair share.
     #[serde(default = "yes")]
@@ -252,12 +259,15 @@ fn yes() -> bool {
 pub struct DrainSpec {
     /// Reconnect hints per second per pod.
     #[serde(default = "default_drain_rate")]
+    #[schemars(range(min = 1.0, max = 1.0e6))]
     pub rate: f64,
     /// Random delay of up to this much for each hint, so clients do not reconnect in step.
     #[serde(default = "default_jitter")]
+    #[schemars(range(max = 3600000))]
     pub jitter_ms: u64,
     /// The pods' terminationGracePeriodSeconds; a drain finishes within it.
     #[serde(default = "default_grace")]
+    #[schemars(range(min = 15, max = 86400))]
     pub grace_period_seconds: i64,
 }
 
@@ -292,6 +302,7 @@ pub struct NatsSpec {
     pub credentials_secret: Option<String>,
     /// Stream and KV bucket replicas (1, 3 or 5).
     #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 5))]
     pub stream_replicas: i32,
 }
 
@@ -305,6 +316,7 @@ fn one() -> i32 {
 pub struct ServiceSpec {
     #[serde(default = "default_service_type", rename = "type")]
     pub type_: String,
+    #[schemars(range(min = 1, max = 65535))]
     #[serde(default = "default_service_port")]
     pub port: i32,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -383,9 +395,14 @@ pub struct RuncastClusterStatus {
     /// Load per pod, as each pod reported it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pods: Vec<PodLoadStatus>,
-    /// Ready, Scaling, Draining, Degraded.
+    /// Ready, Scaling, Draining, Degraded, APIsAvailable, Reconciled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The operator that reconciles this cluster, as the namespace/name
+    /// of its leader Lease. Another operator leaves the cluster alone while
+    /// that Lease is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
 }
 
 /// One pod's load.

@@ -20,6 +20,7 @@ pub struct LeaderElector {
     name: String,
     identity: String,
     duration: Duration,
+    create: bool,
 }
 
 impl LeaderElector {
@@ -29,7 +30,14 @@ impl LeaderElector {
             name: name.into(),
             identity: identity.into(),
             duration,
+            create: true,
         }
+    }
+
+    /// Whether a missing Lease is created (the default) or waited for.
+    pub fn creating(mut self, create: bool) -> Self {
+        self.create = create;
+        self
     }
 
     /// How often to call [`try_acquire`](Self::try_acquire).
@@ -52,6 +60,10 @@ impl LeaderElector {
     /// Takes or renews the lease; whether this replica now leads.
     pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            if !self.create {
+                tracing::warn!(lease = %self.name, "the leader Lease does not exist, and this operator does not create it (RUNCAST_LEASE_CREATE=false): not leading");
+                return Ok(false);
+            }
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),

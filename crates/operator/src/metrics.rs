@@ -81,6 +81,29 @@ impl OperatorMetrics {
             .set(s.connections as i64);
     }
 
+    /// Drops the series of every cluster not in `keep`: a deleted cluster,
+    /// or one another operator reconciles, must not be reported as if it
+    /// still ran here with its last figures.
+    pub fn retain(&self, keep: &std::collections::HashSet<String>) {
+        for vec in [&self.desired, &self.replicas, &self.connections] {
+            for family in prometheus::core::Collector::collect(vec) {
+                for m in family.get_metric() {
+                    let Some(cluster) = m
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == "cluster")
+                        .map(|l| l.value().to_owned())
+                    else {
+                        continue;
+                    };
+                    if !keep.contains(&cluster) {
+                        let _ = vec.remove_label_values(&[&cluster]);
+                    }
+                }
+            }
+        }
+    }
+
     pub fn render(&self) -> String {
         runcast_telemetry::metrics::render(&self.registry)
     }

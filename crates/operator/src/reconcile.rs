@@ -78,6 +78,12 @@ pub struct Context {
     /// to be absent (checked, or deleted), per cluster and kind: a spec
     /// that turns one off costs one GET, not one per reconcile.
     absent: Mutex<std::collections::HashSet<(String, &'static str)>>,
+    /// This operator's claim on the clusters it reconciles: its leader
+    /// Lease as `namespace/name`, and the Lease's duration. `None` (tests
+    /// against a scripted server): no claims are written or honoured.
+    claim: Option<(String, Duration)>,
+    /// Clusters left to another operator (their metrics are not ours).
+    elsewhere: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -92,7 +98,29 @@ impl Context {
             started: Instant::now(),
             served: served::Cache::default(),
             absent: Mutex::new(Default::default()),
+            claim: None,
+            elsewhere: Mutex::new(Default::default()),
         }
+    }
+
+    /// Claims each reconciled cluster for the operator whose leader Lease
+    /// is `lease` (`namespace/name`), and leaves alone clusters another
+    /// operator claims while that operator's Lease is held.
+    pub fn claiming(mut self, lease: String, duration: Duration) -> Self {
+        self.claim = Some((lease, duration));
+        self
+    }
+
+    /// The clusters' keys (`namespace/name`) whose metrics stay: call with
+    /// the clusters that exist; the series of the others are dropped.
+    pub fn forget_clusters_except(&self, keep: &std::collections::HashSet<String>) {
+        let elsewhere = self.elsewhere.lock().unwrap_or_else(|p| p.into_inner());
+        let keep = keep
+            .iter()
+            .filter(|k| !elsewhere.contains(*k))
+            .cloned()
+            .collect();
+        self.metrics.retain(&keep);
     }
 
     /// Takes `served` as the API server's answer instead of asking it (for
@@ -140,6 +168,9 @@ pub async fn reconcile(rc: Arc<RuncastCluster>, ctx: Arc<Context>) -> Result<Act
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
     ctx.metrics.reconciles.inc();
+    if let Err(e @ Error::Kube(_)) = &r {
+        report_failure(&rc, &ctx, e).await;
+    }
     if r.is_ok() {
         ctx.failures
             .lock()
@@ -149,8 +180,117 @@ pub async fn reconcile(rc: Arc<RuncastCluster>, ctx: Arc<Context>) -> Result<Act
     r
 }
 
+/// A failed step (an apply the API server refused, a missing permission)
+/// is written where the user looks, as `Reconciled=False` with the API
+/// server's words, keeping the other conditions as they were: the log of
+/// an operator pod is not where anyone sees why nothing changes. Best
+/// effort: when the API server refuses this too, the log has it.
+async fn report_failure(rc: &RuncastCluster, ctx: &Context, e: &Error) {
+    let Some(ns) = rc.namespace() else { return };
+    let mut conditions = rc
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let mut message = e.to_string();
+    if message.len() > 1024 {
+        let mut end = 1024;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    let failed = condition(
+        "Reconciled",
+        false,
+        "KubernetesAPIError",
+        message,
+        rc.metadata.generation,
+    );
+    set_condition(&mut conditions, failed);
+    keep_transition_times(rc, &mut conditions);
+    if rc.status.as_ref().map(|s| &s.conditions) == Some(&conditions) {
+        return;
+    }
+    let r = Api::<RuncastCluster>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &rc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"conditions": conditions}})),
+        )
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(cluster = %key(rc), error = %e, "could not write the failure into the cluster's status");
+    }
+}
+
+fn set_condition(conditions: &mut Vec<Condition>, c: Condition) {
+    match conditions.iter_mut().find(|p| p.type_ == c.type_) {
+        Some(p) => *p = c,
+        None => conditions.push(c),
+    }
+}
+
+/// Whether the operator whose leader Lease is `lease` (`namespace/name`)
+/// still runs: its Lease exists and was renewed within its duration. A
+/// Lease this operator may not read counts as held: two operators acting
+/// on one cluster fight over its Deployment, which is worse than one
+/// that waits for a user to move the claim.
+async fn claim_is_held(ctx: &Context, lease: &str) -> bool {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Some((ns, name)) = lease.split_once('/') else {
+        return false;
+    };
+    match Api::<Lease>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await
+    {
+        Ok(None) => false,
+        Ok(Some(l)) => {
+            let spec = l.spec.unwrap_or_default();
+            let holder = spec.holder_identity.is_some_and(|h| !h.is_empty());
+            let fresh = match (spec.renew_time, spec.lease_duration_seconds) {
+                (Some(t), Some(d)) => {
+                    let age = Timestamp::now().duration_since(t.0);
+                    age.as_secs() <= i64::from(d)
+                }
+                _ => false,
+            };
+            holder && fresh
+        }
+        Err(e) => {
+            tracing::warn!(%lease, error = %e, "cannot read another operator's Lease; leaving its clusters to it");
+            true
+        }
+    }
+}
+
 async fn reconcile_inner(rc: &RuncastCluster, ctx: &Context) -> Result<Action, Error> {
     let ns = rc.namespace().ok_or(Error::NoNamespace)?;
+    if let Some((me, _)) = &ctx.claim {
+        let other = rc.status.as_ref().and_then(|s| s.operator.as_deref());
+        match other {
+            Some(other) if other != me && claim_is_held(ctx, other).await => {
+                let new = ctx
+                    .elsewhere
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key(rc));
+                if new {
+                    tracing::warn!(cluster = %key(rc), operator = %other, "another operator reconciles this cluster; leaving it alone (clear status.operator or stop that operator to move it here)");
+                }
+                return Ok(Action::requeue(ctx.sync_period));
+            }
+            Some(other) if other != me => {
+                tracing::warn!(cluster = %key(rc), operator = %other, "taking over this cluster: the operator that reconciled it no longer holds its Lease");
+            }
+            _ => {}
+        }
+        ctx.elsewhere
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key(rc));
+    }
     if let Err(Error::Spec(why)) = check_spec(rc) {
         // Refused where the user looks (`kubectl get`/`describe`), once
         // per change of the spec: retrying cannot fix it, so there is no
@@ -160,13 +300,16 @@ async fn reconcile_inner(rc: &RuncastCluster, ctx: &Context) -> Result<Action, E
             .patch_status(
                 &rc.name_any(),
                 &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"conditions": [condition(
-                    "Ready",
-                    false,
-                    "InvalidSpec",
-                    why,
-                    rc.metadata.generation,
-                )]}})),
+                &Patch::Merge(json!({"status": {
+                    "conditions": [condition(
+                        "Ready",
+                        false,
+                        "InvalidSpec",
+                        why,
+                        rc.metadata.generation,
+                    )],
+                    "operator": ctx.claim.as_ref().map(|(me, _)| me),
+                }})),
             )
             .await?;
         ctx.metrics
@@ -183,7 +326,13 @@ async fn reconcile_inner(rc: &RuncastCluster, ctx: &Context) -> Result<Action, E
     };
     let served = ctx.served.get(&ctx.client).await?;
     let token = pass.admin_token().await?;
-    let config_hash = pass.apply_config().await?;
+    // The pods read the token from the Secret when they start: a new token
+    // (the Secret deleted and made again, or edited) must roll them, or the
+    // operator's requests carry a token the running gateways refuse.
+    let config_hash = resources::hash(&json!([
+        pass.apply_config().await?,
+        resources::hash(&json!(token)),
+    ]));
     let fleet = pass.observe(&token).await?;
     let plan = pass.decide(&fleet);
     let missing = pass
@@ -207,6 +356,9 @@ fn check_spec(rc: &RuncastCluster) -> Result<(), Error> {
             "replicas.min ({}) must be at least 1 and at most replicas.max ({})",
             r.min, r.max
         )));
+    }
+    for key in rc.spec.gateway.env.keys() {
+        resources::check_env_key(key).map_err(Error::Spec)?;
     }
     Ok(())
 }
@@ -530,7 +682,9 @@ impl Pass<'_> {
         missing: &[String],
     ) -> Result<(), Error> {
         let rc = self.rc;
-        let status = status(rc, &fleet.loads, plan, fleet.current, missing);
+        let mut status = status(rc, &fleet.loads, plan, fleet.current, missing);
+        status.operator = self.ctx.claim.as_ref().map(|(me, _)| me.clone());
+        keep_transition_times(rc, &mut status.conditions);
         self.ctx.metrics.record(&key(rc), &status);
         self.api::<RuncastCluster>()
             .patch_status(
@@ -540,6 +694,24 @@ impl Pass<'_> {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// A condition's `lastTransitionTime` is when its status last changed, not
+/// when it was last written: kept from the stored status while the status
+/// stays. (Also what keeps an unchanged status a no-op for the API server.)
+fn keep_transition_times(rc: &RuncastCluster, conditions: &mut [Condition]) {
+    let Some(before) = rc.status.as_ref() else {
+        return;
+    };
+    for c in conditions {
+        if let Some(prev) = before
+            .conditions
+            .iter()
+            .find(|p| p.type_ == c.type_ && p.status == c.status)
+        {
+            c.last_transition_time = prev.last_transition_time.clone();
+        }
     }
 }
 
@@ -672,6 +844,13 @@ fn status(
                 gen_,
             ),
             condition(
+                "Reconciled",
+                true,
+                "Applied",
+                "every object of this cluster was applied".into(),
+                gen_,
+            ),
+            condition(
                 "APIsAvailable",
                 missing.is_empty(),
                 if missing.is_empty() {
@@ -690,6 +869,7 @@ fn status(
                 gen_,
             ),
         ],
+        operator: None,
     }
 }
 

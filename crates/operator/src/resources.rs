@@ -65,6 +65,84 @@ fn meta(rc: &RuncastCluster, name: String) -> Value {
     })
 }
 
+/// Settings the operator derives from the spec (or owns, like the listen
+/// address its probes and Service point at). `gateway.env` may not set
+/// them: an override would silently undo the spec field, or break the
+/// probes, and the spec field is the one documented place for each.
+const OPERATOR_ENV: &[(&str, &str)] = &[
+    (
+        "RUNCAST_LISTEN",
+        "the operator sets it: the Service, the probes and the admin API use port 8080",
+    ),
+    ("RUNCAST_NATS_URL", "set spec.nats.url instead"),
+    (
+        "RUNCAST_NATS_REPLICAS",
+        "set spec.nats.streamReplicas instead",
+    ),
+    (
+        "RUNCAST_NATS_CREDS",
+        "set spec.nats.credentialsSecret instead",
+    ),
+    (
+        "RUNCAST_DRAIN_DELAY",
+        "the operator sets it (5s: readiness fails before clients are moved)",
+    ),
+    (
+        "RUNCAST_DRAIN_TIMEOUT",
+        "set spec.drain.gracePeriodSeconds instead",
+    ),
+    ("RUNCAST_DRAIN_RATE", "set spec.drain.rate instead"),
+    ("RUNCAST_DRAIN_JITTER", "set spec.drain.jitterMs instead"),
+    (
+        "RUNCAST_ADMIN_TOKEN",
+        "the operator sets it from Secret <name>-admin",
+    ),
+    (
+        "RUNCAST_ALLOW_ANONYMOUS",
+        "set spec.auth.allowAnonymous instead",
+    ),
+    ("RUNCAST_PUBLISH_KEYS", "set spec.auth.publishKeys instead"),
+    (
+        "RUNCAST_ALLOW_ANONYMOUS_PUBLISH",
+        "set spec.auth.allowAnonymousPublish instead",
+    ),
+    ("RUNCAST_AUTH_AUDIENCE", "set spec.auth.audience instead"),
+    ("RUNCAST_AUTH_ISSUER", "set spec.auth.issuer instead"),
+    ("RUNCAST_AUTH_JWKS", "set spec.auth.jwksSecretRef instead"),
+    (
+        "RUNCAST_AUTH_HS256_SECRET",
+        "set spec.auth.hs256SecretRef instead",
+    ),
+    (
+        "RUNCAST_OTLP_ENDPOINT",
+        "set spec.observability.otlpEndpoint instead",
+    ),
+    (
+        "RUNCAST_TRACE_SAMPLE_RATIO",
+        "set spec.observability.traceSampleRatio instead",
+    ),
+];
+
+/// A `gateway.env` key is a gateway setting: `RUNCAST_` and upper-case
+/// letters, digits and underscores, and not one the operator sets.
+pub fn check_env_key(key: &str) -> Result<(), String> {
+    let setting = key.strip_prefix("RUNCAST_").unwrap_or("");
+    if setting.is_empty()
+        || !setting
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(format!(
+            "gateway.env key {:?} is not a gateway setting: keys are RUNCAST_ followed by upper-case letters, digits or underscores (see `runcast gateway --help`; the log filter is RUNCAST_LOG)",
+            key.chars().take(64).collect::<String>()
+        ));
+    }
+    if let Some((_, owner)) = OPERATOR_ENV.iter().find(|(k, _)| *k == key) {
+        return Err(format!("gateway.env may not set {key}: {owner}"));
+    }
+    Ok(())
+}
+
 /// The gateways' settings, as `RUNCAST_*` environment variables.
 pub fn config_map(rc: &RuncastCluster) -> Value {
     let s = &rc.spec;

@@ -121,6 +121,9 @@ fn check(v: &Value) -> String {
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => strict::<ClusterRole>(v),
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => strict::<ClusterRoleBinding>(v),
         ("runcast.dev/v1alpha1", "RuncastCluster") => strict::<RuncastCluster>(v),
+        ("coordination.k8s.io/v1", "Lease") => {
+            strict::<k8s_openapi::api::coordination::v1::Lease>(v)
+        }
         // The Prometheus Operator's type, not in k8s-openapi: the fields the
         // chart sets, checked by hand (the real API server accepts it in
         // cli/tests/kubernetes.rs).
@@ -290,6 +293,13 @@ fn bad_values_are_refused_by_the_schema() {
         ("nats.bundled=false", "nats.url is required"),
         // A raw key where its digest entry belongs.
         ("cluster.auth.publishKeys={0123456789abcdef}", "publishKeys"),
+        // An outside tester's values, each accepted by the schema before and
+        // then failing at the API server (names) or in the operator (a
+        // Lease renewed in a loop).
+        ("operator.leaseDuration=0s", "leaseDuration"),
+        ("imagePullSecrets[0]=regcred", "imagePullSecrets"),
+        ("fullnameOverride=9x", "fullnameOverride"),
+        ("cluster.name=1abc", "name"),
     ] {
         let out = Command::new(tool("helm"))
             .args(["template", "runcast"])

@@ -871,6 +871,38 @@ async fn a_bad_spec_is_refused_in_its_status_without_touching_anything() {
     );
 }
 
+/// `gateway.env` carries gateway settings, not overrides of what the
+/// operator sets from other spec fields: an outside tester's
+/// `RUNCAST_LISTEN` moved the gateways off the port the Service and the
+/// probes use, and keys that are no setting at all went into the pods'
+/// environment. Each is refused in the status, naming the key and what
+/// to set instead.
+#[tokio::test]
+async fn gateway_env_may_not_override_what_the_operator_sets() {
+    for (key, says) in [
+        ("RUNCAST_LISTEN", "port 8080"),
+        ("RUNCAST_NATS_URL", "spec.nats.url"),
+        ("RUNCAST_ADMIN_TOKEN", "Secret"),
+        ("PATH", "not a gateway setting"),
+        ("runcast_log", "not a gateway setting"),
+        ("RUNCAST_", "not a gateway setting"),
+    ] {
+        let rc = cluster(spec(json!({"gateway": {"env": {key: "x"}}})), 1);
+        let (mut api, task, _) = start(rc.clone(), 1);
+        let status = status_patch(&mut api, &rc).await;
+        let action = task.await.unwrap().unwrap();
+        assert_eq!(action, kube::runtime::controller::Action::await_change());
+        api.nothing_more().await;
+        let ready = &status["status"]["conditions"][0];
+        assert_eq!(ready["reason"], "InvalidSpec", "{key}: {ready}");
+        let message = ready["message"].as_str().unwrap();
+        assert!(
+            message.contains(key) && message.contains(says),
+            "{key}: {message}"
+        );
+    }
+}
+
 fn lease(holder: &str, renewed_secs_ago: i64) -> (u16, Value) {
     let renew = k8s_openapi::jiff::Timestamp::now()
         .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(
