@@ -94,7 +94,10 @@ pub fn plan(
         .iter()
         .filter_map(|p| p.stats.as_ref())
         .map(|s| s.delivered_per_sec)
-        .sum();
+        // A pod's odd figure (NaN, negative) counts as nothing. And a fold
+        // from +0: a float `sum` of nothing is -0, which read "-0 msg/s".
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .fold(0.0, |a, b| a + b);
     let draining: Vec<&PodLoad> = pods.iter().filter(|p| p.draining()).collect();
     // Pods that stay: what capacity is measured against.
     let staying = (current - draining.len() as i32).max(0);
@@ -281,6 +284,28 @@ mod tests {
                 })
                 .collect();
             assert_eq!(once(&pods, n, &t).desired, want, "{conns}x{n} at {rate}");
+        }
+    }
+
+    /// An outside tester saw "-0 msg/s" in the Scaling condition: a float
+    /// sum of no pods' rates. And a pod's NaN or negative rate must not
+    /// turn the sizing into nonsense.
+    #[test]
+    fn the_rate_is_never_minus_zero_and_odd_figures_count_as_nothing() {
+        let t = targets();
+        // Pods without stats yet (just started) and one that reports.
+        let silent = |name: &str| with(pod(name, 0), |p| p.stats = None);
+        let p = once(&[silent("a"), silent("b"), silent("c"), pod("d", 0)], 4, &t);
+        let p2 = once(&[silent("a"), silent("b")], 2, &t);
+        for p in [p, p2] {
+            assert!(!p.reason.contains("-0"), "{}", p.reason);
+        }
+        for odd in [f64::NAN, -50_000.0, f64::INFINITY] {
+            let pods = [
+                with(pod("a", 1000), |p| p.stats.as_mut().unwrap().delivered_per_sec = odd),
+                pod("b", 1000),
+            ];
+            assert_eq!(once(&pods, 2, &t).desired, 2, "rate {odd}");
         }
     }
 

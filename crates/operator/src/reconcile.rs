@@ -776,7 +776,13 @@ fn status(
         .map(|p| p.name.as_str())
         .collect();
     let stats = |f: fn(&PodStats) -> f64| -> f64 {
-        loads.iter().filter_map(|p| p.stats.as_ref()).map(f).sum()
+        // From +0 (a float `sum` of nothing is -0), without odd figures.
+        loads
+            .iter()
+            .filter_map(|p| p.stats.as_ref())
+            .map(f)
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .fold(0.0, |a, b| a + b)
     };
     let scaling = plan.replicas != current || plan.desired != current - draining.len() as i32;
     RuncastClusterStatus {
