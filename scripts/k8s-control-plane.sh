@@ -27,23 +27,7 @@ sudo_cmd=""
 log() { printf '%s\n' "$*" >&2; }
 
 apt_install() {
-  local missing=""
-  for pkg in "$@"; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=" $pkg"
-  done
-  [ -z "$missing" ] && return 0
-  $sudo_cmd apt-get update -qq
-  # etcd-server's package starts a system etcd on 2379; deny service
-  # starts during the install (the tests run their own, on other ports).
-  local policy=/usr/sbin/policy-rc.d made=""
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' | $sudo_cmd tee "$policy" >/dev/null
-    $sudo_cmd chmod +x "$policy"
-    made=1
-  fi
-  # shellcheck disable=SC2086
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq $missing >/dev/null
-  [ -z "$made" ] || $sudo_cmd rm -f "$policy"
+  bash scripts/apt-install.sh "$@"
 }
 
 # The deb-src entry apt-get source needs: the same archive and key as the

@@ -13,7 +13,8 @@ ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # a real headless browser), openssl (certificates for the TLS tests),
 # Prometheus's promtool (checks the metrics a gateway exposes) and nginx (a
 # real TLS-terminating proxy in front of a gateway for the client tests;
-# Debian puts it in /usr/sbin, which is not on every user's PATH).
+# Debian puts it in /usr/sbin, which is not on every user's PATH). Service
+# starts are denied while installing (see scripts/apt-install.sh).
 step "install test dependencies"
 missing=""
 command -v chromium >/dev/null 2>&1 || missing+=" chromium"
@@ -25,24 +26,11 @@ command -v curl >/dev/null 2>&1 || missing+=" curl"
 # Debian's own is the fallback).
 command -v node >/dev/null 2>&1 || missing+=" nodejs"
 command -v npm >/dev/null 2>&1 || missing+=" npm"
-if [ -n "$missing" ]; then
-  sudo_cmd=""
-  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  # The tests start their own nginx on loopback ports; Debian's package
-  # would start a system one on port 80. Deny service starts during the
-  # install (policy-rc.d exit 101), unless the machine already has a policy.
-  policy=/usr/sbin/policy-rc.d
-  made_policy=""
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' | $sudo_cmd tee "$policy" >/dev/null
-    $sudo_cmd chmod +x "$policy"
-    made_policy=1
-  fi
-  # shellcheck disable=SC2086
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq $missing >/dev/null
-  [ -z "$made_policy" ] || $sudo_cmd rm -f "$policy"
-fi
+# buildah and musl-tools build the container image in crates/cli/tests/image.rs.
+command -v buildah >/dev/null 2>&1 || missing+=" buildah"
+command -v musl-gcc >/dev/null 2>&1 || missing+=" musl-tools"
+# shellcheck disable=SC2086
+bash scripts/apt-install.sh $missing
 chromium --version
 echo "node $(node --version), npm $(npm --version 2>/dev/null)"
 promtool --version 2>&1 | head -1
@@ -85,6 +73,14 @@ kubectl version --client
 step "Kubernetes control plane (built once, cached)"
 bash scripts/k8s-control-plane.sh build
 etcd --version | head -1
+
+# The static musl binary the image test puts into its image (FROM scratch;
+# crates/cli/tests/image.rs): about 2 minutes once, then incremental.
+step "static binary for the image test"
+rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
+  rustup target add x86_64-unknown-linux-musl
+cargo build --locked --target x86_64-unknown-linux-musl -p runcast-cli --bin runcast
+export RUNCAST_STATIC_BIN="$PWD/target/x86_64-unknown-linux-musl/debug/runcast"
 
 step "protocol schema"
 python3 scripts/check_proto.py

@@ -302,7 +302,9 @@ mod tests {
         }
         for odd in [f64::NAN, -50_000.0, f64::INFINITY] {
             let pods = [
-                with(pod("a", 1000), |p| p.stats.as_mut().unwrap().delivered_per_sec = odd),
+                with(pod("a", 1000), |p| {
+                    p.stats.as_mut().unwrap().delivered_per_sec = odd
+                }),
                 pod("b", 1000),
             ];
             assert_eq!(once(&pods, 2, &t).desired, 2, "rate {odd}");
