@@ -26,6 +26,7 @@ LAYERS = {
     "runcast-nats": 3,
     "runcast-worker": 3,
     "runcast-gateway": 3,
+    "runcast-bridge": 3,
     "runcast-operator": 4,
     "runcast-cli": 5,
     "runcast-test-support": 6,

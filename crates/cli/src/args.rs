@@ -53,6 +53,10 @@ pub enum Command {
     /// Run the Kubernetes operator: reconcile RuncastClusters, scale gateway
     /// fleets on connections and message rate, drain and rebalance.
     Operator(OperatorArgs),
+    /// Bridge existing publishers into runcast: `bridge redis` reads Redis
+    /// pub/sub channels or Redis Streams and publishes each message as an event.
+    #[command(subcommand)]
+    Bridge(BridgeCommand),
     /// Print the RuncastCluster CustomResourceDefinition (YAML).
     Crdgen,
     /// Make a new API key for the HTTP publish API: prints the key (give it to the
@@ -929,4 +933,105 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BridgeCommand {
+    /// Subscribe to Redis pub/sub channels or patterns, or read Redis Streams
+    /// through a consumer group (at-least-once), and publish each message
+    /// into runcast: to NATS with --nats, or through a gateway with --gateway.
+    Redis(RedisBridgeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RedisBridgeArgs {
+    /// Redis: redis://[[user]:password@]host[:port][/db].
+    #[arg(
+        long,
+        env = "RUNCAST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis: String,
+    /// Pub/sub channels to subscribe to (repeat, or comma-separate).
+    #[arg(
+        long = "channel",
+        env = "RUNCAST_BRIDGE_CHANNELS",
+        value_delimiter = ','
+    )]
+    pub channels: Vec<String>,
+    /// Pub/sub patterns to subscribe to (`progress:*`).
+    #[arg(
+        long = "pattern",
+        env = "RUNCAST_BRIDGE_PATTERNS",
+        value_delimiter = ','
+    )]
+    pub patterns: Vec<String>,
+    /// Redis Streams to read through the consumer group (at-least-once).
+    #[arg(long = "stream", env = "RUNCAST_BRIDGE_STREAMS", value_delimiter = ',')]
+    pub streams: Vec<String>,
+    /// The consumer group on each stream (made if missing).
+    #[arg(long, env = "RUNCAST_BRIDGE_GROUP", default_value = "runcast-bridge")]
+    pub group: String,
+    /// This bridge's consumer name in the group (default: the host name,
+    /// the pod's name on Kubernetes).
+    #[arg(long, env = "RUNCAST_BRIDGE_CONSUMER")]
+    pub consumer: Option<String>,
+    /// Where a group the bridge makes starts reading: `$` (entries added
+    /// from now on) or `0` (the whole stream).
+    #[arg(long, env = "RUNCAST_BRIDGE_START", default_value = "$")]
+    pub start: String,
+    /// The stream entry field that holds the message; an entry without it
+    /// is taken as a JSON object of all its fields.
+    #[arg(long, env = "RUNCAST_BRIDGE_FIELD", default_value = "data")]
+    pub field: String,
+    /// Entries pending this long with another consumer (one that died) are
+    /// claimed and published by this one.
+    #[arg(long, env = "RUNCAST_BRIDGE_CLAIM_IDLE", default_value = "60s", value_parser = duration)]
+    pub claim_idle: Duration,
+    /// The run ID: a JSON pointer into each message.
+    #[arg(long, env = "RUNCAST_BRIDGE_RUN_POINTER", default_value = "/runId", conflicts_with_all = ["run", "run_from_channel"])]
+    pub run_pointer: String,
+    /// The run ID: always this run.
+    #[arg(long, env = "RUNCAST_BRIDGE_RUN")]
+    pub run: Option<String>,
+    /// The run ID: the channel's (or stream's) last segment after this
+    /// separator (`progress:r1` with `:` gives r1).
+    #[arg(long, env = "RUNCAST_BRIDGE_RUN_FROM_CHANNEL", num_args = 0..=1, default_missing_value = ":")]
+    pub run_from_channel: Option<char>,
+    /// The event kind, for every message.
+    #[arg(
+        long,
+        env = "RUNCAST_BRIDGE_KIND",
+        default_value = "progress",
+        conflicts_with = "kind_pointer"
+    )]
+    pub kind: String,
+    /// The event kind: a JSON pointer into each message.
+    #[arg(long, env = "RUNCAST_BRIDGE_KIND_POINTER")]
+    pub kind_pointer: Option<String>,
+    /// The event data: a JSON pointer into each message (default: the whole message).
+    #[arg(long, env = "RUNCAST_BRIDGE_DATA_POINTER")]
+    pub data_pointer: Option<String>,
+    /// An idempotency key: a JSON pointer into each message (stream entries
+    /// use their entry ID when this is not given).
+    #[arg(long, env = "RUNCAST_BRIDGE_ID_POINTER")]
+    pub id_pointer: Option<String>,
+    /// The largest message read from Redis; a larger one drops the connection.
+    #[arg(long, env = "RUNCAST_BRIDGE_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    pub max_message_bytes: usize,
+    /// Publish through a gateway's HTTP API instead of to NATS.
+    #[arg(long, env = "RUNCAST_HTTP_URL", conflicts_with = "url")]
+    pub gateway: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    #[command(flatten)]
+    pub publisher: PublisherArgs,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, env = "RUNCAST_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }

@@ -40,6 +40,7 @@ pub fn init_telemetry(cli: &Cli) -> Result<runcast_telemetry::otlp::Telemetry, S
         Command::Bench(_) => "bench",
         Command::Doctor(_) => "doctor",
         Command::Operator(_) => "operator",
+        Command::Bridge(_) => "bridge",
         Command::Crdgen => "crdgen",
         Command::PublishKey(_) => "publish-key",
     };
@@ -61,6 +62,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(a) => bench::run(a).await.map(|()| ExitCode::SUCCESS),
         Command::Doctor(a) => doctor::run(a).await,
         Command::Operator(a) => operator(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Bridge(args::BridgeCommand::Redis(a)) => {
+            bridge_redis(a).await.map(|()| ExitCode::SUCCESS)
+        }
         Command::Crdgen => {
             print!("{}", runcast_operator::crd_yaml());
             Ok(ExitCode::SUCCESS)
@@ -222,6 +226,120 @@ async fn worker(a: args::WorkerArgs) -> anyhow::Result<()> {
     jobs.abort();
     served.abort();
     Ok(())
+}
+
+async fn bridge_redis(a: args::RedisBridgeArgs) -> anyhow::Result<()> {
+    use runcast_bridge::mapping::{KindFrom, Mapping, RunFrom};
+    let redis: runcast_bridge::resp::RedisUrl = a
+        .redis
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--redis: {e}"))?;
+    let run = match (&a.run, a.run_from_channel) {
+        (Some(r), _) => RunFrom::Fixed(runcast_core::RunId::parse(r).context("--run")?),
+        (None, Some(sep)) => RunFrom::ChannelSuffix(sep),
+        (None, None) => RunFrom::Pointer(pointer(&a.run_pointer, "--run-pointer")?),
+    };
+    let kind = match &a.kind_pointer {
+        Some(p) => KindFrom::Pointer(pointer(p, "--kind-pointer")?),
+        None => KindFrom::Fixed(EventKind::parse(&a.kind).context("--kind")?),
+    };
+    let mapping = Mapping {
+        run,
+        kind,
+        data: a
+            .data_pointer
+            .as_deref()
+            .map(|p| pointer(p, "--data-pointer"))
+            .transpose()?,
+        id: a
+            .id_pointer
+            .as_deref()
+            .map(|p| pointer(p, "--id-pointer"))
+            .transpose()?,
+    };
+    anyhow::ensure!(
+        a.start == "$" || a.start == "0",
+        "--start must be $ (new entries) or 0 (the whole stream), not {:?}",
+        a.start
+    );
+    let consumer = a.consumer.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| format!("runcast-bridge-{}", std::process::id()))
+    });
+    let config = runcast_bridge::Config {
+        redis,
+        sources: runcast_bridge::Sources {
+            channels: a.channels.clone(),
+            patterns: a.patterns.clone(),
+            streams: a.streams.clone(),
+        },
+        mapping,
+        stream: runcast_bridge::StreamSettings {
+            group: a.group.clone(),
+            consumer,
+            start: a.start.clone(),
+            field: a.field.clone(),
+            claim_idle: a.claim_idle,
+            batch: 100,
+        },
+        max_message_bytes: a.max_message_bytes,
+    };
+    let target: Arc<dyn runcast_worker::PublishTarget> = match (&a.gateway, &a.nats.url) {
+        (Some(url), _) => {
+            let mut t = runcast_worker::HttpTarget::new(url)?;
+            if let Some(ca) = &a.tls.ca_file {
+                t = t.with_ca_file(ca).context("--ca-file")?;
+            }
+            if let Some(k) = &a.publisher.key {
+                t = t.with_key(k);
+            }
+            Arc::new(t)
+        }
+        (None, Some(url)) => {
+            let (cfg, stream) = (
+                a.nats.config(url, "runcast-bridge"),
+                a.nats.stream(&a.retention),
+            );
+            let connecting = runcast_nats::NatsTarget::connect(&cfg, &stream);
+            tokio::select! {
+                target = connecting => Arc::new(target?),
+                () = shutdown_signal() => return Ok(()),
+            }
+        }
+        (None, None) => anyhow::bail!(
+            "runcast bridge redis publishes to NATS (--nats, RUNCAST_NATS_URL) or through a gateway (--gateway, RUNCAST_HTTP_URL): give one"
+        ),
+    };
+    let bridge = Arc::new(runcast_bridge::Bridge::new(config, target).map_err(anyhow::Error::msg)?);
+    let listener = bind(a.metrics_listen)
+        .with_context(|| format!("cannot serve metrics on {}", a.metrics_listen))?;
+    let metrics_addr = listener.local_addr()?;
+    let served = {
+        let (metrics, health) = (bridge.metrics.clone(), bridge.health.clone());
+        tokio::spawn(metrics_server::serve_with(
+            listener,
+            Arc::new(move || metrics.render()),
+            Arc::new(move || health.readiness()),
+        ))
+    };
+    tracing::info!(redis = %a.redis.split('@').next_back().unwrap_or(""), metrics = %format!("http://{metrics_addr}/metrics"), "bridging Redis into runcast");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(bridge.run(stopped));
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    let _ = running.await;
+    served.abort();
+    Ok(())
+}
+
+/// A JSON pointer (RFC 6901): empty (the whole document) or starting with `/`.
+fn pointer(p: &str, flag: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        p.is_empty() || p.starts_with('/'),
+        "{flag} is a JSON pointer such as /runId or /job/id, not {p:?}"
+    );
+    Ok(p.to_owned())
 }
 
 async fn start_nats(

@@ -1,5 +1,5 @@
-//! `GET /metrics` and `GET /healthz` for roles that have no gateway to serve
-//! them (the worker).
+//! `GET /metrics`, `GET /healthz` and `GET /readyz` for roles that have no
+//! gateway to serve them (the worker, the operator, the bridge).
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -8,19 +8,31 @@ use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+/// Whether the role is ready, and if not why (the body of a 503).
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Serves until the task is aborted; `render` produces the exposition.
+/// `/readyz` is always ready without `ready`.
 pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
+    serve_with(listener, render, Arc::new(|| Ok(()))).await
+}
+
+pub async fn serve_with(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    ready: Readiness,
+) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             // Out of file descriptors and the like: wait rather than spin.
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let render = render.clone();
+        let (render, ready) = (render.clone(), ready.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let render = render.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &*render)) }
+                let (render, ready) = (render.clone(), ready.clone());
+                async move { Ok::<_, Infallible>(respond(&req, &*render, &*ready)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
@@ -32,11 +44,20 @@ pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send 
 fn respond(
     req: &Request<hyper::body::Incoming>,
     render: &(dyn Fn() -> String + Send + Sync),
+    ready: &(dyn Fn() -> Result<(), String> + Send + Sync),
 ) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", render()),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        (_, "/metrics" | "/healthz") => (
+        (&Method::GET, "/readyz") => match ready() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        (_, "/metrics" | "/healthz" | "/readyz") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "only GET\n".to_owned(),
@@ -44,7 +65,7 @@ fn respond(
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: this port serves /metrics and /healthz\n".to_owned(),
+            "not found: this port serves /metrics, /healthz and /readyz\n".to_owned(),
         ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));

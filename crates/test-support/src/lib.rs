@@ -9,6 +9,7 @@ pub mod k8s;
 pub mod nats;
 pub mod nginx;
 pub mod otlp;
+pub mod redis;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
