@@ -14,14 +14,25 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
      fullnameOverride, or the release name and nameOverride. Labels and
      selectors keep app.kubernetes.io/name=runcast: the operator labels the
      gateway pods with it. */}}
+{{- /* The prefix of every object the chart makes. Refused here, before
+anything is installed, unless it is a DNS label that starts with a letter
+and leaves room for the longest suffix ("-operator-metrics", 17): a Service
+name must be both, and a failed install would leave its first objects
+behind. Not truncated: two releases truncated to one name would collide. */ -}}
 {{- define "runcast.fullname" -}}
+{{- $name := .Release.Name -}}
+{{- $from := "the release name" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- $name = .Values.fullnameOverride -}}
+{{- $from = "fullnameOverride" -}}
 {{- else if .Values.nameOverride -}}
-{{- printf "%s-%s" .Release.Name .Values.nameOverride | trunc 50 | trimSuffix "-" -}}
-{{- else -}}
-{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- $name = printf "%s-%s" .Release.Name .Values.nameOverride -}}
+{{- $from = "the release name and nameOverride" -}}
 {{- end -}}
+{{- if or (gt (len $name) 46) (not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name)) -}}
+{{- fail (printf "%s gives the object name prefix %q: it must be at most 46 characters of lower-case letters, digits and '-', starting with a letter (Service names are DNS labels of at most 63, and the longest suffix is -operator-metrics); set fullnameOverride" $from $name) -}}
+{{- end -}}
+{{- $name -}}
 {{- end -}}
 
 {{- define "runcast.operatorName" -}}

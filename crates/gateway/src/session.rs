@@ -323,10 +323,19 @@ impl<O: Output> Session<O> {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    // The client keeps its cursor; it will be repaired by the
-                    // next live frame or a reconnect. Tell it why it waits.
+                    // History cannot be read now: the subscription ends
+                    // here, with the error frame, and the client subscribes
+                    // again from its cursor (protocol.md). Kept alive, the
+                    // next live frame would have moved its cursor past the
+                    // events this read should have sent: an outside tester
+                    // lost 153 events that way across a NATS leader kill,
+                    // and its resubscribe was refused as already_subscribed.
+                    if self.cursors.remove(run).is_some() {
+                        self.gw.hub.remove(run, self.sub.id);
+                        self.gw.metrics.subscriptions.dec();
+                    }
                     self.send_error(&bus_error(e, run)).await?;
-                    break;
+                    return Ok(());
                 }
             }
         }

@@ -660,3 +660,96 @@ async fn a_client_close_is_echoed() {
     }
     assert_eq!(echoed, Some(Some(1000)), "the server echoes the close");
 }
+
+/// The embedded bus, with history reads that fail while `failing` is set
+/// (JetStream not answering during a NATS leader election).
+struct FlakyReads {
+    inner: runcast_bus::EmbeddedBus,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Bus for FlakyReads {
+    async fn publish(
+        &self,
+        run: &RunId,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<u64>, runcast_bus::BusError> {
+        self.inner.publish(run, events).await
+    }
+    async fn watch(&self, run: &RunId) -> Result<runcast_bus::Watch, runcast_bus::BusError> {
+        self.inner.watch(run).await
+    }
+    async fn read(
+        &self,
+        run: &RunId,
+        from: u64,
+        limit: usize,
+    ) -> Result<runcast_bus::Page, runcast_bus::BusError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(runcast_bus::BusError::Unavailable(
+                "JetStream did not answer".into(),
+            ));
+        }
+        self.inner.read(run, from, limit).await
+    }
+    async fn state(
+        &self,
+        run: &RunId,
+    ) -> Result<Option<runcast_core::RunState>, runcast_bus::BusError> {
+        self.inner.state(run).await
+    }
+    async fn runs(
+        &self,
+        f: runcast_bus::RunFilter,
+    ) -> Result<Vec<runcast_core::RunState>, runcast_bus::BusError> {
+        self.inner.runs(f).await
+    }
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// An outside tester's finding, across a NATS leader kill: a subscribe
+/// whose replay read failed got `unavailable`, yet stayed registered, so
+/// live events that came next moved its cursor past the events the replay
+/// should have sent (lost without a gap), and the resubscribe that
+/// protocol.md prescribes was refused as `already_subscribed`. Now the
+/// failed subscription ends with the error frame: nothing of the run comes
+/// after it, and subscribing again from the cursor gets every event.
+#[tokio::test]
+async fn a_subscribe_whose_replay_fails_ends_and_a_resubscribe_gets_everything() {
+    let flaky = Arc::new(FlakyReads {
+        inner: runcast_bus::EmbeddedBus::new(Retention::default()),
+        failing: std::sync::atomic::AtomicBool::new(false),
+    });
+    let bus: Arc<dyn Bus> = flaky.clone();
+    let gw = TestGateway::on(bus.clone(), Config::default(), "embedded").await;
+    publish_n(&bus, "r", 1, 5).await;
+    flaky
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.send(json!({"type": "subscribe", "run": "r", "since": 2}))
+        .await;
+    let mut frames = Vec::new();
+    let error = loop {
+        let f = c.recv().await;
+        if f["type"] == "error" {
+            break f;
+        }
+        frames.push(f);
+    };
+    assert_eq!(error["code"], "unavailable", "{error}");
+    // Live events while reads still fail: none reaches the ended subscription.
+    publish_n(&bus, "r", 6, 8).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(500), c.recv()).await;
+    assert!(quiet.is_err(), "a frame after the error: {:?}", quiet.ok());
+    flaky
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let resumed = c.subscribe("r", Some(2)).await;
+    assert_eq!(resumed["type"], "state", "{resumed}");
+    let events = collect_events(&mut c, &[("r", 6)]).await;
+    assert_eq!(seqs(&events, "r"), [3, 4, 5, 6, 7, 8], "nothing skipped");
+}

@@ -391,6 +391,48 @@ impl NatsBus {
         Ok(first)
     }
 
+    /// The run's head for a cursor check (a read from `from` = cursor + 1),
+    /// from the stream leader. A head below the cursor is asked again for
+    /// up to [`CURSOR_CHECK_PATIENCE`] while the cursor is within the
+    /// stream's own last seq: an outside tester saw a leader elected after
+    /// a kill -9 answer a run's head a few events old for a while, and a
+    /// valid cursor refused as since_out_of_range, which tells a client to
+    /// stop. A cursor past the whole stream is refused at once.
+    async fn cursor_head(
+        &self,
+        stream: &Stream,
+        filter: &str,
+        from: u64,
+    ) -> Result<Option<u64>, BusError> {
+        let cursor = from.saturating_sub(1);
+        let started = std::time::Instant::now();
+        loop {
+            let head = crate::message::leader_last_seq(stream, filter).await?;
+            if head.unwrap_or(0) >= cursor {
+                return Ok(head);
+            }
+            let stream_last = patiently(|| async {
+                stream
+                    .get_info()
+                    .await
+                    .map(|i| i.state.last_sequence)
+                    .map_err(unavailable)
+            })
+            .await?;
+            if stream_last < cursor || started.elapsed() >= CURSOR_CHECK_PATIENCE {
+                return Ok(head);
+            }
+            tracing::info!(
+                filter,
+                cursor,
+                head = head.unwrap_or(0),
+                stream_last,
+                "a cursor past the run's head but within the stream: asking the leader again"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+
     /// The stream sequence of the last message on `subject` (may be a
     /// wildcard), if any is retained. The message need not be a readable
     /// event: any NATS client can store a message on a subject that is not
@@ -479,6 +521,11 @@ impl NatsBus {
     }
 }
 
+/// How long a cursor check waits for a stream leader to catch up (a kill
+/// -9 election takes 4.7-7.9 s here) before a cursor past the run's head
+/// is refused.
+const CURSOR_CHECK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl NatsBus {
     async fn read_page(&self, run: &RunId, from: u64, limit: usize) -> Result<Page, BusError> {
         let stream = self.stream()?;
@@ -488,7 +535,7 @@ impl NatsBus {
         // by a replica still catching up after a failover, and a head a few
         // events old turned valid cursors into since_out_of_range.
         let head = if limit == 0 {
-            crate::message::leader_last_seq(stream, &filter).await?
+            self.cursor_head(stream, &filter, from).await?
         } else {
             self.last_seq(&filter).await?
         }

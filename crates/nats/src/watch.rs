@@ -346,7 +346,7 @@ impl RunFeed {
                 }
                 _ => {}
             }
-            let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name));
+            let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get_last(name));
             let subject = header("Nats-Subject").map(|v| v.as_str().to_owned());
             let seq = header("Nats-Sequence").and_then(|v| v.as_str().parse::<u64>().ok());
             match (subject, seq) {
@@ -373,10 +373,15 @@ impl RunFeed {
     /// (its event then waits in `pending`), or nothing (a repeat, or not a
     /// copy the stream made).
     fn take(&mut self, msg: async_nats::Message) -> Option<Live> {
+        // The last value of each: the stream appends its headers to the
+        // publisher's. A publisher allowed on runcast.runs.> can store a
+        // message with a `Nats-Sequence` of its own, and its copy then has
+        // two (an outside tester's seq 999999999 broke the run on every
+        // gateway); the stream's is the one after.
         let header = |name: &str| {
             msg.headers
                 .as_ref()
-                .and_then(|h| h.get(name))
+                .and_then(|h| h.get_last(name))
                 .map(|v| v.as_str())
         };
         let seq = header("Nats-Sequence").and_then(|s| s.parse::<u64>().ok());

@@ -210,7 +210,7 @@ async fn a_head_only_read_asks_the_stream_leader() {
     let sniffer = runcast_nats::async_nats::connect(nats.url()).await.unwrap();
     let mut api = sniffer.subscribe("$JS.API.>").await.unwrap();
     sniffer.flush().await.unwrap();
-    let page = bus.read(&run, last + 5, 0).await.unwrap();
+    let page = bus.read(&run, last + 1, 0).await.unwrap();
     assert_eq!(page.head, last);
     assert!(page.events.is_empty());
     let empty = bus
@@ -245,5 +245,17 @@ async fn a_head_only_read_asks_the_stream_leader() {
         on_events.len(),
         2,
         "one request per head-only read: {subjects:?}"
+    );
+
+    // A cursor past the whole stream is past the run's head for sure:
+    // answered at once (one stream info more), not waited on the way a
+    // cursor within the stream is while a new leader catches up.
+    let started = std::time::Instant::now();
+    let page = bus.read(&run, last + 5, 0).await.unwrap();
+    assert_eq!(page.head, last);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
     );
 }

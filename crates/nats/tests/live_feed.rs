@@ -300,3 +300,67 @@ async fn a_copy_that_names_another_stream_is_ignored() {
         "nothing more"
     );
 }
+
+/// An outside tester's finding: a publisher with only the worker's
+/// permission (publish on runcast.runs.>) stored an event carrying a
+/// `Nats-Sequence` header of its own. The stream's republished copy then
+/// had two, the publisher's first, and the feed took that one: every
+/// client got the event twice (as its seq and as 999999999) and the real
+/// events after it never came live. The stream's own header, the last,
+/// is the one that counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_message_with_its_own_sequence_header_cannot_move_the_feed() {
+    let nats = NatsServer::start().await;
+    let gw = nats_gateway(&nats).await;
+    let mut c = WsClient::connect(&gw.ws_url()).await;
+    c.subscribe("smuggled", None).await;
+    let publisher = Publisher::on_bus(gw.bus(), "smuggled").unwrap();
+    publisher.log("one").await.unwrap();
+    let first = event_frames(&mut c, 1, Duration::from_secs(5)).await;
+    let seq = first[0]["seq"].as_u64().unwrap();
+
+    let worker = runcast_nats::async_nats::connect(nats.url()).await.unwrap();
+    let js = runcast_nats::async_nats::jetstream::new(worker);
+    let mut h = runcast_nats::async_nats::HeaderMap::new();
+    for (k, v) in [
+        ("Nats-Sequence", "999999999"),
+        ("Nats-Last-Sequence", "0"),
+        ("Nats-Stream", "RUNCAST_EVENTS"),
+        ("Nats-Subject", "runcast.runs.smuggled.log"),
+    ] {
+        h.insert(k, v);
+    }
+    js.publish_with_headers(
+        "runcast.runs.smuggled.log",
+        h,
+        r#"{"line":"smuggled"}"#.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    for line in ["three", "four"] {
+        publisher.log(line).await.unwrap();
+    }
+    let rest = event_frames(&mut c, 3, Duration::from_secs(5)).await;
+    let got: Vec<(u64, &str)> = rest
+        .iter()
+        .map(|f| {
+            (
+                f["seq"].as_u64().unwrap(),
+                f["data"]["line"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [(seq + 1, "smuggled"), (seq + 2, "three"), (seq + 3, "four")],
+        "the stream's seqs, once each, live"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), c.recv())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+}

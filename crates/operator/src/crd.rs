@@ -302,7 +302,9 @@ pub struct NatsSpec {
     pub credentials_secret: Option<String>,
     /// Stream and KV bucket replicas (1, 3 or 5).
     #[serde(default = "one")]
-    #[schemars(range(min = 1, max = 5))]
+    // Odd, as the chart's values schema says: an even count of replicas
+    // survives no more node losses than the odd count below it.
+    #[schemars(range(min = 1, max = 5), extend("enum" = [1, 3, 5]))]
     pub stream_replicas: i32,
 }
 
@@ -366,8 +368,9 @@ pub struct ObservabilitySpec {
     /// OTLP/gRPC collector for traces (e.g. http://otel-collector:4317).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
-    /// Share of new traces sampled.
+    /// Share of new traces sampled, 0.0 to 1.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub trace_sample_ratio: Option<f64>,
 }
 

@@ -15,7 +15,30 @@ use kube::CustomResourceExt;
 /// The CRD as YAML, as `runcast crdgen` prints it.
 pub fn crd_yaml() -> String {
     let crd = crd::RuncastCluster::crd();
-    serde_norway::to_string(&crd).expect("a CRD serializes")
+    let mut v = serde_json::to_value(&crd).expect("a CRD serializes");
+    bound_int32(&mut v);
+    serde_norway::to_string(&v).expect("a CRD serializes")
+}
+
+/// Gives every `int32` field of the schema the bounds of an i32. The pod
+/// spec types (affinity weights, topology spread skews, ...) say int32 and
+/// nothing more, so the API server stored 3000000000, which the operator
+/// cannot read: that cluster was then skipped without a word (an outside
+/// tester's finding). Refused at the API server instead, with the field named.
+fn bound_int32(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if m.get("type").and_then(|t| t.as_str()) == Some("integer")
+                && m.get("format").and_then(|f| f.as_str()) == Some("int32")
+            {
+                m.entry("minimum").or_insert(i32::MIN.into());
+                m.entry("maximum").or_insert(i32::MAX.into());
+            }
+            m.values_mut().for_each(bound_int32);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(bound_int32),
+        _ => {}
+    }
 }
 
 pub mod controller;

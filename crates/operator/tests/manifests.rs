@@ -300,6 +300,10 @@ fn bad_values_are_refused_by_the_schema() {
         ("imagePullSecrets[0]=regcred", "imagePullSecrets"),
         ("fullnameOverride=9x", "fullnameOverride"),
         ("cluster.name=1abc", "name"),
+        (
+            "fullnameOverride=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "fullnameOverride",
+        ),
     ] {
         let out = Command::new(tool("helm"))
             .args(["template", "runcast"])
