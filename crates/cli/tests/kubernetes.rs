@@ -862,6 +862,11 @@ async fn spec_changes_roll_the_fleet_and_turned_off_objects_are_deleted() {
         r#"{"spec":{"drain":{"gracePeriodSeconds":-5}}}"#,
         r#"{"spec":{"nats":{"streamReplicas":7}}}"#,
         r#"{"spec":{"scaling":{"connectionsPerPod":99999999999999999}}}"#,
+        r#"{"spec":{"nats":{"streamReplicas":4}}}"#,
+        r#"{"spec":{"observability":{"traceSampleRatio":5}}}"#,
+        // int32 in the pod spec types, unbounded there: once stored, the
+        // operator could not read the cluster and skipped it silently.
+        r#"{"spec":{"gateway":{"topologySpreadConstraints":[{"maxSkew":3000000000,"topologyKey":"k","whenUnsatisfiable":"DoNotSchedule"}]}}}"#,
     ] {
         let out = patch_cluster(&cp, bad);
         assert!(!out.status.success(), "accepted: {bad}");
