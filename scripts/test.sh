@@ -29,6 +29,8 @@ command -v npm >/dev/null 2>&1 || missing+=" npm"
 # buildah and musl-tools build the container image in crates/cli/tests/image.rs.
 command -v buildah >/dev/null 2>&1 || missing+=" buildah"
 command -v musl-gcc >/dev/null 2>&1 || missing+=" musl-tools"
+# A real Redis (and redis-cli) for the Redis bridge tests (crates/cli/tests/bridge.rs).
+[ -x /usr/bin/redis-server ] || missing+=" redis-server"
 # shellcheck disable=SC2086
 bash scripts/apt-install.sh $missing
 chromium --version
@@ -38,8 +40,9 @@ promtool --version 2>&1 | head -1
 # A real protoc (from grpcio-tools) to check the protocol schema and docs,
 # and the official Python NATS client for the other-language worker example.
 # pytest, PyJWT and cryptography run the wire conformance suite
-# (conformance/requirements.txt).
-for module_package in grpc_tools:grpcio-tools nats:nats-py pytest:pytest jwt:pyjwt cryptography:cryptography; do
+# (conformance/requirements.txt). redis-py is the unchanged publisher of the
+# Redis bridge tests.
+for module_package in grpc_tools:grpcio-tools nats:nats-py pytest:pytest jwt:pyjwt cryptography:cryptography redis:redis; do
   module=${module_package%%:*}
   package=${module_package#*:}
   if ! python3 -c "import $module" 2>/dev/null; then
