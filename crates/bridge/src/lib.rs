@@ -459,20 +459,7 @@ impl Bridge {
         // killed, or lost its connection): first, in order.
         loop {
             let reply = conn
-                .call_within(
-                    &[
-                        b"XREADGROUP",
-                        b"GROUP",
-                        st.group.as_bytes(),
-                        st.consumer.as_bytes(),
-                        b"COUNT",
-                        batch.as_bytes(),
-                        b"STREAMS",
-                        key.as_bytes(),
-                        b"0",
-                    ],
-                    call,
-                )
+                .call_within(&read_group(st, &batch, None, key, "0"), call)
                 .await?;
             let entries = stream_entries(&reply, &st.field);
             if entries.is_empty() {
@@ -528,19 +515,7 @@ impl Bridge {
                 next_claim =
                     tokio::time::Instant::now() + st.claim_idle.max(Duration::from_secs(1));
             }
-            let read: [&[u8]; 11] = [
-                b"XREADGROUP",
-                b"GROUP",
-                st.group.as_bytes(),
-                st.consumer.as_bytes(),
-                b"COUNT",
-                batch.as_bytes(),
-                b"BLOCK",
-                block.as_bytes(),
-                b"STREAMS",
-                key.as_bytes(),
-                b">",
-            ];
+            let read = read_group(st, &batch, Some(&block), key, ">");
             let reply = tokio::select! {
                 () = stopped(shutdown) => return Ok(()),
                 r = conn.call_within(&read, BLOCK + call) => r?,
@@ -592,6 +567,30 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// An XREADGROUP of this bridge's group and consumer on `key` from `id`
+/// (`0`: its own pending entries; `>`: new ones), blocking for `block` ms.
+fn read_group<'a>(
+    st: &'a StreamSettings,
+    batch: &'a str,
+    block: Option<&'a str>,
+    key: &'a str,
+    id: &'a str,
+) -> Vec<&'a [u8]> {
+    let mut args: Vec<&[u8]> = vec![
+        b"XREADGROUP",
+        b"GROUP",
+        st.group.as_bytes(),
+        st.consumer.as_bytes(),
+        b"COUNT",
+        batch.as_bytes(),
+    ];
+    if let Some(ms) = block {
+        args.extend([&b"BLOCK"[..], ms.as_bytes()]);
+    }
+    args.extend([&b"STREAMS"[..], key.as_bytes(), id.as_bytes()]);
+    args
 }
 
 /// Resolves once the bridge is told to stop (the guard `wait_for` returns

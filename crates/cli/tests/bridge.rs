@@ -109,6 +109,17 @@ async fn history(gw: SocketAddr, run: &str) -> Vec<Value> {
     }
 }
 
+/// What `XPENDING optio:events runcast-bridge` says (redis-cli): the
+/// count of entries read and not acknowledged, first.
+fn pending(redis: &RedisServer) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(["XPENDING", "optio:events", "runcast-bridge"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 async fn readyz(addr: SocketAddr) -> (u16, String) {
     let (status, _, body) = http(addr, "GET", "/readyz", &[], "").await;
     (status, body)
@@ -254,22 +265,9 @@ for i in range({N}):
     .await;
     first.start_kill().unwrap(); // kill -9, by PID
     first.wait().await.unwrap();
-    let pending = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &redis.port.to_string(),
-            "XPENDING",
-            "optio:events",
-            "runcast-bridge",
-        ])
-        .output()
-        .unwrap();
     eprintln!(
         "killed with pending entries: {}",
-        String::from_utf8_lossy(&pending.stdout)
-            .lines()
-            .next()
-            .unwrap_or("")
+        pending(&redis).lines().next().unwrap_or("")
     );
     let _second = bridge(&redis, &nats, m, &args);
     assert!(producer.wait().unwrap().success());
@@ -289,17 +287,7 @@ for i in range({N}):
         .collect();
     assert_eq!(ns, (0..N).collect::<Vec<_>>(), "each entry once, in order");
     // Nothing left pending in the group.
-    let out = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &redis.port.to_string(),
-            "XPENDING",
-            "optio:events",
-            "runcast-bridge",
-        ])
-        .output()
-        .unwrap();
-    let pending = String::from_utf8_lossy(&out.stdout);
+    let pending = pending(&redis);
     assert!(
         pending.starts_with("0\n"),
         "entries left pending: {pending}"

@@ -15,6 +15,25 @@ use k8s_openapi::{
 };
 use kube::{Api, api::PostParams};
 
+/// Whether the Lease was renewed within its duration (`fallback` when it
+/// names none; without a fallback, such a Lease is not held). What a
+/// follower waits out before it takes the Lease, and what tells an operator
+/// that another's claim on a cluster still stands.
+pub fn renewed_within(spec: &LeaseSpec, fallback: Option<Duration>) -> bool {
+    let Some(renewed) = &spec.renew_time else {
+        return false;
+    };
+    let secs = match (spec.lease_duration_seconds, fallback) {
+        (Some(s), _) => i64::from(s),
+        (None, Some(d)) => d.as_secs() as i64,
+        (None, None) => return false,
+    };
+    renewed
+        .0
+        .checked_add(SignedDuration::from_secs(secs))
+        .is_ok_and(|until| until >= Timestamp::now())
+}
+
 pub struct LeaderElector {
     api: Api<Lease>,
     name: String,
@@ -80,14 +99,7 @@ impl LeaderElector {
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        let expired = spec.renew_time.as_ref().is_none_or(|t| {
-            let held = SignedDuration::from_secs(i64::from(
-                spec.lease_duration_seconds
-                    .unwrap_or(self.duration.as_secs() as i32),
-            ));
-            t.0.checked_add(held)
-                .is_ok_and(|until| until < Timestamp::now())
-        });
+        let expired = !renewed_within(&spec, Some(self.duration));
         if !mine && !expired {
             return Ok(false);
         }

@@ -248,15 +248,8 @@ async fn claim_is_held(ctx: &Context, lease: &str) -> bool {
         Ok(None) => false,
         Ok(Some(l)) => {
             let spec = l.spec.unwrap_or_default();
-            let holder = spec.holder_identity.is_some_and(|h| !h.is_empty());
-            let fresh = match (spec.renew_time, spec.lease_duration_seconds) {
-                (Some(t), Some(d)) => {
-                    let age = Timestamp::now().duration_since(t.0);
-                    age.as_secs() <= i64::from(d)
-                }
-                _ => false,
-            };
-            holder && fresh
+            let holder = spec.holder_identity.as_ref().is_some_and(|h| !h.is_empty());
+            holder && crate::lease::renewed_within(&spec, None)
         }
         Err(e) => {
             tracing::warn!(%lease, error = %e, "cannot read another operator's Lease; leaving its clusters to it");
